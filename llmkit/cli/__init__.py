@@ -1,0 +1,88 @@
+"""The llmkit command line: one Typer app, one command per module, one error boundary.
+
+`wrap_errors` is the only place where an LlmkitError becomes a red line on stderr and
+an exit code (2 for bad input, 1 otherwise). Unexpected exceptions get one line too,
+and their traceback with --debug (or LLMKIT_DEBUG=1); the tests set RAISE_UNEXPECTED.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated, Callable
+
+import typer
+
+from llmkit.cli import generate as generate_cmd
+from llmkit.cli import models as models_cmd
+from llmkit.cli import render
+
+DEBUG_ENV = "LLMKIT_DEBUG"
+RAISE_UNEXPECTED = False  # the test suite sets this so a bug shows its traceback, not a red line
+
+app = typer.Typer(
+    name="llmkit",
+    help="Work with language models on your own machine: generate, explore, monitor, compare, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def wrap_errors(command: Callable) -> Callable:
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from llmkit.errors import LlmkitError
+
+        try:
+            return command(*args, **kwargs)
+        except LlmkitError as exc:
+            if debugging():
+                raise
+            render.error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            render.error("interrupted")
+            raise typer.Exit(130) from None
+        except BrokenPipeError:  # `llmkit generate ... | head` closed the pipe: not an error
+            sys.stderr.close()
+            raise typer.Exit(0) from None
+        except Exception as exc:
+            if debugging() or RAISE_UNEXPECTED:
+                raise
+            render.error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            raise typer.Exit(1) from None
+
+    return run
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from llmkit import __version__
+
+        typer.echo(f"llmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+app.command(epilog=generate_cmd.EPILOG)(wrap_errors(generate_cmd.generate))
+app.command()(wrap_errors(models_cmd.models))
+
+
+def main() -> None:
+    app(prog_name="llmkit")

@@ -1,0 +1,182 @@
+"""`llmkit generate`: text from a prompt (argument, stdin or a JSONL file), streamed or as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from llmkit.cli import options, render
+from llmkit.devices import check_device, check_dtype
+from llmkit.errors import InvalidParams, LlmkitError
+from llmkit.params import PARAM_NAMES, GenerationParams, parse_params
+
+EPILOG = """Examples:
+
+  llmkit generate "The sea at night is"
+
+  echo "Once upon a time" | llmkit generate --max-new-tokens 40 --seed 7
+
+  llmkit generate -m smollm2-135m --chat --system "Answer briefly." "What is a GPU?"
+
+  llmkit generate --input-file prompts.jsonl --json | jq -r .completions[0].text
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt to run: where it came from (for error messages) and its validated parameters."""
+
+    prompt: str
+    params: GenerationParams
+    origin: str
+    extra: dict[str, Any]
+
+
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(
+        show_default=False, help="The prompt. Use - (or leave it out) to read it from stdin.")] = None,
+    *,
+    model: options.ModelOpt = None,
+    input_file: Annotated[Optional[Path], typer.Option(
+        "--input-file", "-f", help="JSONL file, one {\"prompt\": ...} object per line (other keys: any "
+        "generation parameter, and an id echoed back); - for stdin. Writes one JSON line per result.")] = None,
+    max_new_tokens: options.MaxNewTokensOpt = None,
+    temperature: options.TemperatureOpt = None,
+    top_k: options.TopKOpt = None,
+    top_p: options.TopPOpt = None,
+    min_p: options.MinPOpt = None,
+    repetition_penalty: options.RepetitionPenaltyOpt = None,
+    greedy: options.GreedyOpt = None,
+    seed: options.SeedOpt = None,
+    num_sequences: options.NumSequencesOpt = None,
+    stop: options.StopOpt = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    system: Annotated[Optional[str], typer.Option(
+        "--system", help="System message for --chat.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per result.")] = False,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are produced.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
+    device: options.DeviceOpt = "auto",
+    dtype: options.DtypeOpt = "auto",
+) -> None:
+    """Generate text from a prompt, streamed to the terminal; timings go to stderr."""
+    cli_values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      min_p=min_p, repetition_penalty=repetition_penalty, greedy=greedy, seed=seed,
+                      num_sequences=num_sequences, stop=stop or None)
+    if system is not None and not chat:
+        raise InvalidParams("--system needs --chat", field="system")
+    check_device(device)
+    check_dtype(dtype)
+    if input_file is not None:
+        if prompt is not None:
+            raise InvalidParams("give either a PROMPT or --input-file, not both", field="prompt")
+        jobs = read_jobs(input_file, cli_values)
+    else:
+        jobs = [Job(read_prompt(prompt), parse_params(cli_values), "prompt", {})]
+
+    from llmkit.engine import load_engine
+
+    name = model or "model"
+    with render.loading(name) as progress:
+        engine = load_engine(model, device=device, dtype=dtype, progress=progress)
+
+    if input_file is not None:
+        run_batch(engine, jobs, chat=chat, system=system, quiet=quiet)
+    else:
+        run_one(engine, jobs[0], chat=chat, system=system, as_json=as_json, stream=stream, quiet=quiet)
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise InvalidParams("no prompt: pass one as an argument, pipe it on stdin, or use --input-file",
+                                field="prompt")
+        prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo` adds one newline
+    if not prompt.strip():
+        raise InvalidParams("the prompt is empty", field="prompt")
+    return prompt
+
+
+def read_jobs(path: Path, cli_values: dict[str, Any]) -> list[Job]:
+    """Parse and validate every line before the model loads, so a typo on line 900 costs nothing."""
+    handle = sys.stdin if str(path) == "-" else None
+    try:
+        lines = (handle.read() if handle else path.read_text(encoding="utf-8")).splitlines()
+    except OSError as exc:
+        raise InvalidParams(f"cannot read {path}: {exc.strerror}", field="input_file") from None
+    jobs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        origin = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidParams(f"{origin}: not valid JSON ({exc.msg})", field="input_file") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise InvalidParams(f"{origin}: needs a JSON object with a non-empty \"prompt\" string",
+                                field="input_file")
+        overrides = {k: v for k, v in record.items() if k in PARAM_NAMES}
+        unknown = set(record) - set(overrides) - {"prompt", "id"}
+        if unknown:
+            raise InvalidParams(f"{origin}: unknown key(s) {', '.join(sorted(unknown))}; use prompt, id or "
+                                f"generation parameters ({', '.join(PARAM_NAMES)})", field="input_file")
+        try:
+            params = parse_params({**cli_values, **overrides})
+        except InvalidParams as exc:
+            raise InvalidParams(f"{origin}: {exc}", field=exc.field) from None
+        extra = {"id": record["id"]} if "id" in record else {}
+        jobs.append(Job(record["prompt"], params, origin, extra))
+    if not jobs:
+        raise InvalidParams(f"{path} holds no prompts", field="input_file")
+    return jobs
+
+
+def run_one(engine, job: Job, *, chat: bool, system: str | None, as_json: bool, stream: bool,
+            quiet: bool) -> None:
+    generation = engine.stream(job.prompt, job.params, chat=chat, system=system)
+    n = job.params.num_sequences
+    live = stream and not as_json and n == 1
+    if live:
+        if not chat:
+            render.prompt_echo(job.prompt)
+        for chunk in generation:
+            render.text(chunk.text)
+        render.end_text()
+    else:
+        for _ in generation:
+            pass
+    result = generation.result
+    if as_json:
+        render.json_line({**job.extra, "model": engine.info.model, **result.to_dict()})
+    elif not live:
+        for completion in result.completions:
+            render.sequence_header(completion.index, n)
+            render.text(completion.text)
+            render.end_text()
+    if not quiet:
+        render.timing_line(result)
+
+
+def run_batch(engine, jobs: list[Job], *, chat: bool, system: str | None, quiet: bool) -> None:
+    """One JSON line per job; a job that fails becomes an error line and the rest still run."""
+    failures = 0
+    for job in jobs:
+        try:
+            result = engine.generate(job.prompt, job.params, chat=chat, system=system)
+        except LlmkitError as exc:
+            failures += 1
+            render.json_line({**job.extra, "origin": job.origin, "error": str(exc)})
+            continue
+        render.json_line({**job.extra, "model": engine.info.model, **result.to_dict()})
+        if not quiet:
+            render.timing_line(result)
+    if failures:
+        render.error(f"{failures} of {len(jobs)} prompts failed (see their \"error\" lines)")
+        raise typer.Exit(1)

@@ -1,0 +1,61 @@
+"""Option declarations shared by every command, so `--model` or `--temperature` reads the same everywhere.
+
+Generation options default to None: only what the user typed reaches parse_params,
+and the defaults and bounds stay in llmkit/params.py (quoted in the help text).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llmkit.models import DEFAULT_MODEL, MODEL_ENV
+from llmkit.params import GenerationParams, bounds_text
+
+GENERATION_PANEL = "Generation parameters"
+MODEL_PANEL = "Model"
+
+
+def _param_help(name: str) -> str:
+    field = GenerationParams.model_fields[name]
+    default = field.get_default(call_default_factory=True)
+    bounds = bounds_text(name)
+    return f"{field.description} ({bounds + '; ' if bounds else ''}default {default})"
+
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", envvar=MODEL_ENV, rich_help_panel=MODEL_PANEL, show_default=False,
+    help=f"Alias ({DEFAULT_MODEL}, smollm2-135m), Hugging Face Hub id, save_pretrained folder or .gguf file. "
+         f"(default: {DEFAULT_MODEL})")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda, cuda:N or mps (auto: CUDA when present).")]
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", rich_help_panel=MODEL_PANEL,
+    help="auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA, float32 on CPU).")]
+
+MaxNewTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-new-tokens", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("max_new_tokens"))]
+TemperatureOpt = Annotated[Optional[float], typer.Option(
+    "--temperature", "-t", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("temperature"))]
+TopKOpt = Annotated[Optional[int], typer.Option(
+    "--top-k", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("top_k"))]
+TopPOpt = Annotated[Optional[float], typer.Option(
+    "--top-p", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("top_p"))]
+MinPOpt = Annotated[Optional[float], typer.Option(
+    "--min-p", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("min_p"))]
+RepetitionPenaltyOpt = Annotated[Optional[float], typer.Option(
+    "--repetition-penalty", rich_help_panel=GENERATION_PANEL, show_default=False,
+    help=_param_help("repetition_penalty"))]
+GreedyOpt = Annotated[Optional[bool], typer.Option(
+    "--greedy", rich_help_panel=GENERATION_PANEL, show_default=False,
+    help="Always take the most likely token (deterministic; ignores the sampling options).")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", rich_help_panel=GENERATION_PANEL, show_default=False,
+    help="Seed for sampling: same seed and parameters, same text (default: random, reported).")]
+NumSequencesOpt = Annotated[Optional[int], typer.Option(
+    "--num-sequences", "-n", rich_help_panel=GENERATION_PANEL, show_default=False,
+    help=_param_help("num_sequences"))]
+StopOpt = Annotated[Optional[list[str]], typer.Option(
+    "--stop", rich_help_panel=GENERATION_PANEL, show_default=False,
+    help="Cut the output before this text (repeatable).")]

@@ -1,0 +1,128 @@
+"""Everything the CLI draws. Results go to stdout; progress, timings and errors to stderr.
+
+Commands hand plain records (Result, EngineInfo, AliasStatus...) to these functions
+and never touch rich themselves, so output stays consistent and testable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+# Tests set COLUMNS and NO_COLOR for stable output; rich reads both.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def warning(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}")
+
+
+def json_line(record: dict[str, Any]) -> None:
+    """One JSON document per line on stdout, unbuffered so a pipe sees it at once."""
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def json_document(record: Any) -> None:
+    sys.stdout.write(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def text(fragment: str) -> None:
+    """Raw generated text, flushed at once so tokens appear as they are produced."""
+    sys.stdout.write(fragment)
+    sys.stdout.flush()
+
+
+def prompt_echo(prompt: str) -> None:
+    """Show the prompt dimmed before its continuation, on a terminal only (pipes get the text alone)."""
+    if out.is_terminal:
+        out.print(escape(prompt), style="dim", end="")
+
+
+def sequence_header(index: int, total: int) -> None:
+    if total > 1:
+        out.print(f"[bold]--- sequence {index + 1} of {total} ---[/]" if out.is_terminal
+                  else f"--- sequence {index + 1} of {total} ---")
+
+
+def end_text() -> None:
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def timing_line(result) -> None:
+    """Prompt tokens, generated tokens, TTFT and decode speed, on stderr so stdout stays clean."""
+    t = result.timings
+    decode = f"{t.decode_tokens_per_s:.1f} tok/s decode" if t.decode_tokens_per_s else "decode n/a"
+    reasons = ",".join(sorted({c.finish_reason for c in result.completions}))
+    seed = f" · seed {result.seed}" if result.seed is not None else ""
+    err.print(f"[dim]{result.usage.prompt_tokens} prompt tok · {result.usage.completion_tokens} generated tok · "
+              f"TTFT {t.ttft_s * 1000:.0f} ms · {decode} · finish {reasons}{seed}[/]")
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def models_table(statuses, conversions, cache_root: str) -> None:
+    table = Table(title="Model aliases (work offline once installed)", title_justify="left")
+    for column in ("alias", "installed", "cached", "GGUF", "cache", "model", "licence"):
+        table.add_column(column, no_wrap=column in ("alias", "GGUF", "cache"))
+    for s in statuses:
+        table.add_row(
+            s.name,
+            "[green]yes[/]" if s.installed else f"[red]no[/] ({escape(s.install_hint)})",
+            "[green]yes[/]" if s.cached else "no",
+            human_bytes(s.gguf_bytes),
+            human_bytes(s.cache_bytes),
+            escape(s.description),
+            escape(s.licence),
+        )
+    out.print(table)
+    out.print(f"Cache: {escape(cache_root)}")
+    if conversions:
+        out.print("Converted GGUF models in the cache:")
+        for path, size in conversions:
+            out.print(f"  {escape(path.name)}  {human_bytes(size)}")
+
+
+@contextmanager
+def loading(model_name: str) -> Iterator[Any]:
+    """A transient progress display on stderr while a model loads; yields the progress callback."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    if os.environ.get("LLMKIT_NO_PROGRESS"):
+        yield None
+        return
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn(
+        "{task.completed}/{task.total}"), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(f"loading {model_name}", total=None)
+
+        def report(stage: str, done: int, total: int | None) -> None:
+            description = stage if total is not None else f"{stage}…"
+            if stage.startswith("de-quantizing"):
+                description += " (first use only; later loads take seconds)"
+            progress.update(task, description=description, completed=done, total=total)
+
+        yield report

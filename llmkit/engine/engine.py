@@ -1,0 +1,321 @@
+"""The transformers engine: one loaded model, a decode loop that yields Chunks.
+
+The loop is ours rather than `model.generate` with a streamer thread because every
+request needs its own seeded generator, exact per-token timestamps (TTFT, ITL) and
+stop strings that never leak into the stream. It runs the model's own forward pass
+with its own KV cache, so any causal LM transformers can load works here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from llmkit.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from llmkit.engine.sampling import pick_tokens
+from llmkit.engine.types import Chunk, Completion, EngineInfo, Result, Timings, Usage
+from llmkit.errors import (
+    InvalidParams,
+    ModelLoadError,
+    ModelUnavailableOffline,
+    OutOfMemory,
+    UnknownModel,
+    UnsupportedFeature,
+)
+from llmkit.models import Progress, available_aliases, local_folder, resolve
+from llmkit.params import GenerationParams
+
+DETOKENIZE_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first new ones, so leading spaces survive
+
+
+class Generation:
+    """An iterator of Chunks; after it is exhausted, `.result` holds the Result."""
+
+    def __init__(self, chunks: Iterator[Chunk]):
+        self._chunks = chunks
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+
+@dataclass
+class _Sequence:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stops: StopMatcher
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class TransformersEngine:
+    """Load once with `TransformersEngine.load`; then `stream()` / `generate()` any number of times."""
+
+    def __init__(self, model, tokenizer, info: EngineInfo):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.eos_ids = _eos_ids(model, tokenizer)
+        # transformers 5 renamed forward's `past_key_values` to `cache`; accept either.
+        forward_args = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+
+    # --- loading ----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, reference: str | None = None, *, device: str = "auto", dtype: str = "auto",
+             progress: Progress | None = None) -> "TransformersEngine":
+        from llmkit.devices import check_device, check_dtype, resolve_device, resolve_dtype
+
+        check_device(device)
+        check_dtype(dtype)
+        source = resolve(reference)
+        started = time.perf_counter()
+        _quiet_transformers()
+        import torch
+
+        try:
+            folder = local_folder(source, progress)
+            device_name = resolve_device(device)
+            torch_dtype = resolve_dtype(dtype, device_name)
+            if progress:
+                progress(f"loading {source.name}", 0, None)
+            if folder is not None:
+                model, tokenizer = _load_pretrained(str(folder), torch_dtype, local_only=True)
+            else:
+                model, tokenizer = _load_from_hub(source.location, torch_dtype)
+            model.to(device_name).eval()
+        except (MemoryError, torch.OutOfMemoryError):
+            raise OutOfMemory(f"not enough memory to load {source.name}; try a smaller model or "
+                              "--dtype bfloat16") from None
+        info = EngineInfo(
+            model=source.name,
+            source_kind=source.kind,
+            location=source.location,
+            engine="transformers",
+            device=device_name,
+            dtype=str(torch_dtype).removeprefix("torch."),
+            parameters=sum(p.numel() for p in model.parameters()),
+            context_length=_context_length(model.config),
+            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            load_s=time.perf_counter() - started,
+        )
+        return cls(model, tokenizer, info)
+
+    # --- prompts ----------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids for a prompt; with chat=True, through the model's chat template."""
+        if chat:
+            if not self.info.has_chat_template:
+                raise UnsupportedFeature(f"model {self.info.model} has no chat template; drop --chat "
+                                         "or pick a chat model (e.g. smollm2-135m)")
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise InvalidParams("prompt is empty after tokenization; give some text", field="prompt")
+        return list(ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # --- generation -------------------------------------------------------------------------
+
+    def stream(self, prompt: str, params: GenerationParams, *, chat: bool = False,
+               system: str | None = None) -> Generation:
+        """Start generating; iterate the returned Generation for Chunks, then read `.result`."""
+        started = time.perf_counter()
+        ids = self.prompt_ids(prompt, chat=chat, system=system)
+        self._check_context(len(ids), params)
+        seed = None if params.is_greedy else (params.seed if params.seed is not None
+                                              else secrets.randbits(63))
+        generation = Generation(iter(()))
+        generation._chunks = self._decode(generation, prompt, ids, params, seed, started)
+        return generation
+
+    def generate(self, prompt: str, params: GenerationParams, *, chat: bool = False,
+                 system: str | None = None) -> Result:
+        generation = self.stream(prompt, params, chat=chat, system=system)
+        for _ in generation:
+            pass
+        assert generation.result is not None
+        return generation.result
+
+    def _check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
+        limit = self.info.context_length
+        if limit and prompt_tokens + params.max_new_tokens > limit:
+            raise InvalidParams(
+                f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the model's context of {limit} tokens; shorten the prompt or lower max_new_tokens",
+                field="max_new_tokens")
+
+    def _decode(self, generation: Generation, prompt: str, ids: list[int], params: GenerationParams,
+                seed: int | None, started: float) -> Iterator[Chunk]:
+        import torch
+
+        n = params.num_sequences
+        device = self.model.device
+        generators = None
+        if seed is not None:
+            generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
+        context = ids[-DETOKENIZE_CONTEXT_TOKENS:]
+        sequences = [
+            _Sequence(i, IncrementalDetokenizer(self.tokenizer, context), StopMatcher(params.stop))
+            for i in range(n)
+        ]
+        input_ids = torch.tensor([ids] * n, device=device)
+        seen = input_ids
+        past = None
+        token_times: list[float] = []
+        try:
+            with torch.inference_mode():
+                for _step in range(params.max_new_tokens):
+                    out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                                     **{self._cache_arg: past})
+                    past = out.get("cache", out.get("past_key_values"))
+                    logits = out.logits[:, -1, :]
+                    next_ids = pick_tokens(logits, params, generators,
+                                           seen if params.repetition_penalty != 1.0 else None)
+                    token_times.append(time.perf_counter() - started)
+                    seen = torch.cat([seen, next_ids[:, None]], dim=1)
+                    input_ids = next_ids[:, None]
+                    for seq, token in zip(sequences, next_ids.tolist()):
+                        chunk = self._advance(seq, token, len(seq.token_ids) + 1 >= params.max_new_tokens)
+                        if chunk is not None:
+                            yield chunk
+                    if all(seq.finish_reason for seq in sequences):
+                        break
+        except (MemoryError, torch.OutOfMemoryError):
+            raise OutOfMemory("ran out of memory while generating; lower --max-new-tokens or "
+                              "--num-sequences, or use a smaller model") from None
+        generation.result = self._result(prompt, ids, params, seed, sequences, token_times)
+
+    def _advance(self, seq: _Sequence, token: int, at_limit: bool) -> Chunk | None:
+        """Feed one sampled token to a sequence; return the Chunk to emit, if any."""
+        if seq.finish_reason:
+            return None
+        seq.token_ids.append(token)
+        if token in self.eos_ids:
+            text, finish = seq.stops.flush(seq.detokenizer.flush()), "stop"
+        else:
+            text, hit_stop = seq.stops.feed(seq.detokenizer.feed(token))
+            finish = "stop" if hit_stop else None
+            if finish is None and at_limit:
+                text, finish = text + seq.stops.flush(seq.detokenizer.flush()), "length"
+        seq.text += text
+        seq.finish_reason = finish
+        if text or finish:
+            return Chunk(seq.index, text, (token,), finish)
+        return None
+
+    def _result(self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None,
+                sequences: list[_Sequence], token_times: list[float]) -> Result:
+        completions = tuple(Completion(s.index, s.text, s.finish_reason or "length", tuple(s.token_ids))
+                            for s in sequences)
+        generated = sum(len(s.token_ids) for s in sequences)
+        ttft = token_times[0]
+        total = token_times[-1]
+        decode = total - ttft
+        after_first = generated - len(sequences)
+        timings = Timings(
+            ttft_s=ttft,
+            total_s=total,
+            decode_s=decode,
+            prefill_tokens_per_s=len(ids) / ttft if ttft > 0 else 0.0,
+            decode_tokens_per_s=after_first / decode if decode > 0 and after_first > 0 else None,
+            token_times_s=tuple(token_times),
+        )
+        return Result(prompt, completions, Usage(len(ids), generated), timings, seed,
+                      params.model_dump())
+
+
+# --- loading helpers --------------------------------------------------------------------------
+
+
+def _quiet_transformers() -> None:
+    """transformers' progress bars and advice would land on our stderr between our own lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load_pretrained(location: str, torch_dtype, *, local_only: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, local_files_only=local_only)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except OSError:
+        if not local_only:
+            raise
+        raise ModelLoadError(f"could not read the model files in {location}; the folder may be incomplete "
+                             "(save it again with save_pretrained)") from None
+    except ValueError as exc:
+        raise ModelLoadError(f"transformers cannot load {location} as a causal language model: {exc}") from None
+    return model, tokenizer
+
+
+def _load_from_hub(repo_id: str, torch_dtype):
+    """A Hub id: the local Hub cache first (works offline), then the network."""
+    try:
+        return _load_pretrained(repo_id, torch_dtype, local_only=True)
+    except ModelLoadError:
+        pass
+    _check_hub_reachable(repo_id)
+    try:
+        return _load_pretrained(repo_id, torch_dtype, local_only=False)
+    except OSError as exc:
+        raise ModelLoadError(f"could not download {repo_id} from the Hugging Face Hub: {exc}") from None
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """Ask the Hub once, without retries, so offline and unknown ids fail in a second, not 30."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    offline_aliases = ", ".join(available_aliases()) or "none installed"
+    try:
+        model_info(repo_id)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UnknownModel(f"model '{repo_id}' is not an alias, a local folder or .gguf file, or a "
+                           f"Hugging Face Hub model; offline aliases: {offline_aliases}") from None
+    except Exception:
+        raise ModelUnavailableOffline(f"model '{repo_id}' is not in the local Hugging Face cache and the Hub "
+                                      f"cannot be reached; connect to the network, or use an alias that "
+                                      f"works offline: {offline_aliases}") from None
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _context_length(config) -> int | None:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

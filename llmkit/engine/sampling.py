@@ -1,0 +1,74 @@
+"""Small pure functions from logits to the next token.
+
+Written out rather than borrowed from transformers' logits processors because each
+request needs its own seeded `torch.Generator` (a seed must give the same text alone
+or batched), and because explore shows the intermediate distributions. The order
+matches transformers: repetition penalty, temperature, top-k, top-p, min-p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmkit.params import GenerationParams
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens in `seen` (rows of ids): divide positive logits, multiply negative."""
+    if penalty == 1.0:
+        return logits
+    picked = torch.gather(logits, 1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest to -inf (k <= 0 or k >= vocab keeps all)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose total probability reaches p; zero the rest."""
+    if p >= 1.0:
+        return probs
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    drop_sorted = mass_before >= p  # the mass before this token already reached p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return probs.masked_fill(drop, 0.0)
+
+
+def min_p_mask(probs: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Zero tokens whose probability is below min_p times the most likely token's."""
+    if min_p <= 0.0:
+        return probs
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def next_token_probs(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """Distribution to sample from after temperature, top-k, top-p and min-p (rows sum to 1)."""
+    logits = logits.float() / max(params.temperature, 1e-6)
+    logits = top_k_mask(logits, params.top_k)
+    probs = torch.softmax(logits, dim=-1)
+    probs = min_p_mask(top_p_mask(probs, params.top_p), params.min_p)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    params: GenerationParams,
+    generators: list[torch.Generator] | None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token id per row of `logits`; row i samples with generators[i]."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.is_greedy or generators is None:
+        return torch.argmax(logits, dim=-1)
+    probs = next_token_probs(logits, params)
+    picked = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(picked)

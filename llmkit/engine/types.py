@@ -1,0 +1,103 @@
+"""Plain records the engine yields and returns; renderers, JSON output and the server read them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New text for sequence `index`; the last chunk of a sequence carries its finish_reason."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds from the start of the request. Definitions follow vLLM's benchmarks:
+
+    ttft: request start to the first generated token (includes tokenization and prefill);
+    decode: first token to last token; prefill_tokens_per_s = prompt tokens / ttft;
+    decode_tokens_per_s = generated tokens after the first / decode (llama-bench's "tg").
+    """
+
+    ttft_s: float
+    total_s: float
+    decode_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float | None
+    token_times_s: tuple[float, ...] = field(default=(), repr=False)  # per step, from request start
+
+
+@dataclass(frozen=True)
+class Completion:
+    index: int
+    text: str
+    finish_reason: FinishReason
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Result:
+    prompt: str
+    completions: tuple[Completion, ...]
+    usage: Usage
+    timings: Timings
+    seed: int | None
+    params: dict[str, Any]
+
+    @property
+    def text(self) -> str:
+        return self.completions[0].text
+
+    def to_dict(self) -> dict[str, Any]:
+        """The --json schema: stable keys, no per-token arrays."""
+        timings = asdict(self.timings)
+        timings.pop("token_times_s")
+        return {
+            "prompt": self.prompt,
+            "completions": [
+                {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                 "generated_tokens": len(c.token_ids)}
+                for c in self.completions
+            ],
+            "usage": {"prompt_tokens": self.usage.prompt_tokens,
+                      "completion_tokens": self.usage.completion_tokens,
+                      "total_tokens": self.usage.total_tokens},
+            "timings": timings,
+            "seed": self.seed,
+            "params": self.params,
+        }
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    source_kind: str
+    location: str
+    engine: str
+    device: str
+    dtype: str
+    parameters: int
+    context_length: int | None
+    has_chat_template: bool
+    load_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

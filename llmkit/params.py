@@ -1,0 +1,108 @@
+"""The one definition of generation parameters: defaults, bounds, consistency.
+
+The CLI, the HTTP server and explore's grids all build a GenerationParams through
+`parse_params`, so a bound changes in one place and every entry point reports a bad
+value with the same sentence ("temperature must be between 0.0 and 2.0 (got 5.0)").
+Only pydantic is imported here, so validation costs nothing before a model loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmkit.errors import InvalidParams
+
+MAX_NEW_TOKENS_LIMIT = 4096
+MAX_SEQUENCES = 16
+MAX_STOP_SEQUENCES = 8
+
+
+class GenerationParams(BaseModel):
+    """How to pick tokens. `greedy` (or temperature 0) ignores the sampling knobs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Tokens to generate at most.")
+    temperature: float = Field(0.8, ge=0.0, le=2.0, description="Divides the logits; 0 means greedy.")
+    top_k: int = Field(50, ge=0, le=100_000, description="Keep the k most likely tokens; 0 disables.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Keep the smallest set of tokens whose mass reaches p.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p times the top probability.")
+    repetition_penalty: float = Field(1.0, ge=0.5, le=2.0, description="Above 1 discourages tokens already seen.")
+    greedy: bool = Field(False, description="Always take the most likely token (deterministic).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling; same seed, same text.")
+    num_sequences: int = Field(1, ge=1, le=MAX_SEQUENCES, description="Independent completions per prompt.")
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES,
+                            description="Cut the output before the first of these strings.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerationParams":
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop: stop sequences must not be empty strings")
+        if self.is_greedy and self.num_sequences > 1:
+            raise ValueError("num_sequences: num_sequences must be 1 with greedy decoding, which gives "
+                             "identical sequences; sample (temperature > 0) for several")
+        return self
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+PARAM_NAMES = tuple(GenerationParams.model_fields)
+
+
+def bounds_text(name: str) -> str:
+    """'between 0.0 and 2.0' from the Field metadata, so messages never drift from the bounds."""
+    lower = upper = None
+    lower_open = upper_open = False
+    for item in GenerationParams.model_fields[name].metadata:
+        for attr, is_open, is_lower in (("ge", False, True), ("gt", True, True),
+                                        ("le", False, False), ("lt", True, False)):
+            value = getattr(item, attr, None)
+            if value is None:
+                continue
+            if is_lower:
+                lower, lower_open = value, is_open
+            else:
+                upper, upper_open = value, is_open
+    if lower is not None and upper is not None:
+        if lower_open:
+            return f"greater than {lower} and at most {upper}"
+        return f"between {lower} and {upper}"
+    if lower is not None:
+        return f"{'greater than' if lower_open else 'at least'} {lower}"
+    if upper is not None:
+        return f"{'less than' if upper_open else 'at most'} {upper}"
+    return ""
+
+
+def _message(error: Mapping[str, Any]) -> tuple[str, str | None]:
+    loc = error.get("loc") or ()
+    name = str(loc[0]) if loc else None
+    kind = error.get("type", "")
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown parameter '{name}' (known: {', '.join(PARAM_NAMES)})", name
+    if kind == "value_error":  # from _consistent: "field: sentence naming the field"
+        text = str(error.get("ctx", {}).get("error", error.get("msg", "")))
+        field, _, sentence = text.partition(": ")
+        return (sentence, field) if sentence else (text, None)
+    if name in GenerationParams.model_fields and kind.startswith(("greater", "less")):
+        return f"{name} must be {bounds_text(name)} (got {got!r})", name
+    if kind == "too_long" and name == "stop":
+        return f"stop takes at most {MAX_STOP_SEQUENCES} sequences (got {len(got)})", name
+    expected = GenerationParams.model_fields[name].annotation if name in GenerationParams.model_fields else None
+    type_name = getattr(expected, "__name__", None) or str(expected)
+    return f"{name} must be {type_name.replace('NoneType', 'null')} (got {got!r})", name
+
+
+def parse_params(values: Mapping[str, Any] | None = None, **more: Any) -> GenerationParams:
+    """Validate user values (None means 'not given') into GenerationParams or raise InvalidParams."""
+    merged = {k: v for k, v in {**(values or {}), **more}.items() if v is not None}
+    try:
+        return GenerationParams.model_validate(merged)
+    except ValidationError as exc:
+        message, field = _message(exc.errors()[0])
+        raise InvalidParams(message, field=field) from None

