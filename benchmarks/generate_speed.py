@@ -1,0 +1,216 @@
+"""Generation speed: llmkit's engine against the plain transformers pipeline, same model, one run.
+
+The reference is the tutorial's way: `pipeline("text-generation", model=folder)` called with
+`max_new_tokens` and `do_sample=False`. Both sides load the same local safetensors folder (the one
+llmkit resolves the model reference to via `llmkit.models.resolve` + `local_folder`), both from a
+warm cache, on the same device and dtype, greedy, on the same fixed prompt as plain text.
+
+Measured, per side, `--runs` times after `--warmup` unmeasured runs, interleaved
+(llmkit, reference, llmkit, reference, ...) so machine noise hits both alike:
+
+- load_s: wall clock around `load_engine(ref)` / `pipeline(...)` (imports done beforehand).
+- ttft_s: time to first token = request start to the first generated token (includes
+  tokenization and prefill). llmkit: `result.timings.ttft_s`. Reference: the first `put` of a
+  streamer after the one that carries the prompt ids.
+- decode_tok_s: (generated - 1) / (t_last - t_first), generated counted in token ids.
+  llmkit: `result.timings.decode_tokens_per_s`; reference: from the streamer's timestamps.
+
+The reference gets `min_new_tokens=max_new_tokens`; llmkit may stop earlier at EOS, so generated
+counts are printed for both and tok/s always uses the actual counts. Ratios compare medians and
+read "> 1 means llmkit is better": reference/llmkit for times, llmkit/reference for speeds.
+
+Usage: python benchmarks/generate_speed.py --model smollm2-135m --runs 5 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from transformers import pipeline
+from transformers.generation.streamers import BaseStreamer
+
+from llmkit.engine import load_engine
+from llmkit.models import local_folder, resolve
+from llmkit.params import parse_params
+
+DEFAULT_PROMPT = "The history of the printing press begins in"
+SIDES = ("llmkit", "reference")
+# metric -> (label, higher_is_better)
+METRICS = {"load_s": ("load (s)", False), "ttft_s": ("TTFT (s)", False),
+           "decode_tok_s": ("decode (tok/s)", True), "generated": ("generated tokens", None)}
+
+
+class TokenClock(BaseStreamer):
+    """Records when each generated token arrives; the first `put` is the prompt, skipped."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens: int | None = None
+        self.token_ids: list[int] = []
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        now = time.perf_counter()
+        if self.prompt_tokens is None:
+            self.prompt_tokens = value.numel()
+            return
+        ids = value.reshape(-1).tolist()
+        self.token_ids += ids
+        self.times += [now] * len(ids)
+
+    def end(self) -> None:  # nothing to flush
+        pass
+
+
+def run_llmkit(engine, prompt: str, max_new_tokens: int) -> dict:
+    result = engine.generate(prompt, parse_params(greedy=True, max_new_tokens=max_new_tokens))
+    return {"ttft_s": result.timings.ttft_s, "decode_tok_s": result.timings.decode_tokens_per_s,
+            "generated": result.usage.completion_tokens, "prompt_tokens": result.usage.prompt_tokens,
+            "token_ids": list(result.completions[0].token_ids)}
+
+
+def run_reference(pipe, prompt: str, max_new_tokens: int) -> dict:
+    clock = TokenClock()
+    started = time.perf_counter()
+    pipe(prompt, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+         streamer=clock)
+    generated = len(clock.token_ids)
+    decode_s = clock.times[-1] - clock.times[0]
+    return {"ttft_s": clock.times[0] - started,
+            "decode_tok_s": (generated - 1) / decode_s if generated > 1 and decode_s > 0 else None,
+            "generated": generated, "prompt_tokens": clock.prompt_tokens, "token_ids": clock.token_ids}
+
+
+def timed(load):
+    gc.collect()
+    started = time.perf_counter()
+    loaded = load()
+    return loaded, time.perf_counter() - started
+
+
+def machine() -> dict:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def summarize(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def ratio(metric: str, summary: dict) -> float | None:
+    higher_is_better = METRICS[metric][1]
+    ours, ref = summary["llmkit"][metric], summary["reference"][metric]
+    if higher_is_better is None or not ours or not ref or not ours["median"] or not ref["median"]:
+        return None
+    return ours["median"] / ref["median"] if higher_is_better else ref["median"] / ours["median"]
+
+
+def benchmark(args) -> dict:
+    transformers.logging.set_verbosity_error()  # llmkit's load does the same; keep stderr quiet
+    transformers.logging.disable_progress_bar()
+    source = resolve(args.model)
+    folder = str(local_folder(source) or source.location)  # a Hub id loads from the HF cache on both sides
+    loaders = {"llmkit": lambda: load_engine(args.model),
+               "reference": lambda: pipeline("text-generation", model=folder)}
+    runners = {"llmkit": run_llmkit, "reference": run_reference}
+    samples = {side: {m: [] for m in (*METRICS, "prompt_tokens")} for side in SIDES}
+    loaded = {}
+    total = args.warmup + args.runs
+    for i in range(total):
+        print(f"load {i + 1}/{total}", file=sys.stderr)
+        for side in SIDES:
+            loaded.pop(side, None)
+            loaded[side], seconds = timed(loaders[side])
+            if i >= args.warmup:
+                samples[side]["load_s"].append(seconds)
+    outputs = {}
+    for i in range(total):
+        print(f"generate {i + 1}/{total}", file=sys.stderr)
+        for side in SIDES:
+            gc.collect()
+            run = runners[side](loaded[side], args.prompt, args.max_new_tokens)
+            outputs[side] = run.pop("token_ids")
+            if i >= args.warmup:
+                for metric, value in run.items():
+                    samples[side][metric].append(value)
+    engine, pipe = loaded["llmkit"], loaded["reference"]
+    summary = {side: {m: summarize(v) for m, v in samples[side].items()} for side in SIDES}
+    shared = min(len(outputs["llmkit"]), len(outputs["reference"]))
+    return {
+        "machine": machine(),
+        "config": {"model": args.model, "folder": folder, "prompt": args.prompt, "runs": args.runs,
+                   "warmup": args.warmup, "max_new_tokens": args.max_new_tokens, "device": engine.info.device,
+                   "dtype": {"llmkit": engine.info.dtype, "reference": str(pipe.model.dtype)[len("torch."):]}},
+        "samples": samples,
+        "summary": summary,
+        "ratios": {m: ratio(m, summary) for m in METRICS if METRICS[m][1] is not None},
+        "same_tokens": outputs["llmkit"][:shared] == outputs["reference"][:shared],
+    }
+
+
+def fmt(stats: dict | None, metric: str) -> str:
+    if stats is None:
+        return "n/a"
+    digits = {"load_s": 3, "ttft_s": 3, "decode_tok_s": 1}.get(metric, 0)
+    return f"{stats['median']:.{digits}f} [{stats['min']:.{digits}f}-{stats['max']:.{digits}f}]"
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m, c = report["machine"], report["config"]
+    console = Console(width=120)
+    console.print(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+                  f"python {m['python']}, torch {m['torch']}, transformers {m['transformers']}")
+    console.print(f"model: {c['model']} ({c['folder']}), device {c['device']}, dtype llmkit "
+                  f"{c['dtype']['llmkit']} / reference {c['dtype']['reference']}")
+    console.print(f"greedy, max_new_tokens {c['max_new_tokens']}, {c['runs']} runs after {c['warmup']} "
+                  f"warmup, interleaved; prompt {c['prompt']!r}")
+    table = Table("metric", "llmkit", "reference (pipeline)", "ratio (>1: llmkit better)",
+                  title="median [min-max]")
+    for metric, (label, _) in {**METRICS, "prompt_tokens": ("prompt tokens", None)}.items():
+        value = report["ratios"].get(metric)
+        table.add_row(label, *(fmt(report["summary"][side][metric], metric) for side in SIDES),
+                      f"{value:.2f}x" if value else "")
+    console.print(table)
+    console.print(f"greedy tokens identical over the shared length: {report['same_tokens']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="any llmkit model reference")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--json", action="store_true", help="print everything as one JSON document")
+    args = parser.parse_args()
+    if args.runs < 1 or args.warmup < 0 or args.max_new_tokens < 2:
+        parser.error("need --runs >= 1, --warmup >= 0, --max-new-tokens >= 2")
+    report = benchmark(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+
+
+if __name__ == "__main__":
+    main()
