@@ -256,6 +256,8 @@ def _write_conversion(gguf_path: Path, staging: Path, progress: Progress | None)
 
     folder, name = str(gguf_path.parent), gguf_path.name
     started = time.perf_counter()
+    if progress:
+        progress(f"reading {name} (first use: converting it to safetensors)", 0, None)
     with _gguf_progress(progress):
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -86,8 +86,9 @@ def human_bytes(count: int | None) -> str:
 
 def models_table(statuses, conversions, cache_root: str) -> None:
     table = Table(title="Model aliases (work offline once installed)", title_justify="left")
-    for column in ("alias", "installed", "cached", "GGUF", "cache", "model", "licence"):
-        table.add_column(column, no_wrap=column in ("alias", "GGUF", "cache"))
+    for column in ("alias", "installed", "cached", "GGUF", "cache", "licence", "model"):
+        wraps = column in ("licence", "model")
+        table.add_column(column, no_wrap=not wraps, min_width=12 if wraps else None)
     for s in statuses:
         table.add_row(
             s.name,
@@ -95,8 +96,8 @@ def models_table(statuses, conversions, cache_root: str) -> None:
             "[green]yes[/]" if s.cached else "no",
             human_bytes(s.gguf_bytes),
             human_bytes(s.cache_bytes),
-            escape(s.description),
             escape(s.licence),
+            escape(s.description),
         )
     out.print(table)
     out.print(f"Cache: {escape(cache_root)}")
@@ -111,18 +112,19 @@ def loading(model_name: str) -> Iterator[Any]:
     """A transient progress display on stderr while a model loads; yields the progress callback."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    if os.environ.get("LLMKIT_NO_PROGRESS"):
-        yield None
+    if os.environ.get("LLMKIT_NO_PROGRESS") or not err.is_terminal:
+        yield None  # a redirected stderr gets no animation frames
         return
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn(
-        "{task.completed}/{task.total}"), TimeElapsedColumn()]
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+               TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(f"loading {model_name}", total=None)
+        task = progress.add_task(f"loading {model_name}", total=None, count="")
 
         def report(stage: str, done: int, total: int | None) -> None:
             description = stage if total is not None else f"{stage}…"
             if stage.startswith("de-quantizing"):
                 description += " (first use only; later loads take seconds)"
-            progress.update(task, description=description, completed=done, total=total)
+            progress.update(task, description=description, completed=done, total=total,
+                            count=f"{done}/{total}" if total else "")
 
         yield report
