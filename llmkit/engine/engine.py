@@ -11,12 +11,11 @@ from __future__ import annotations
 import inspect
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
-from llmkit.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llmkit.engine.sampling import pick_tokens
-from llmkit.engine.types import Chunk, Completion, EngineInfo, Result, Timings, Usage
+from llmkit.engine.sequence import SequenceState, build_result
+from llmkit.engine.types import Chunk, EngineInfo, Result
 from llmkit.errors import (
     InvalidParams,
     ModelLoadError,
@@ -27,8 +26,6 @@ from llmkit.errors import (
 )
 from llmkit.models import Progress, available_aliases, local_folder, resolve
 from llmkit.params import GenerationParams
-
-DETOKENIZE_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first new ones, so leading spaces survive
 
 
 class Generation:
@@ -43,16 +40,6 @@ class Generation:
 
     def __next__(self) -> Chunk:
         return next(self._chunks)
-
-
-@dataclass
-class _Sequence:
-    index: int
-    detokenizer: IncrementalDetokenizer
-    stops: StopMatcher
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
 
 
 class TransformersEngine:
@@ -169,11 +156,7 @@ class TransformersEngine:
         generators = None
         if seed is not None:
             generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
-        context = ids[-DETOKENIZE_CONTEXT_TOKENS:]
-        sequences = [
-            _Sequence(i, IncrementalDetokenizer(self.tokenizer, context), StopMatcher(params.stop))
-            for i in range(n)
-        ]
+        sequences = [SequenceState.start(i, self.tokenizer, ids, params) for i in range(n)]
         input_ids = torch.tensor([ids] * n, device=device)
         seen = input_ids
         past = None
@@ -191,7 +174,7 @@ class TransformersEngine:
                     seen = torch.cat([seen, next_ids[:, None]], dim=1)
                     input_ids = next_ids[:, None]
                     for seq, token in zip(sequences, next_ids.tolist()):
-                        chunk = self._advance(seq, token, len(seq.token_ids) + 1 >= params.max_new_tokens)
+                        chunk = seq.advance(token, self.eos_ids)
                         if chunk is not None:
                             yield chunk
                     if all(seq.finish_reason for seq in sequences):
@@ -199,45 +182,7 @@ class TransformersEngine:
         except (MemoryError, torch.OutOfMemoryError):
             raise OutOfMemory("ran out of memory while generating; lower --max-new-tokens or "
                               "--num-sequences, or use a smaller model") from None
-        generation.result = self._result(prompt, ids, params, seed, sequences, token_times)
-
-    def _advance(self, seq: _Sequence, token: int, at_limit: bool) -> Chunk | None:
-        """Feed one sampled token to a sequence; return the Chunk to emit, if any."""
-        if seq.finish_reason:
-            return None
-        seq.token_ids.append(token)
-        if token in self.eos_ids:
-            text, finish = seq.stops.flush(seq.detokenizer.flush()), "stop"
-        else:
-            text, hit_stop = seq.stops.feed(seq.detokenizer.feed(token))
-            finish = "stop" if hit_stop else None
-            if finish is None and at_limit:
-                text, finish = text + seq.stops.flush(seq.detokenizer.flush()), "length"
-        seq.text += text
-        seq.finish_reason = finish
-        if text or finish:
-            return Chunk(seq.index, text, (token,), finish)
-        return None
-
-    def _result(self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None,
-                sequences: list[_Sequence], token_times: list[float]) -> Result:
-        completions = tuple(Completion(s.index, s.text, s.finish_reason or "length", tuple(s.token_ids))
-                            for s in sequences)
-        generated = sum(len(s.token_ids) for s in sequences)
-        ttft = token_times[0]
-        total = token_times[-1]
-        decode = total - ttft
-        after_first = generated - len(sequences)
-        timings = Timings(
-            ttft_s=ttft,
-            total_s=total,
-            decode_s=decode,
-            prefill_tokens_per_s=len(ids) / ttft if ttft > 0 else 0.0,
-            decode_tokens_per_s=after_first / decode if decode > 0 and after_first > 0 else None,
-            token_times_s=tuple(token_times),
-        )
-        return Result(prompt, completions, Usage(len(ids), generated), timings, seed,
-                      params.model_dump())
+        generation.result = build_result(prompt, ids, params, seed, sequences, token_times)
 
 
 # --- loading helpers --------------------------------------------------------------------------
