@@ -149,7 +149,8 @@ def run_llmkit(*args, env=None, timeout=60):
 
 def test_help_and_argument_errors_do_not_import_torch():
     probe = ("import sys\nfrom llmkit.cli import app\n"
-             "for argv in (['--help'], ['generate', '--help'], ['generate', '--temperature', '9', 'x']):\n"
+             "for argv in (['--help'], ['generate', '--help'], ['generate', '--temperature', '9', 'x'],\n"
+             "             ['monitor', '--help'], ['monitor', '--runs', '0']):\n"
              "    try:\n        app(argv, prog_name='llmkit')\n    except SystemExit:\n        pass\n"
              "print('TORCH' if 'torch' in sys.modules or 'transformers' in sys.modules else 'LIGHT')\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)

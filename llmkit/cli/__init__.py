@@ -16,6 +16,7 @@ import typer
 
 from llmkit.cli import generate as generate_cmd
 from llmkit.cli import models as models_cmd
+from llmkit.cli import monitor as monitor_cmd
 from llmkit.cli import render
 
 DEBUG_ENV = "LLMKIT_DEBUG"
@@ -82,6 +83,7 @@ def root(
 
 app.command(epilog=generate_cmd.EPILOG)(wrap_errors(generate_cmd.generate))
 app.command()(wrap_errors(models_cmd.models))
+app.command(epilog=monitor_cmd.EPILOG)(wrap_errors(monitor_cmd.monitor))
 
 
 def main() -> None:

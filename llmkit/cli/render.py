@@ -128,3 +128,104 @@ def loading(model_name: str) -> Iterator[Any]:
                             count=f"{done}/{total}" if total else "")
 
         yield report
+
+# --- monitor ---
+
+
+def note(message: str) -> None:
+    err.print(f"[dim]{escape(message)}[/]")
+
+
+def mib(count: int | None) -> str:
+    return "-" if count is None else f"{count / 1048576:,.0f} MiB"
+
+
+@contextmanager
+def monitor_live(sampler, spec) -> Iterator[Any]:
+    """Phase, progress over runs, current RSS and CPU, redrawn on stderr while monitor runs."""
+    from rich.live import Live
+    from rich.text import Text
+
+    state = {"phase": "starting", "done": 0, "total": None}
+
+    def report(stage: str, done: int, total: int | None) -> None:
+        state.update(phase=stage, done=done, total=total)
+
+    def view() -> Text:
+        sample = sampler.latest()
+        progress = f" {state['done']}/{state['total']}" if state["total"] else ""
+        line = Text()
+        line.append(f"{state['phase']}{progress}", style="bold cyan")
+        line.append(f"  RSS {mib(sample.rss_bytes)}  CPU {sample.cpu_percent:.0f}%  "
+                    f"{sampler.elapsed():.1f} s  ({len(sampler.samples)} samples)")
+        if sample.gpu_util_percent is not None:
+            line.append(f"  GPU {sample.gpu_util_percent:.0f}% {mib(sample.gpu_memory_bytes)}")
+        return line
+
+    if not err.is_terminal or os.environ.get("LLMKIT_NO_PROGRESS"):
+        yield report
+        return
+    with Live(get_renderable=view, console=err, refresh_per_second=8, transient=True):
+        yield report
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+MONITOR_METRICS = (
+    # key, label, formatter, whose definition
+    ("ttft_s", "TTFT", _seconds, "vLLM"),
+    ("pp_tokens_per_s", "pp (prompt tok/s)", _rate, "llama-bench"),
+    ("tg_tokens_per_s", "tg (generated tok/s)", _rate, "llama-bench"),
+    ("tpot_s", "TPOT", _seconds, "vLLM"),
+    ("itl_s", "ITL (pooled)", _seconds, "vLLM"),
+    ("e2e_s", "E2E latency", _seconds, "vLLM"),
+    ("generated_tokens", "generated tokens", lambda v: f"{v:.0f}", "tokenizer"),
+)
+
+
+def monitor_report(report: dict[str, Any]) -> None:
+    """The final tables of `llmkit monitor` from its JSON document."""
+    model, env, config = report["model"], report["environment"], report["config"]
+    out.print(f"[bold]{escape(model['model'])}[/] · {model['parameters'] / 1e6:,.0f}M parameters · "
+              f"{model['device']} {model['dtype']} · torch {env['torch_threads']} threads · "
+              f"{escape(env['cpu_model'])}")
+    out.print(f"prompt {config['prompt_tokens']} tokens · {config['max_new_tokens']} new tokens (greedy) · "
+              f"{config['runs']} runs after {config['warmup']} warm-up · sampler "
+              f"{report['sampler']['samples_per_s'] or 0:.0f} samples/s")
+
+    phases = Table(title="Phases", title_justify="left")
+    for column in ("phase", "wall", "CPU", "peak RSS", "GPU util", "GPU mem peak"):
+        phases.add_column(column, justify="left" if column == "phase" else "right")
+    for row in report["phases"]:
+        cuda = row["cuda_peak_allocated_bytes"]
+        phases.add_row(row["name"], _seconds(row["wall_s"]),
+                       "-" if row["cpu_percent"] is None else f"{row['cpu_percent']:.0f}%",
+                       mib(row["rss_peak_bytes"]),
+                       "-" if row["gpu_util_percent"] is None else f"{row['gpu_util_percent']:.0f}%",
+                       mib(cuda if cuda is not None else row["gpu_memory_peak_bytes"]))
+    out.print(phases)
+
+    memory = report["memory"]
+    out.print(f"RSS before load {mib(memory['rss_before_load_bytes'])} · after load "
+              f"{mib(memory['rss_after_load_bytes'])} · peak during load {mib(memory['rss_peak_load_bytes'])} · "
+              f"peak during inference {mib(memory['rss_peak_inference_bytes'])} · system available "
+              f"{mib(memory['system_available_bytes'])}")
+
+    latency = Table(title="Latency over measured runs", title_justify="left")
+    for column in ("metric", "mean", "median", "p95", "stddev", "min", "max", "definition"):
+        latency.add_column(column, justify="left" if column in ("metric", "definition") else "right")
+    for key, label, fmt, source in MONITOR_METRICS:
+        stats = report["summary"].get(key)
+        if stats is None:
+            latency.add_row(label, *["-"] * 6, source)
+            continue
+        latency.add_row(label, *(fmt(stats[k]) for k in ("mean", "median", "p95", "stddev", "min", "max")), source)
+    out.print(latency)

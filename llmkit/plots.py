@@ -1,0 +1,67 @@
+"""PNG charts (the optional `llmkit[plot]` extra). matplotlib is imported only when a plot is drawn."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from llmkit.errors import InvalidParams
+
+MIB = 1024 * 1024
+SMOOTHING_SAMPLES = 10  # CPU per sample is quantised by 10 ms kernel ticks; a short mean shows the level
+
+
+def _rolling_mean(values: list[float], window: int) -> list[float]:
+    means, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        means.append(total / min(index + 1, window))
+    return means
+
+
+def require_matplotlib() -> None:
+    """Call before any model loads, so a missing extra fails fast with exit code 2."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InvalidParams("--plot needs matplotlib: pip install 'llmkit[plot]'", field="plot")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_timeline(sampler, path: Path, title: str) -> None:
+    """Memory (RSS) and CPU over time, each phase shaded and named."""
+    plt = _pyplot()
+    times = [s.t_s for s in sampler.samples]
+    figure, (memory_axis, cpu_axis) = plt.subplots(2, 1, sharex=True, figsize=(10, 6))
+    memory_axis.plot(times, [s.rss_bytes / MIB for s in sampler.samples], color="tab:blue")
+    memory_axis.set_ylabel("RSS (MiB)")
+    cpu = [s.cpu_percent for s in sampler.samples]
+    cpu_axis.plot(times, cpu, color="tab:orange", alpha=0.3, linewidth=0.8, label="per sample")
+    cpu_axis.plot(times, _rolling_mean(cpu, SMOOTHING_SAMPLES), color="tab:orange", label="rolling mean")
+    cpu_axis.legend(loc="lower right", fontsize=8)
+    cpu_axis.set_ylabel("CPU (% of one core)")
+    cpu_axis.set_xlabel("seconds")
+    gpu = [s.gpu_util_percent for s in sampler.samples]
+    if any(v is not None for v in gpu):
+        cpu_axis.plot(times, [v or 0 for v in gpu], color="tab:green", label="GPU util %")
+        cpu_axis.legend(loc="upper right")
+    for number, record in enumerate(sampler.phases):
+        end = record.end_s if record.end_s is not None else times[-1]
+        for axis in (memory_axis, cpu_axis):
+            axis.axvspan(record.start_s, end, alpha=0.12, color=f"C{number % 10}")
+        if end - record.start_s < 0.04 * times[-1]:
+            continue  # too narrow to label
+        memory_axis.text((record.start_s + end) / 2, 1.01, record.name, transform=memory_axis.get_xaxis_transform(),
+                         ha="center", va="bottom", fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
