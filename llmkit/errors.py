@@ -63,3 +63,9 @@ class UnsupportedFeature(LlmkitError):
     exit_code = 2
     http_status = 400
     kind = "invalid_request_error"
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """A library's multi-line exception text, squeezed into the one line our errors promise."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

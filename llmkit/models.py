@@ -25,7 +25,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Literal
 
-from llmkit.errors import ModelLoadError, UnknownModel
+from llmkit.errors import ModelLoadError, UnknownModel, one_line
 
 DEFAULT_MODEL = "gemma3-270m"
 MODEL_ENV = "LLMKIT_MODEL"
@@ -168,7 +168,7 @@ def check_gguf(path: Path) -> None:
         reader = GGUFReader(str(path))
         needed = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as exc:  # the reader raises many kinds on a damaged file
-        raise ModelLoadError(f"{path} is a damaged GGUF file ({type(exc).__name__}: {exc}); "
+        raise ModelLoadError(f"{path} is a damaged GGUF file ({type(exc).__name__}: {one_line(exc)}); "
                              "download it again") from None
     size = path.stat().st_size
     if needed > size:
@@ -210,7 +210,7 @@ def assemble_alias(alias: Alias, progress: Progress | None = None) -> Path:
         importlib.import_module(alias.package).assemble(staging, overwrite=True)
         os.replace(staging, target)
     except Exception as exc:
-        raise ModelLoadError(f"could not assemble {alias.name} from its packages ({exc}); "
+        raise ModelLoadError(f"could not assemble {alias.name} from its packages ({one_line(exc)}); "
                              f"reinstall them: {alias.install_hint}") from None
     finally:
         staging.unlink(missing_ok=True)
@@ -265,7 +265,7 @@ def _write_conversion(gguf_path: Path, staging: Path, progress: Progress | None)
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:
-            raise ModelLoadError(f"transformers could not load {gguf_path} ({type(exc).__name__}: {exc}); "
+            raise ModelLoadError(f"transformers could not load {gguf_path} ({type(exc).__name__}: {one_line(exc)}); "
                                  "the architecture may be unsupported by its GGUF loader") from None
     if progress:
         progress("saving safetensors", 0, None)

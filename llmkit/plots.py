@@ -65,3 +65,23 @@ def plot_timeline(sampler, path: Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_compare(rows, path: Path) -> None:
+    """Bar charts of decode speed, peak memory and bits per byte, one bar per successful model."""
+    plt = _pyplot()
+    ok = [r for r in rows if r.get("ok")]
+    names = [r["model"] for r in ok]
+    charts = (("tg_tokens_per_s", "decode tokens/s (higher is better)", 1),
+              ("peak_rss_bytes", "peak RSS, MiB (lower is better)", MIB),
+              ("bits_per_byte", "bits per byte (lower is better)", 1))
+    figure, axes = plt.subplots(1, len(charts), figsize=(4 * len(charts) + 1, 4))
+    for axis, (key, title, scale) in zip(axes, charts):
+        values = [(r.get(key) or 0) / scale for r in ok]
+        axis.bar(names, values, color=[f"C{i}" for i in range(len(names))])
+        axis.set_title(title, fontsize=10)
+        axis.tick_params(axis="x", labelrotation=20, labelsize=8)
+    figure.suptitle("llmkit compare")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -14,6 +14,7 @@ from typing import Annotated, Callable
 
 import typer
 
+from llmkit.cli import compare as compare_cmd
 from llmkit.cli import generate as generate_cmd
 from llmkit.cli import models as models_cmd
 from llmkit.cli import monitor as monitor_cmd
@@ -57,7 +58,9 @@ def wrap_errors(command: Callable) -> Callable:
         except Exception as exc:
             if debugging() or RAISE_UNEXPECTED:
                 raise
-            render.error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            from llmkit.errors import one_line
+
+            render.error(f"unexpected {type(exc).__name__}: {one_line(exc)} (run with --debug for the traceback)")
             raise typer.Exit(1) from None
 
     return run
@@ -84,6 +87,7 @@ def root(
 app.command(epilog=generate_cmd.EPILOG)(wrap_errors(generate_cmd.generate))
 app.command()(wrap_errors(models_cmd.models))
 app.command(epilog=monitor_cmd.EPILOG)(wrap_errors(monitor_cmd.monitor))
+app.command(epilog=compare_cmd.EPILOG)(wrap_errors(compare_cmd.compare))
 
 
 def main() -> None:

@@ -229,3 +229,289 @@ def monitor_report(report: dict[str, Any]) -> None:
             continue
         latency.add_row(label, *(fmt(stats[k]) for k in ("mean", "median", "p95", "stddev", "min", "max")), source)
     out.print(latency)
+
+
+# --- explore ---
+
+EXPLORE_BAR_WIDTH = 6  # characters per probability bar (eighth blocks: 48 steps)
+EXPLORE_TOKEN_WIDTH = 14
+EXPLORE_LABEL_WIDTH = 30  # longer grid labels wrap
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+_NEWLINE_MARK = "↵"
+
+
+def _explore_bar(fraction: float, width: int = EXPLORE_BAR_WIDTH) -> str:
+    eighths = round(max(0.0, min(1.0, fraction)) * width * 8)
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (_EIGHTHS[part] if part else "")).ljust(width)
+
+
+def _explore_prob(p: float) -> str:
+    if p <= 0:
+        return "0"
+    return f"{p * 100:.1f}%" if p >= 0.001 else "<0.1%"
+
+
+def _explore_num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _explore_knobs(knobs: dict[str, Any]) -> str:
+    from llmkit.explore import knob_label
+
+    return knob_label(knobs)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\n", _NEWLINE_MARK)
+
+
+@contextmanager
+def explore_progress(total: int) -> Iterator[Any]:
+    """Progress over a sweep's runs on stderr (terminal only); yields the callback run_sweep calls."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if os.environ.get("LLMKIT_NO_PROGRESS") or not err.is_terminal:
+        yield None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("sweeping", total=total)
+
+        def report(done: int, all_runs: int, label: str) -> None:
+            progress.update(task, completed=done, total=all_runs, description=escape(label))
+
+        yield report
+
+
+def sweep_tables(sweep) -> None:
+    """Two tables on stdout: every sample's text (one line each), then one row of metrics per setting."""
+    from rich import box
+    from rich.text import Text
+
+    max_new = sorted({s.params["max_new_tokens"] for s in sweep.settings})
+    limit = f"up to {max_new[0]} new tokens" if len(max_new) == 1 else "new tokens per setting"
+    seeds = sorted({x.seed for s in sweep.settings for x in s.samples if x.seed is not None})
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        seed_text = f"seeds {seeds[0]}-{seeds[-1]}"
+    else:
+        seed_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    sampled = f" · {sweep.samples} samples each (greedy: 1), {seed_text}" if seeds else ""
+    common = f" · all with {_explore_knobs(sweep.common)}" if sweep.common else ""
+    out.print(Text.assemble(("Sweep", "bold"), f" of {len(sweep.settings)} settings on ", (sweep.model, "bold"),
+                            f" · {limit}{sampled}{common}"), soft_wrap=False)
+    out.print(Text.assemble(f"Prompt ({sweep.prompt_tokens} tokens): ", (repr(sweep.prompt), "dim")),
+              soft_wrap=False)
+
+    texts = Table(box=box.SIMPLE_HEAD, padding=(0, 1), expand=True, show_edge=False)
+    texts.add_column("setting", style="bold", max_width=EXPLORE_LABEL_WIDTH)
+    texts.add_column("seed", justify="right", no_wrap=True, style="dim")
+    texts.add_column("text (one line, shortened; --json has it whole)", no_wrap=True, overflow="ellipsis",
+                     ratio=1)
+    for number, run in enumerate(sweep.settings):
+        for j, sample in enumerate(run.samples):
+            texts.add_row(run.label if j == 0 else "", "-" if sample.seed is None else str(sample.seed),
+                          Text(_one_line(sample.text.strip()) or "(empty)"),
+                          end_section=j == len(run.samples) - 1 and number < len(sweep.settings) - 1)
+    out.print(texts)
+
+    metrics = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, show_edge=False)
+    metrics.add_column("setting", style="bold", max_width=EXPLORE_LABEL_WIDTH)
+    for column in ("n", "dist-1", "dist-2", "rep-3", "log p", "ppl", "tokens", "tok/s"):
+        metrics.add_column(column, justify="right", no_wrap=True)
+    for run in sweep.settings:
+        m = run.metrics
+        ppl = None if m.perplexity is None else _explore_num(m.perplexity, 1 if m.perplexity < 100 else 0)
+        metrics.add_row(run.label, str(m.samples), _explore_num(m.distinct_1), _explore_num(m.distinct_2),
+                        _explore_num(m.repetition), _explore_num(m.mean_logprob), ppl or "-",
+                        f"{m.mean_tokens:.1f}", _explore_num(m.tokens_per_s, 1))
+    out.print(metrics)
+    out.print(Text("n: samples · dist-n: distinct-n, unique / all word n-grams over the samples (higher: more "
+                   "diverse) · rep-3: share of a sample's word trigrams that repeat an earlier one (higher: "
+                   "loops) · log p: mean log-probability of the generated tokens under the unmodified model; "
+                   "ppl = exp(-log p) · tokens: mean per sample · tok/s: decode speed", style="dim"),
+              soft_wrap=False)
+
+
+def sweep_summary(sweep) -> None:
+    runs = sum(len(s.samples) for s in sweep.settings)
+    tokens = sum(len(x.token_ids) for s in sweep.settings for x in s.samples)
+    err.print(f"[dim]{len(sweep.settings)} settings · {runs} generations · {tokens} generated tokens · "
+              f"{sweep.elapsed_s:.1f} s · seed {sweep.seed}[/]")
+
+
+def explore_csv(rows: list[dict[str, Any]]) -> None:
+    """CSV on stdout, one row per record, columns in the first record's key order."""
+    import csv
+
+    if not rows:
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    sys.stdout.flush()
+
+
+def next_token_tables(view) -> None:
+    """The top tokens as rows and one bar chart column per setting; entropy, kept and cut mass below."""
+    from rich import box
+    from rich.text import Text
+
+    out.print(Text.assemble("Next token after ", (repr(view.prompt), "bold"), f" ({view.prompt_tokens} tokens) · ",
+                            (view.model, "bold"), f" · vocabulary {view.vocab_size:,} · model entropy "
+                            f"{view.model_entropy_bits:.2f} bits",
+                            f" · all with {_explore_knobs(view.common)}" if view.common else ""), soft_wrap=False)
+    cell_width = EXPLORE_BAR_WIDTH + 1 + 6
+    gap = 2  # SIMPLE_HEAD with collapsed padding: one space of padding, one of divider
+    fixed = 3 + EXPLORE_TOKEN_WIDTH + gap
+    per_table = max(1, (out.width - fixed) // (cell_width + gap))
+    settings = list(view.settings)
+    for first in range(0, len(settings), per_table):
+        group = settings[first:first + per_table]
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, show_edge=False)
+        table.add_column("#", justify="right", style="dim", no_wrap=True)
+        table.add_column("token", no_wrap=True, overflow="ellipsis", max_width=EXPLORE_TOKEN_WIDTH)
+        for setting in group:
+            table.add_column(setting.label, width=cell_width)
+        for index, row in enumerate(group[0].rows):
+            cells = []
+            for setting in group:
+                cell = setting.rows[index]
+                if cell.cut_by:
+                    cells.append(Text(f"cut: {cell.cut_by}", style="dim"))
+                else:
+                    cells.append(Text.assemble((_explore_bar(cell.prob), "cyan"), " ",
+                                               _explore_prob(cell.prob).rjust(6)))
+            table.add_row(str(row.rank), Text(repr(row.token)), *cells,
+                          end_section=index == len(group[0].rows) - 1)
+        table.add_row("", Text("entropy bits", style="dim"), *(f"{s.entropy_bits:.2f}" for s in group))
+        table.add_row("", Text("tokens kept", style="dim"), *(f"{s.kept_tokens:,}" for s in group))
+        table.add_row("", Text("mass cut", style="dim"),
+                      *(_explore_prob(s.cut_mass) if s.cut_mass > 0 else "-" for s in group))
+        out.print(table)
+    out.print(Text("Bars: probability under each setting (full width = 100%); cut: removed by that filter. "
+                   "Temperature reshapes the whole distribution; top-k, top-p and min-p cut its tail and "
+                   "renormalise what is left.", style="dim"), soft_wrap=False)
+
+
+# --- compare ---
+
+
+@contextmanager
+def compare_progress(total: int) -> Iterator[Any]:
+    """Overall progress over models, with the current model's stage, on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    def quiet(index: int, count: int, model: str, stage: str) -> None:
+        if stage == "starting":
+            err.print(f"[dim][{index + 1}/{count}] {escape(model)}[/]")
+
+    if not err.is_terminal or os.environ.get("LLMKIT_NO_PROGRESS"):
+        yield quiet
+        return
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("comparing", total=total)
+
+        def report(index: int, count: int, model: str, stage: str) -> None:
+            description = f"{escape(model)}: {escape(stage)}" if model else "done"
+            progress.update(task, completed=index, description=description)
+
+        yield report
+
+
+SAMPLE_CHARS = 60
+
+
+def _compare_cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "parameters":
+        return f"{value / 1e6:,.0f}M"
+    if key in ("disk_bytes", "peak_rss_bytes"):
+        return human_bytes(value)
+    if key == "load_s":
+        return f"{value:.2f}"
+    if key == "ttft_s":
+        return f"{value * 1000:.0f} ms"
+    if key == "tg_tokens_per_s":
+        return f"{value:.1f}"
+    if key == "relative_speed":
+        return f"{value:.2f}x"
+    if key == "perplexity":
+        return f"{value:,.2f}"
+    if key == "bits_per_byte":
+        return f"{value:.3f}"
+    if key == "sample":
+        flat = " ".join(str(value).split())
+        return flat if len(flat) <= SAMPLE_CHARS else flat[:SAMPLE_CHARS - 1] + "…"
+    return str(value)
+
+
+def compare_table(rows, spec, console: Console | None = None) -> None:
+    """The comparison as a rich table: the best value of each column in bold green; failures below."""
+    from llmkit.compare import COLUMNS, best_values
+
+    console = console or out
+    best = best_values(rows)
+    table = Table(title=f"{len(rows)} models · {spec.runs} runs of {spec.max_new_tokens} greedy tokens after "
+                        f"{spec.warmup} warm-up · perplexity on {escape(spec.text_name)}",
+                  title_justify="left")
+    for key, label, _ in COLUMNS:
+        table.add_column(label, justify="left" if key in ("model", "dtype", "sample") else "right",
+                         overflow="fold", no_wrap=key != "sample")
+    for row in rows:
+        if not row.get("ok"):
+            continue
+        cells = []
+        for key, _, _ in COLUMNS:
+            cell = escape(_compare_cell(key, row.get(key)))
+            cells.append(f"[bold green]{cell}[/]" if key in best and row.get(key) == best[key] else cell)
+        table.add_row(*cells)
+    console.print(table)
+    console.print("[dim]speed: decode tokens/s relative to the fastest; perplexity is per token and not "
+                  "comparable across tokenizers, bits/byte is.[/]")
+    for row in rows:
+        if not row.get("ok"):
+            console.print(f"[bold red]failed:[/] {escape(row['model'])}: {escape(row.get('error', 'unknown error'))}")
+
+
+def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
+    """json, csv and markdown as text; the table format as plain text when it goes to a file."""
+    import csv
+    import io
+
+    from llmkit.compare import COLUMNS, flat_rows
+
+    if output_format == "json":
+        return json.dumps({"spec": {"models": list(spec.models), "prompt": spec.prompt, "text": spec.text_name,
+                                    "runs": spec.runs, "warmup": spec.warmup,
+                                    "max_new_tokens": spec.max_new_tokens, "window": spec.window,
+                                    "stride": spec.effective_stride},
+                           "rows": rows}, indent=2, ensure_ascii=False) + "\n"
+    if output_format == "csv":
+        buffer = io.StringIO()
+        records = flat_rows(rows)
+        writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        return buffer.getvalue()
+    if output_format == "markdown":
+        numeric = [key not in ("model", "dtype", "sample") for key, _, _ in COLUMNS]
+        lines = ["| " + " | ".join(label for _, label, _ in COLUMNS) + " |",
+                 "|" + "|".join("---:" if right else "---" for right in numeric) + "|"]
+        for row in rows:
+            if row.get("ok"):
+                cells = [_compare_cell(key, row.get(key)).replace("|", "\\|") for key, _, _ in COLUMNS]
+                lines.append("| " + " | ".join(cells) + " |")
+        for row in rows:
+            if not row.get("ok"):
+                lines.append(f"\nFailed: `{row['model']}`: {row.get('error', 'unknown error')}")
+        return "\n".join(lines) + "\n"
+    if to_file:  # the table, without colours
+        plain = Console(record=True, width=160, file=io.StringIO(), color_system=None)
+        compare_table(rows, spec, plain)
+        return plain.export_text()
+    return ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import secrets
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from llmkit.engine.sampling import pick_tokens
 from llmkit.engine.sequence import SequenceState, build_result
@@ -23,9 +23,13 @@ from llmkit.errors import (
     OutOfMemory,
     UnknownModel,
     UnsupportedFeature,
+    one_line,
 )
 from llmkit.models import Progress, available_aliases, local_folder, resolve
 from llmkit.params import GenerationParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Generation:
@@ -184,6 +188,55 @@ class TransformersEngine:
                               "--num-sequences, or use a smaller model") from None
         generation.result = build_result(prompt, ids, params, seed, sequences, token_times)
 
+    def next_token_logits(self, prompt: str, *, chat: bool = False, system: str | None = None) -> torch.Tensor:
+        """Raw logits (1-D float32, on the CPU) for the token after the prompt, under the unmodified model."""
+        import torch
+
+        ids = self.prompt_ids(prompt, chat=chat, system=system)
+        limit = self.info.context_length
+        if limit and len(ids) > limit:
+            raise InvalidParams(f"the prompt has {len(ids)} tokens, more than the model's context of {limit} "
+                                "tokens; shorten it", field="prompt")
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([ids], device=self.model.device), use_cache=False,
+                                 logits_to_keep=1)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise OutOfMemory("ran out of memory scoring the prompt; shorten it or use a smaller model") from None
+        return out.logits[0, -1].float().cpu()
+
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i = 1..n-1 (n-1 values) from one forward pass of the unmodified model.
+
+        No sampling knob touches these (no temperature, no penalty): they are the model's own
+        float32 log-softmax, the basis of perplexity. The log-softmax is taken a block of positions
+        at a time, so a long text does not hold a float32 copy of all its logits at once.
+        """
+        import torch
+
+        block_size = 256  # positions per log-softmax block
+        ids = [int(i) for i in ids]
+        limit = self.info.context_length
+        if limit and len(ids) > limit:
+            raise InvalidParams(f"the text to score has {len(ids)} tokens, more than the model's context of "
+                                f"{limit} tokens; shorten it", field="prompt")
+        if len(ids) < 2:
+            return []
+        values: list[float] = []
+        try:
+            with torch.inference_mode():
+                input_ids = torch.tensor([ids], device=self.model.device)
+                logits = self.model(input_ids=input_ids, use_cache=False).logits[0, :-1]
+                targets = input_ids[0, 1:]
+                for start in range(0, logits.shape[0], block_size):
+                    block = logits[start:start + block_size].float()
+                    picked = block.gather(1, targets[start:start + block_size, None]).squeeze(1)
+                    values.extend((picked - torch.logsumexp(block, dim=-1)).tolist())
+        except (MemoryError, torch.OutOfMemoryError):
+            raise OutOfMemory(f"ran out of memory scoring {len(ids)} tokens; score a shorter text or use a "
+                              "smaller model") from None
+        return values
+
 
 # --- loading helpers --------------------------------------------------------------------------
 
@@ -211,7 +264,8 @@ def _load_pretrained(location: str, torch_dtype, *, local_only: bool):
         raise ModelLoadError(f"could not read the model files in {location}; the folder may be incomplete "
                              "(save it again with save_pretrained)") from None
     except ValueError as exc:
-        raise ModelLoadError(f"transformers cannot load {location} as a causal language model: {exc}") from None
+        raise ModelLoadError(f"transformers cannot load {location} as a causal language model: "
+                             f"{one_line(exc)}") from None
     return model, tokenizer
 
 
@@ -225,7 +279,7 @@ def _load_from_hub(repo_id: str, torch_dtype):
     try:
         return _load_pretrained(repo_id, torch_dtype, local_only=False)
     except OSError as exc:
-        raise ModelLoadError(f"could not download {repo_id} from the Hugging Face Hub: {exc}") from None
+        raise ModelLoadError(f"could not download {repo_id} from the Hugging Face Hub: {one_line(exc)}") from None
 
 
 def _check_hub_reachable(repo_id: str) -> None:

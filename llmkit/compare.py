@@ -1,0 +1,379 @@
+"""`llmkit compare`: the same work on several models, each in its own fresh subprocess.
+
+The parent validates everything, then runs one worker per model, one after another
+(`python -m llmkit.compare`), passing a JSON spec on stdin and reading a JSON row
+back from a file. A worker that raises, runs out of memory or is killed fails its own
+row only; its memory figures are its own. Workers report their stage on stderr as
+`llmkit-stage<TAB>text` lines so the parent can show progress.
+
+Perplexity (`perplexity_of`): the token-level negative log-likelihood averaged over every
+predicted token. The text is prefixed with the tokenizer's BOS token (or EOS when it has
+no BOS), so its first token is predicted too. Texts longer than the window are scored
+with a sliding window: each window of `window` tokens advances by `stride` and only the
+tokens not scored by an earlier window count, each with up to window - stride tokens
+of context. Bits per byte = total NLL in bits / UTF-8 bytes of the text, comparable
+across tokenizers, unlike perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from llmkit.errors import InvalidParams, LlmkitError, one_line
+
+STAGE_PREFIX = "llmkit-stage\t"
+DEFAULT_PROMPT = "The old lighthouse keeper opened his logbook and wrote"
+DEFAULT_WINDOW = 512
+MAX_TIMEOUT_S = 24 * 3600
+FORMATS = ("table", "json", "csv", "markdown")
+
+
+def reference_text() -> str:
+    """The default text for perplexity: a few paragraphs written for llmkit, shipped in the package."""
+    return files("llmkit").joinpath("data/reference.txt").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    models: tuple[str, ...]
+    prompt: str = DEFAULT_PROMPT
+    text: str = field(default_factory=reference_text, repr=False)
+    text_name: str = "llmkit reference text"
+    runs: int = 3
+    warmup: int = 1
+    max_new_tokens: int = 32
+    window: int = DEFAULT_WINDOW
+    stride: int | None = None  # default: half the window
+    device: str = "auto"
+    dtype: str = "auto"
+    timeout_s: float = 1800.0
+
+    @property
+    def effective_stride(self) -> int:
+        return self.stride if self.stride is not None else max(1, self.window // 2)
+
+
+def check_spec(spec: CompareSpec) -> None:
+    """Everything wrong with the arguments, found before any model loads (exit code 2)."""
+    from llmkit.devices import check_device, check_dtype
+    from llmkit.params import parse_params
+
+    if not spec.models:
+        raise InvalidParams("give at least one model", field="models")
+    if any(not m.strip() for m in spec.models):
+        raise InvalidParams("a model reference is empty", field="models")
+    if spec.runs < 1:
+        raise InvalidParams(f"runs must be at least 1 (got {spec.runs})", field="runs")
+    if spec.warmup < 0:
+        raise InvalidParams(f"warmup must be at least 0 (got {spec.warmup})", field="warmup")
+    if not spec.prompt.strip():
+        raise InvalidParams("the prompt is empty", field="prompt")
+    if not spec.text.strip():
+        raise InvalidParams("the text for perplexity is empty", field="text_file")
+    if spec.window < 2:
+        raise InvalidParams(f"window must be at least 2 tokens (got {spec.window})", field="window")
+    if not 1 <= spec.effective_stride <= spec.window - 1:
+        raise InvalidParams(f"stride must be between 1 and window - 1 = {spec.window - 1} "
+                            f"(got {spec.effective_stride})", field="stride")
+    if not 0 < spec.timeout_s <= MAX_TIMEOUT_S:
+        raise InvalidParams(f"timeout must be between 0 and {MAX_TIMEOUT_S} seconds", field="timeout")
+    check_device(spec.device)
+    check_dtype(spec.dtype)
+    parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidParams(f"cannot read {path} as UTF-8 text: {exc}", field="text_file") from None
+    if not text.strip():
+        raise InvalidParams(f"{path} is empty", field="text_file")
+    return text
+
+
+# --- perplexity ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    bits_per_byte: float
+    nll_nats: float  # total over predicted tokens
+    predicted_tokens: int
+    text_bytes: int
+    windows: int
+    window: int
+    stride: int
+
+
+def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, new) per window over `length` tokens: score ids[begin:end], counting its last `new`
+    predictions. Every position 1..length-1 is counted exactly once."""
+    spans, counted_until = [], 1  # position 0 is never predicted
+    begin = 0
+    while counted_until < length:
+        end = min(begin + window, length)
+        spans.append((begin, end, end - counted_until))
+        counted_until = end
+        begin += stride
+    return spans
+
+
+def perplexity_of(engine, text: str, window: int, stride: int) -> Perplexity:
+    tokenizer = engine.tokenizer
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = ([start] if start is not None else []) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if engine.info.context_length:
+        window = min(window, engine.info.context_length)
+        stride = min(stride, window - 1)
+    spans = sliding_windows(len(ids), window, stride)
+    total = 0.0
+    predicted = 0
+    for begin, end, new in spans:
+        logprobs = engine.token_logprobs(ids[begin:end])
+        counted = logprobs[len(logprobs) - new:]
+        total -= sum(counted)
+        predicted += len(counted)
+    text_bytes = len(text.encode("utf-8"))
+    return Perplexity(
+        perplexity=math.exp(total / predicted),
+        bits_per_byte=total / math.log(2) / text_bytes,
+        nll_nats=total,
+        predicted_tokens=predicted,
+        text_bytes=text_bytes,
+        windows=len(spans),
+        window=window,
+        stride=stride,
+    )
+
+
+# --- the worker (one model, in its own process) ------------------------------------------------
+
+
+def _stage(text: str) -> None:
+    sys.stderr.write(f"{STAGE_PREFIX}{text}\n")
+    sys.stderr.flush()
+
+
+def _disk_bytes(source) -> int | None:
+    from llmkit.models import ALIASES, alias_gguf_path, folder_bytes
+
+    if source.kind == "alias":
+        return alias_gguf_path(ALIASES[source.location]).stat().st_size
+    if source.kind in ("gguf", "folder"):
+        return folder_bytes(Path(source.location))
+    return None  # a Hub id: measured from the folder it loaded from, below
+
+
+def measure_model(spec: CompareSpec, reference: str) -> dict[str, Any]:
+    """Everything compare shows for one model; runs inside the worker process."""
+    import statistics
+
+    from llmkit.devices import resolve_device
+    from llmkit.engine import load_engine
+    from llmkit.measure import ResourceSampler, run_latency
+    from llmkit.models import local_folder, resolve
+    from llmkit.params import parse_params
+
+    source = resolve(reference)
+    _stage("preparing")
+    local_folder(source, lambda stage, done, total: _stage(f"{stage} {done}/{total}" if total else stage))
+    device = resolve_device(spec.device)
+    with ResourceSampler() as sampler:
+        if device.startswith("cuda"):
+            sampler.watch_gpu(int(device.split(":")[1]) if ":" in device else 0)
+        sampler.phase("load")
+        _stage("loading")
+        engine = load_engine(reference, device=device, dtype=spec.dtype)
+        sampler.phase("inference")
+        params = parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
+        for index in range(spec.warmup):
+            _stage(f"warm-up {index + 1}/{spec.warmup}")
+            engine.generate(spec.prompt, params)
+        latencies, sample = [], None
+        for index in range(spec.runs):
+            _stage(f"run {index + 1}/{spec.runs}")
+            started = time.perf_counter()
+            result = engine.generate(spec.prompt, params)
+            latencies.append(run_latency(result.usage.prompt_tokens, result.timings.token_times_s,
+                                         time.perf_counter() - started))
+            sample = result.text
+        _stage("perplexity")
+        sampler.phase("perplexity")
+        scored = perplexity_of(engine, spec.text, spec.window, spec.effective_stride)
+    peaks = [sampler.peak_rss(name) or 0 for name in ("load", "inference", "perplexity")]
+    gpu = [p.cuda_peak_allocated_bytes for p in sampler.phases if p.cuda_peak_allocated_bytes is not None]
+    tg = [lat.tg_tokens_per_s for lat in latencies if lat.tg_tokens_per_s is not None]
+    disk = _disk_bytes(source)
+    if disk is None and source.kind == "hub":
+        from llmkit.models import folder_bytes
+
+        disk = folder_bytes(Path(engine.model.config.name_or_path)) if Path(
+            engine.model.config.name_or_path).is_dir() else None
+    return {
+        "model": reference,
+        "ok": True,
+        "worker_pid": os.getpid(),
+        "engine": engine.info.to_dict(),
+        "parameters": engine.info.parameters,
+        "dtype": engine.info.dtype,
+        "device": engine.info.device,
+        "disk_bytes": disk,
+        "load_s": engine.info.load_s,
+        "peak_rss_bytes": max(peaks),
+        "peak_rss_load_bytes": peaks[0],
+        "gpu_peak_allocated_bytes": max(gpu) if gpu else None,
+        "ttft_s": statistics.median(lat.ttft_s for lat in latencies),
+        "tg_tokens_per_s": statistics.median(tg) if tg else None,
+        "generated_tokens": statistics.median(lat.generated_tokens for lat in latencies),
+        "perplexity": scored.perplexity,
+        "bits_per_byte": scored.bits_per_byte,
+        "scoring": asdict(scored),
+        "sample": sample,
+    }
+
+
+def worker_main() -> None:
+    """`python -m llmkit.compare OUT.json < spec.json`: measure one model, write its row."""
+    request = json.load(sys.stdin)
+    spec = CompareSpec(**{**request["spec"], "models": tuple(request["spec"]["models"])})
+    out_path = Path(sys.argv[1])
+    try:
+        row = measure_model(spec, request["model"])
+    except LlmkitError as exc:
+        row = {"model": request["model"], "ok": False, "error": str(exc)}
+    except (MemoryError,) as exc:
+        row = {"model": request["model"], "ok": False, "error": f"out of memory ({exc})"}
+    except Exception as exc:  # a crash of this model must not stop the comparison
+        trace = traceback.format_exc(limit=-3)
+        row = {"model": request["model"], "ok": False, "error": f"{type(exc).__name__}: {one_line(exc)}",
+               "traceback": trace}
+    out_path.write_text(json.dumps(row))
+
+
+# --- the parent -------------------------------------------------------------------------------
+
+
+Progress = Callable[[int, int, str, str], None]
+"""progress(model_index, model_count, model, stage)"""
+
+
+def run_worker(spec: CompareSpec, reference: str, on_stage: Callable[[str], None]) -> dict[str, Any]:
+    payload = json.dumps({"spec": {**asdict(spec), "models": list(spec.models)}, "model": reference})
+    with tempfile.TemporaryDirectory(prefix="llmkit-compare-") as scratch:
+        out_path = Path(scratch) / "row.json"
+        env = {**os.environ, "LLMKIT_NO_PROGRESS": "1"}
+        process = subprocess.Popen([sys.executable, "-m", "llmkit.compare", str(out_path)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        assert process.stdin is not None and process.stderr is not None
+        process.stdin.write(payload)
+        process.stdin.close()
+        other_lines: list[str] = []
+
+        def read_stderr() -> None:
+            for line in process.stderr:
+                if line.startswith(STAGE_PREFIX):
+                    on_stage(line[len(STAGE_PREFIX):].strip())
+                elif line.strip():
+                    other_lines.append(line.rstrip())
+
+        reader = threading.Thread(target=read_stderr, name="llmkit-compare-stderr", daemon=True)
+        reader.start()
+        try:
+            code = process.wait(timeout=spec.timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            reader.join()
+            return {"model": reference, "ok": False, "error": f"took longer than the {spec.timeout_s:.0f} s timeout"}
+        reader.join()
+        if out_path.is_file():
+            return json.loads(out_path.read_text())
+    if code < 0:
+        reason = "killed (out of memory?)" if code == -9 else f"killed by signal {-code}"
+    else:
+        reason = f"exited with code {code}"
+    detail = f": {other_lines[-1]}" if other_lines else ""
+    return {"model": reference, "ok": False, "error": f"worker {reason}{detail}"}
+
+
+def run_compare(spec: CompareSpec, progress: Progress | None = None) -> list[dict[str, Any]]:
+    check_spec(spec)
+    rows = []
+    for index, reference in enumerate(spec.models):
+        def on_stage(stage: str, index: int = index, reference: str = reference) -> None:
+            if progress:
+                progress(index, len(spec.models), reference, stage)
+
+        on_stage("starting")
+        rows.append(run_worker(spec, reference, on_stage))
+    if progress:
+        progress(len(spec.models), len(spec.models), "", "done")
+    add_relative_speed(rows)
+    return rows
+
+
+def add_relative_speed(rows: Sequence[dict[str, Any]]) -> None:
+    """Each successful row's decode speed as a fraction of the fastest (1.0 for the fastest)."""
+    speeds = [r["tg_tokens_per_s"] for r in rows if r.get("ok") and r.get("tg_tokens_per_s")]
+    fastest = max(speeds) if speeds else None
+    for row in rows:
+        if row.get("ok"):
+            row["relative_speed"] = row["tg_tokens_per_s"] / fastest if fastest and row["tg_tokens_per_s"] else None
+
+
+# --- flat records for csv / markdown / json -----------------------------------------------------
+
+COLUMNS = (
+    # key, label, lower_is_better (None: not ranked)
+    ("model", "model", None),
+    ("parameters", "params", None),
+    ("dtype", "dtype", None),
+    ("disk_bytes", "disk", True),
+    ("load_s", "load s", True),
+    ("peak_rss_bytes", "peak RSS", True),
+    ("ttft_s", "TTFT", True),
+    ("tg_tokens_per_s", "tg tok/s", False),
+    ("relative_speed", "speed", False),
+    ("perplexity", "perplexity", True),
+    ("bits_per_byte", "bits/byte", True),
+    ("sample", "sample", None),
+)
+
+
+def best_values(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The best value of each ranked column among successful rows."""
+    best = {}
+    ok_rows = [r for r in rows if r.get("ok")]
+    for key, _, lower in COLUMNS:
+        values = [r[key] for r in ok_rows if r.get(key) is not None]
+        if lower is not None and values:
+            best[key] = min(values) if lower else max(values)
+    return best
+
+
+def flat_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    flat = []
+    for row in rows:
+        record = {key: row.get(key) for key, _, _ in COLUMNS}
+        record["ok"] = row.get("ok", False)
+        record["error"] = row.get("error")
+        flat.append(record)
+    return flat
+
+
+if __name__ == "__main__":
+    worker_main()
