@@ -298,8 +298,6 @@ class ResourceSampler:
         values = [s.gpu_memory_bytes for s in self.in_phase(name) if s.gpu_memory_bytes is not None]
         return max(values) if values else None
 
-    def rss_now(self) -> int:
-        return self._process.memory_info().rss
 
 
 # --- the environment ------------------------------------------------------------------------

@@ -192,14 +192,14 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
     report("prepare", 0, None)
     local_folder(resolve(spec.model), progress)  # GGUF conversion on first use: not part of `load`
 
-    rss_before_load = sampler.rss_now()
     sampler.phase("load")
+    rss_before_load = sampler.latest().rss_bytes  # the phase's first sample, so its peak is >= this
     report("load", 0, None)
     engine = load_engine(spec.model, device=device, dtype=spec.dtype)
-    rss_after_load = sampler.rss_now()
     prompt_tokens = len(engine.prompt_ids(spec.prompt))
 
     sampler.phase("warmup")
+    rss_after_load = sampler.latest().rss_bytes
     for done in range(spec.warmup):
         report("warmup", done, spec.warmup)
         engine.generate(spec.prompt, params)
