@@ -15,6 +15,7 @@ from typing import Annotated, Callable
 import typer
 
 from llmkit.cli import compare as compare_cmd
+from llmkit.cli import explore as explore_cmd
 from llmkit.cli import generate as generate_cmd
 from llmkit.cli import models as models_cmd
 from llmkit.cli import monitor as monitor_cmd
@@ -88,6 +89,7 @@ app.command(epilog=generate_cmd.EPILOG)(wrap_errors(generate_cmd.generate))
 app.command()(wrap_errors(models_cmd.models))
 app.command(epilog=monitor_cmd.EPILOG)(wrap_errors(monitor_cmd.monitor))
 app.command(epilog=compare_cmd.EPILOG)(wrap_errors(compare_cmd.compare))
+app.add_typer(explore_cmd.build_app(wrap_errors), name="explore")
 
 
 def main() -> None:

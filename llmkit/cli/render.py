@@ -336,8 +336,11 @@ def sweep_tables(sweep) -> None:
 def sweep_summary(sweep) -> None:
     runs = sum(len(s.samples) for s in sweep.settings)
     tokens = sum(len(x.token_ids) for s in sweep.settings for x in s.samples)
-    err.print(f"[dim]{len(sweep.settings)} settings · {runs} generations · {tokens} generated tokens · "
-              f"{sweep.elapsed_s:.1f} s · seed {sweep.seed}[/]")
+    def count(n: int, noun: str) -> str:
+        return f"{n} {noun}{'' if n == 1 else 's'}"
+
+    err.print(f"[dim]{count(len(sweep.settings), 'setting')} · {count(runs, 'generation')} · "
+              f"{count(tokens, 'generated token')} · {sweep.elapsed_s:.1f} s · seed {sweep.seed}[/]")
 
 
 def explore_csv(rows: list[dict[str, Any]]) -> None:
@@ -358,10 +361,12 @@ def next_token_tables(view) -> None:
     from rich import box
     from rich.text import Text
 
-    out.print(Text.assemble("Next token after ", (repr(view.prompt), "bold"), f" ({view.prompt_tokens} tokens) · ",
-                            (view.model, "bold"), f" · vocabulary {view.vocab_size:,} · model entropy "
-                            f"{view.model_entropy_bits:.2f} bits",
-                            f" · all with {_explore_knobs(view.common)}" if view.common else ""), soft_wrap=False)
+    out.print(Text.assemble("Next token after ", (repr(view.prompt), "bold"), " on ", (view.model, "bold")),
+              soft_wrap=False)
+    common = f" · all with {_explore_knobs(view.common)}" if view.common else ""
+    out.print(Text(f"{view.prompt_tokens} prompt tokens · vocabulary {view.vocab_size:,} · model entropy "
+                   f"{view.model_entropy_bits:.2f} bits (temperature 1, nothing cut){common}", style="dim"),
+              soft_wrap=False)
     cell_width = EXPLORE_BAR_WIDTH + 1 + 6
     gap = 2  # SIMPLE_HEAD with collapsed padding: one space of padding, one of divider
     fixed = 3 + EXPLORE_TOKEN_WIDTH + gap
@@ -515,3 +520,21 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
         compare_table(rows, spec, plain)
         return plain.export_text()
     return ""
+
+
+# --- serve ---
+
+
+def serve_banner(url: str, model: str, *, api_key: bool, rate_limit: str | None, max_batch_size: int,
+                 max_queue: int, request_timeout_s: float) -> None:
+    """What `llmkit serve` listens on and how it is configured (stderr; never shows the API key)."""
+    err.print(f"[bold]llmkit serve[/] · {escape(url)} · loading [cyan]{escape(model)}[/] in the background")
+    err.print(f"[dim]  OpenAI API {escape(url)}/v1 (completions, chat/completions, models) · tutorial API "
+              f"POST /generate · GET /health · GET /metrics[/]")
+    err.print(f"[dim]  batches up to {max_batch_size} sequences · queue {max_queue} · timeout "
+              f"{request_timeout_s:g} s · API key {'required' if api_key else 'off'} · rate limit "
+              f"{rate_limit or 'off'} · Ctrl-C stops gracefully[/]")
+
+
+def serve_stopped() -> None:
+    err.print("[dim]llmkit serve stopped[/]")

@@ -1,0 +1,217 @@
+"""`llmkit explore`: see what sampling parameters do, as a sweep or as the next-token distribution.
+
+`llmkit explore PROMPT` is short for `llmkit explore sweep PROMPT`: the group runs `sweep` whenever its
+first argument is not one of its command names. So a prompt that is literally "next-token" or "sweep"
+needs the explicit command: `llmkit explore sweep next-token` (or `llmkit explore [OPTIONS] -- next-token`).
+
+The commands only parse, validate (through llmkit.explore and parse_params, before any model loads),
+load, and hand the records from llmkit.explore to render.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from llmkit.cli import options, render
+from llmkit.cli.generate import read_prompt
+from llmkit.devices import check_device, check_dtype
+from llmkit.errors import InvalidParams
+from llmkit.explore import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEED,
+    DEFAULT_TOP,
+    MAX_SAMPLES,
+    MAX_TOP,
+    NEXT_TOKEN_PRESET,
+    PRESET,
+    grid_knobs,
+    next_token_settings,
+    next_token_view,
+    parse_grid,
+    plan_sweep,
+    plot_next_token,
+    run_sweep,
+)
+from llmkit.params import bounds_text
+
+DEFAULT_COMMAND = "sweep"
+
+HELP = (
+    "See what sampling parameters do. `llmkit explore PROMPT` (short for `explore sweep PROMPT`) generates "
+    "under many settings side by side; `llmkit explore next-token PROMPT` shows the next-token distribution "
+    "under each setting. A prompt that is literally 'next-token' or 'sweep' needs the explicit form: "
+    "`llmkit explore sweep next-token`."
+)
+
+SWEEP_EPILOG = """Examples:
+
+  llmkit explore "The sea at night is"
+
+  llmkit explore -m smollm2-135m --samples 5 --seed 7 "Once upon a time"
+
+  llmkit explore --param temperature=0.2,0.7,1.2 --param top_p=0.9,1.0 "The sea at night is"
+
+  llmkit explore --param repetition_penalty=1.0,1.3 --param top_k=50 --csv "A list of fruits:" > sweep.csv
+"""
+
+NEXT_TOKEN_EPILOG = """Examples:
+
+  llmkit explore next-token "The capital of France is"
+
+  llmkit explore next-token --temperature 0.5,1,2 --top-p 0.9 "Once upon a time"
+
+  llmkit explore next-token --top 20 --plot next.png "The sea at night is"
+"""
+
+PRESET_TEXT = ("greedy; temperature 0.3, 0.7, 1.0, 1.5; top-k 10, 50; top-p 0.9, 0.95; min-p 0.05, 0.1 "
+               "(each from plain sampling: temperature 1, no top-k / top-p / min-p)")
+
+
+class ExploreGroup(TyperGroup):
+    """Runs `sweep` when the first argument is not a command name: `llmkit explore PROMPT` works."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+PromptArg = Annotated[Optional[str], typer.Argument(
+    show_default=False, help="The prompt. Use - (or leave it out) to read it from stdin.")]
+ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", show_default=False, help="System message for --chat.")]
+
+
+def _knob_list(name: str) -> Any:
+    return Annotated[Optional[list[str]], typer.Option(
+        f"--{name.replace('_', '-')}", rich_help_panel=options.GENERATION_PANEL, show_default=False,
+        help=f"Comma-separated values ({bounds_text(name)}), or repeat the option; settings are the product "
+             "of all listed values.")]
+
+
+def sweep(
+    prompt: PromptArg = None,
+    *,
+    model: options.ModelOpt = None,
+    param: Annotated[Optional[list[str]], typer.Option(
+        "--param", rich_help_panel=options.GENERATION_PANEL, show_default=False,
+        help="NAME=V1,V2,...: one axis of a grid over any generation parameter (repeatable; the settings are the "
+             f"cartesian product). Without it, the preset: {PRESET_TEXT}.")] = None,
+    samples: Annotated[int, typer.Option(
+        "--samples", "-s", rich_help_panel=options.GENERATION_PANEL,
+        help=f"Samples per setting (1 to {MAX_SAMPLES}); greedy settings run one, being deterministic.")]
+    = DEFAULT_SAMPLES,
+    seed: Annotated[int, typer.Option(
+        "--seed", rich_help_panel=options.GENERATION_PANEL,
+        help="Sample j of every setting uses seed + j: the same command gives the same sweep.")] = DEFAULT_SEED,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", rich_help_panel=options.GENERATION_PANEL, show_default=False,
+        help=f"Tokens to generate per sample ({bounds_text('max_new_tokens')}; default {DEFAULT_MAX_NEW_TOKENS} "
+             "here, as a sweep runs many generations).")] = None,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with every full text.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: one row per setting.")] = False,
+    device: options.DeviceOpt = "auto",
+    dtype: options.DtypeOpt = "auto",
+) -> None:
+    """Generate under many sampling settings (a preset or a --param grid) and compare texts and metrics."""
+    if system is not None and not chat:
+        raise InvalidParams("--system needs --chat", field="system")
+    if as_json and as_csv:
+        raise InvalidParams("choose one of --json and --csv", field="output")
+    check_device(device)
+    check_dtype(dtype)
+    knob_sets = grid_knobs(parse_grid(param)) if param else list(PRESET)
+    plan = plan_sweep(knob_sets, samples=samples, seed=seed,
+                      fixed={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens})
+    text = read_prompt(prompt)
+
+    from llmkit.engine import load_engine
+
+    with render.loading(model or "model") as progress:
+        engine = load_engine(model, device=device, dtype=dtype, progress=progress)
+    with render.explore_progress(plan.runs) as progress:
+        result = run_sweep(engine, text, plan, chat=chat, system=system, progress=progress)
+    if as_json:
+        render.json_document(result.to_dict())
+    elif as_csv:
+        render.explore_csv(result.rows())
+    else:
+        render.sweep_tables(result)
+    render.sweep_summary(result)
+
+
+def next_token(
+    prompt: PromptArg = None,
+    *,
+    model: options.ModelOpt = None,
+    top: Annotated[int, typer.Option("--top", help=f"How many of the most likely tokens to show (1 to {MAX_TOP}).")]
+    = DEFAULT_TOP,
+    temperature: _knob_list("temperature") = None,
+    top_k: _knob_list("top_k") = None,
+    top_p: _knob_list("top_p") = None,
+    min_p: _knob_list("min_p") = None,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", show_default=False,
+        help="Also draw the charts into this PNG file (needs the llmkit\\[plot] extra: matplotlib).")] = None,
+    device: options.DeviceOpt = "auto",
+    dtype: options.DtypeOpt = "auto",
+) -> None:
+    """Show the model's next-token distribution under each setting: bars, entropy, and what top-k / top-p cut.
+
+    Without --temperature/--top-k/--top-p/--min-p: temperature 1.0 (the model's own), 0.5, 1.5, top-k 5, top-p 0.9.
+
+    Every setting starts from plain sampling (temperature 1, nothing cut) and changes only the knobs it names.
+    """
+    if system is not None and not chat:
+        raise InvalidParams("--system needs --chat", field="system")
+    if not 1 <= top <= MAX_TOP:
+        raise InvalidParams(f"--top must be between 1 and {MAX_TOP} (got {top})", field="top")
+    check_device(device)
+    check_dtype(dtype)
+    given = {name: values for name, values in
+             (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)) if values}
+    specs = [f"{name}={','.join(values)}" for name, values in given.items()]
+    knob_sets = grid_knobs(parse_grid(specs)) if specs else list(NEXT_TOKEN_PRESET)
+    settings = next_token_settings(knob_sets)
+    if plot is not None:
+        from llmkit.plots import require_matplotlib
+
+        require_matplotlib()
+    text = read_prompt(prompt)
+
+    from llmkit.engine import load_engine
+
+    with render.loading(model or "model") as progress:
+        engine = load_engine(model, device=device, dtype=dtype, progress=progress)
+    logits = engine.next_token_logits(text, chat=chat, system=system)
+    view = next_token_view(logits, settings, decode=lambda i: engine.tokenizer.decode([i]), top=top,
+                           model=engine.info.model, prompt=text,
+                           prompt_tokens=len(engine.prompt_ids(text, chat=chat, system=system)))
+    if as_json:
+        render.json_document(view.to_dict())
+    else:
+        render.next_token_tables(view)
+    if plot is not None:
+        plot_next_token(view, str(plot))
+        render.note(f"wrote {plot}")
+
+
+def build_app(wrap: Callable[[Callable], Callable]) -> typer.Typer:
+    """The `explore` group; `wrap` is the CLI's error boundary (cli.wrap_errors)."""
+    app = typer.Typer(cls=ExploreGroup, help=HELP, no_args_is_help=True, add_completion=False,
+                      subcommand_metavar="[sweep | next-token] PROMPT [OPTIONS]",
+                      pretty_exceptions_enable=False)
+    app.command(DEFAULT_COMMAND, epilog=SWEEP_EPILOG)(wrap(sweep))
+    app.command("next-token", epilog=NEXT_TOKEN_EPILOG)(wrap(next_token))
+    return app
+

@@ -1,0 +1,515 @@
+"""See what sampling parameters do: sweeps over settings, and the next-token distribution.
+
+A sweep runs one prompt under many settings on one loaded model:
+
+    sweep spec (the preset, or `--param NAME=V1,V2` axes) -> settings (each a validated
+    GenerationParams per sample, through `parse_params`) -> `engine.generate` -> records
+    (`Sweep`, `SettingRun`, `Sample`) with metrics computed by small pure functions.
+
+Choices, and why:
+
+- Every setting starts from plain sampling (temperature 1.0, top-k 0, top-p 1.0, min-p 0.0), not
+  from `llmkit generate`'s defaults (temperature 0.8, top-k 50), so a setting is exactly the
+  knobs its label names: "top-p 0.9" is top-p alone. `--param top_k=50` adds generate's top-k.
+- Sample j of *every* setting uses seed `--seed + j`. Settings then share their random numbers
+  (common random numbers), so two settings differ by their parameters rather than by luck, and
+  any sample is reproduced alone by `llmkit generate --seed <its seed>` with its parameters.
+- Greedy settings are deterministic (the seed is not used), so they run one sample.
+- Samples run one at a time (not as a batch), so tokens/s means the same for every setting.
+
+Metrics (word-level ones split the text on whitespace, so they compare across tokenizers):
+
+- distinct-n: unique word n-grams / all word n-grams, pooled over the setting's samples
+  (n-grams never cross from one sample into another); higher is more diverse.
+- repetition: within one sample, the share of word trigrams that repeat an earlier trigram of
+  the same sample (1 - unique/total), averaged over samples; high values mean loops.
+- mean log-prob: mean over all generated tokens (the end-of-sequence token included) of
+  log p(token | prompt and earlier tokens) under the unmodified model (no temperature or
+  truncation), from `engine.token_logprobs`; perplexity = exp(-mean log-prob).
+- tokens: mean generated tokens per sample (tokenizer counts).
+- tokens/s: decode speed, as `llmkit generate` reports it: generated tokens after each sample's
+  first / time from first to last token, pooled over samples.
+
+The next-token view takes the model's logits for the token after a prompt and shows, per
+setting, each stage of `sampling.next_token_probs` (temperature, then top-k, top-p, min-p):
+which tokens each filter cut, the entropy and the final probabilities.
+
+Importing this module is light: torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, get_origin
+
+from llmkit.errors import InvalidParams, UnsupportedFeature
+from llmkit.params import MAX_SEQUENCES, PARAM_NAMES, GenerationParams, parse_params
+
+if TYPE_CHECKING:
+    import torch
+
+# The base every setting starts from: sampling with no knob turned.
+PLAIN_SAMPLING: dict[str, Any] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+
+# The default sweep: one knob at a time, from the plain-sampling base.
+PRESET: tuple[dict[str, Any], ...] = (
+    {"greedy": True},
+    {"temperature": 0.3}, {"temperature": 0.7}, {"temperature": 1.0}, {"temperature": 1.5},
+    {"top_k": 10}, {"top_k": 50},
+    {"top_p": 0.9}, {"top_p": 0.95},
+    {"min_p": 0.05}, {"min_p": 0.1},
+)
+# The default next-token view: temperature sharpening / flattening, then what top-k and top-p cut.
+NEXT_TOKEN_PRESET: tuple[dict[str, Any], ...] = (
+    {"temperature": 1.0}, {"temperature": 0.5}, {"temperature": 1.5}, {"top_k": 5}, {"top_p": 0.9},
+)
+NEXT_TOKEN_KNOBS = ("temperature", "top_k", "top_p", "min_p")
+
+DEFAULT_SAMPLES = 3
+DEFAULT_MAX_NEW_TOKENS = 32  # explore runs ~30 generations by default: keep each short
+DEFAULT_SEED = 0
+DEFAULT_TOP = 10
+MAX_TOP = 100
+MAX_SETTINGS = 64
+MAX_SAMPLES = MAX_SEQUENCES
+DISTINCT_N = (1, 2)
+REPETITION_N = 3
+# Set by their own options, not by --param.
+RESERVED = {"seed": "--seed (sample j of every setting uses seed + j)",
+            "num_sequences": "--samples"}
+
+Progress = Callable[[int, int, str], None]  # (runs done, runs in all, what runs now)
+
+
+# --- sweep specs ----------------------------------------------------------------------------------
+
+
+def parse_value(name: str, raw: str) -> Any:
+    """One grid value from text into the field's type (its GenerationParams annotation), bounds checked."""
+    from pydantic import TypeAdapter, ValidationError
+
+    if name not in PARAM_NAMES:
+        parse_params({name: raw})  # raises the one "unknown parameter ... (known: ...)" sentence
+    annotation = GenerationParams.model_fields[name].annotation
+    if get_origin(annotation) is list:  # stop: each grid value is one stop sequence
+        value: Any = [raw]
+    else:
+        try:
+            value = TypeAdapter(annotation).validate_strings(raw.strip())
+        except ValidationError:
+            parse_params({name: raw})  # raises "top_k must be int (got '0.5')"
+            raise InvalidParams(f"{name}: cannot read {raw!r}", field=name) from None
+    parse_params({name: value})  # bounds: "temperature must be between 0.0 and 2.0 (got 5.0)"
+    return value
+
+
+def parse_grid(specs: Iterable[str]) -> dict[str, list[Any]]:
+    """`["temperature=0.2,0.7", "top_p=0.9,1.0"]` -> {"temperature": [0.2, 0.7], "top_p": [0.9, 1.0]}."""
+    axes: dict[str, list[Any]] = {}
+    for spec in specs:
+        name, sep, raw = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise InvalidParams(f"--param takes NAME=VALUE[,VALUE...], e.g. temperature=0.2,0.7 (got {spec!r})",
+                                field="param")
+        if name in RESERVED:
+            raise InvalidParams(f"{name} is not a grid parameter; use {RESERVED[name]}", field=name)
+        if name in axes:
+            raise InvalidParams(f"--param {name} is given twice; list all its values once: {name}=A,B",
+                                field=name)
+        axes[name] = [parse_value(name, part) for part in raw.split(",")]
+    return axes
+
+
+def grid_knobs(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of the axes, first axis slowest, as one knob dict per setting."""
+    names = list(axes)
+    count = math.prod(len(axes[name]) for name in names)
+    if count > MAX_SETTINGS:
+        raise InvalidParams(f"the grid has {count} settings, more than {MAX_SETTINGS}; use fewer values",
+                            field="param")
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[name] for name in names))]
+
+
+def knob_label(knobs: Mapping[str, Any]) -> str:
+    """{"temperature": 0.7, "top_p": 0.9} -> "temperature 0.7, top-p 0.9"; {"greedy": True} -> "greedy"."""
+    parts = []
+    for name, value in knobs.items():
+        shown = name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(shown if value else f"no {shown}")
+        elif isinstance(value, list):
+            parts.append(f"{shown} {', '.join(repr(v) for v in value)}")
+        else:
+            parts.append(f"{shown} {value}")
+    return ", ".join(parts) or "plain sampling"
+
+
+def common_knobs(knob_sets: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Knobs every set has with the same value (a one-value grid axis): shown once, not in every label."""
+    if len(knob_sets) < 2:
+        return {}
+    first = knob_sets[0]
+    return {k: v for k, v in first.items() if all(k in other and other[k] == v for other in knob_sets[1:])}
+
+
+def labels_for(knob_sets: Sequence[Mapping[str, Any]]) -> list[str]:
+    common = common_knobs(knob_sets)
+    return [knob_label({k: v for k, v in knobs.items() if k not in common}) for knobs in knob_sets]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of a sweep: its knobs, its label, and one validated GenerationParams per sample."""
+
+    label: str
+    knobs: dict[str, Any]
+    runs: tuple[GenerationParams, ...]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    settings: tuple[Setting, ...]
+    seed: int
+    samples: int  # per sampled setting; greedy settings run one
+    common: dict[str, Any]  # knobs every setting shares (left out of the labels)
+
+    @property
+    def runs(self) -> int:
+        return sum(len(s.runs) for s in self.settings)
+
+
+def plan_sweep(knob_sets: Sequence[Mapping[str, Any]], *, samples: int = DEFAULT_SAMPLES,
+               seed: int = DEFAULT_SEED, fixed: Mapping[str, Any] | None = None) -> SweepPlan:
+    """Validate every run of the sweep before any model loads (a bad value fails here, with its setting)."""
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise InvalidParams(f"samples must be between 1 and {MAX_SAMPLES} (got {samples})", field="samples")
+    parse_params(seed=seed)  # "seed must be between ..."
+    settings = []
+    for knobs, label in zip(knob_sets, labels_for(knob_sets)):
+        values = {**PLAIN_SAMPLING, **(fixed or {}), **knobs}
+        try:
+            base = parse_params(values)
+            seeds: list[int | None] = [None] if base.is_greedy else [seed + j for j in range(samples)]
+            runs = tuple(parse_params({**values, "seed": s}) for s in seeds)
+        except InvalidParams as exc:
+            raise InvalidParams(f"setting '{label}': {exc}", field=exc.field) from None
+        settings.append(Setting(label, dict(knobs), runs))
+    return SweepPlan(tuple(settings), seed, samples, common_knobs(knob_sets))
+
+
+# --- metrics (pure) -------------------------------------------------------------------------------
+
+
+def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: Iterable[str], n: int) -> float | None:
+    """Unique word n-grams / all word n-grams over all texts (None when there are none)."""
+    grams = [g for text in texts for g in ngrams(text.split(), n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repetition(text: str, n: int = REPETITION_N) -> float | None:
+    """Share of the word n-grams in `text` that repeat an earlier one of the same text (None if none)."""
+    grams = ngrams(text.split(), n)
+    return 1 - len(set(grams)) / len(grams) if grams else None
+
+
+def mean_or_none(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+@dataclass(frozen=True)
+class Sample:
+    seed: int | None
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    logprobs: tuple[float, ...]  # one per generated token, under the unmodified model
+    decode_s: float  # first generated token to last
+    total_s: float  # request start to last token
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "text": self.text, "tokens": len(self.token_ids),
+                "finish_reason": self.finish_reason,
+                "mean_logprob": mean_or_none(self.logprobs), "repetition": repetition(self.text)}
+
+
+@dataclass(frozen=True)
+class Metrics:
+    samples: int
+    distinct_1: float | None
+    distinct_2: float | None
+    repetition: float | None
+    mean_logprob: float | None
+    perplexity: float | None
+    mean_tokens: float
+    tokens_per_s: float | None
+
+
+def setting_metrics(samples: Sequence[Sample]) -> Metrics:
+    texts = [s.text for s in samples]
+    logprobs = [lp for s in samples for lp in s.logprobs]
+    mean_logprob = sum(logprobs) / len(logprobs) if logprobs else None
+    after_first = sum(max(len(s.token_ids) - 1, 0) for s in samples)
+    decode_s = sum(s.decode_s for s in samples)
+    return Metrics(
+        samples=len(samples),
+        distinct_1=distinct_n(texts, DISTINCT_N[0]),
+        distinct_2=distinct_n(texts, DISTINCT_N[1]),
+        repetition=mean_or_none(repetition(t) for t in texts),
+        mean_logprob=mean_logprob,
+        perplexity=math.exp(-mean_logprob) if mean_logprob is not None else None,
+        mean_tokens=sum(len(s.token_ids) for s in samples) / len(samples) if samples else 0.0,
+        tokens_per_s=after_first / decode_s if after_first and decode_s > 0 else None,
+    )
+
+
+# --- running a sweep ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SettingRun:
+    label: str
+    knobs: dict[str, Any]
+    params: dict[str, Any]  # the first run's parameters, seed left out (it differs per sample)
+    samples: tuple[Sample, ...]
+    metrics: Metrics
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "knobs": self.knobs, "params": self.params,
+                "metrics": asdict(self.metrics), "samples": [s.to_dict() for s in self.samples]}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    model: str
+    prompt: str
+    prompt_tokens: int
+    seed: int
+    samples: int  # requested per sampled setting; greedy settings run one
+    common: dict[str, Any]  # knobs every setting shares
+    settings: tuple[SettingRun, ...]
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The --json schema: full texts, per-sample seeds and every metric."""
+        return {"model": self.model, "prompt": self.prompt, "prompt_tokens": self.prompt_tokens,
+                "seed": self.seed, "samples": self.samples, "common": self.common, "elapsed_s": self.elapsed_s,
+                "settings": [s.to_dict() for s in self.settings]}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The --csv rows: one per setting, its parameters and metrics, and its first sample's text."""
+        rows = []
+        for run in self.settings:
+            params = {name: run.params[name] for name in
+                      ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "greedy", "max_new_tokens")}
+            rows.append({"setting": run.label, **params, **asdict(run.metrics),
+                         "seeds": " ".join(str(s.seed) for s in run.samples if s.seed is not None),
+                         "example": run.samples[0].text if run.samples else ""})
+        return rows
+
+
+def run_sweep(engine, prompt: str, plan: SweepPlan, *, chat: bool = False, system: str | None = None,
+              progress: Progress | None = None) -> Sweep:
+    """Generate every run of every setting with `engine.generate`, score it, and compute the metrics."""
+    started = time.perf_counter()
+    prompt_ids = engine.prompt_ids(prompt, chat=chat, system=system)
+    total = plan.runs
+    done = 0
+    results = []
+    for setting in plan.settings:
+        samples = []
+        for j, params in enumerate(setting.runs):
+            if progress:
+                where = f" · sample {j + 1}/{len(setting.runs)}" if len(setting.runs) > 1 else ""
+                progress(done, total, f"{setting.label}{where}")
+            result = engine.generate(prompt, params, chat=chat, system=system)
+            completion = result.completions[0]
+            scored = engine.token_logprobs([*prompt_ids, *completion.token_ids])
+            samples.append(Sample(
+                seed=result.seed, text=completion.text, token_ids=completion.token_ids,
+                finish_reason=completion.finish_reason,
+                logprobs=tuple(scored[len(prompt_ids) - 1:]),
+                decode_s=result.timings.decode_s, total_s=result.timings.total_s))
+            done += 1
+        params = setting.runs[0].model_dump(exclude={"seed"})
+        results.append(SettingRun(setting.label, setting.knobs, params, tuple(samples), setting_metrics(samples)))
+    if progress:
+        progress(done, total, "done")
+    return Sweep(model=engine.info.model, prompt=prompt, prompt_tokens=len(prompt_ids),
+                 seed=plan.seed, samples=plan.samples, common=plan.common, settings=tuple(results),
+                 elapsed_s=time.perf_counter() - started)
+
+
+# --- the next-token view --------------------------------------------------------------------------
+
+
+def next_token_settings(knob_sets: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[str, Any], GenerationParams]]:
+    """(label, knobs, params) per setting, validated from the plain-sampling base before any load."""
+    settings = []
+    for knobs, label in zip(knob_sets, labels_for(knob_sets)):
+        try:
+            params = parse_params({**PLAIN_SAMPLING, **knobs})
+        except InvalidParams as exc:
+            raise InvalidParams(f"setting '{label}': {exc}", field=exc.field) from None
+        settings.append((label, dict(knobs), params))
+    return settings
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The distribution after each step of `sampling.next_token_probs` (1-D tensors over the vocabulary)."""
+
+    tempered: torch.Tensor  # softmax(logits / temperature): sums to 1, nothing cut yet
+    after_top_k: torch.Tensor  # renormalised over the top-k survivors
+    after_top_p: torch.Tensor  # renormalised over what top-k and top-p kept
+    final: torch.Tensor  # what sampling draws from: sums to 1
+
+
+def stages(logits: torch.Tensor, params: GenerationParams) -> Stages:
+    """Each step of next_token_probs, obtained by running it with the later steps switched off."""
+    from llmkit.engine.sampling import next_token_probs
+
+    def upto(**off: Any) -> torch.Tensor:
+        return next_token_probs(logits, params.model_copy(update=off))
+
+    return Stages(tempered=upto(top_k=0, top_p=1.0, min_p=0.0), after_top_k=upto(top_p=1.0, min_p=0.0),
+                  after_top_p=upto(min_p=0.0), final=next_token_probs(logits, params))
+
+
+def entropy_bits(probs: torch.Tensor) -> float:
+    import torch
+
+    p = probs[probs > 0].double()
+    return max(0.0, float(-(p * torch.log2(p)).sum()))  # one token at p = 1 gives -0.0, not a negative
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    rank: int  # by the model's own probability (temperature 1, nothing cut)
+    token_id: int
+    token: str
+    model_prob: float
+    tempered_prob: float  # after temperature, before truncation
+    prob: float  # what this setting samples it with
+    cut_by: str | None  # "top-k", "top-p" or "min-p" when a filter removed it
+
+
+@dataclass(frozen=True)
+class SettingView:
+    label: str
+    knobs: dict[str, Any]
+    params: dict[str, Any]
+    entropy_bits: float
+    kept_tokens: int
+    cut_tokens: dict[str, int]  # per filter
+    cut_mass: float  # tempered probability removed by the filters
+    rows: tuple[TokenRow, ...]
+
+
+@dataclass(frozen=True)
+class NextTokenView:
+    model: str
+    prompt: str
+    prompt_tokens: int
+    vocab_size: int
+    model_entropy_bits: float
+    common: dict[str, Any]  # knobs every setting shares (left out of the labels)
+    settings: tuple[SettingView, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def next_token_view(logits: torch.Tensor, settings: Sequence[tuple[str, dict[str, Any], GenerationParams]], *,
+                    decode: Callable[[int], str], top: int = DEFAULT_TOP, model: str = "", prompt: str = "",
+                    prompt_tokens: int = 0) -> NextTokenView:
+    """The top tokens of the model's distribution and, per setting, what each sampling step does to them."""
+    import torch
+
+    logits = logits.float().reshape(-1)
+    model_probs = torch.softmax(logits, dim=-1)
+    top_ids = torch.topk(model_probs, min(top, logits.shape[0])).indices.tolist()
+    names = {i: decode(i) for i in top_ids}
+    views = []
+    for label, knobs, params in settings:
+        s = stages(logits, params)
+        cut_k = (s.tempered > 0) & (s.after_top_k == 0)
+        cut_p = (s.after_top_k > 0) & (s.after_top_p == 0)
+        cut_min = (s.after_top_p > 0) & (s.final == 0)
+
+        def cut_by(i: int) -> str | None:
+            for name, mask in (("top-k", cut_k), ("top-p", cut_p), ("min-p", cut_min)):
+                if mask[i]:
+                    return name
+            return None
+
+        rows = tuple(TokenRow(rank=r + 1, token_id=i, token=names[i], model_prob=float(model_probs[i]),
+                              tempered_prob=float(s.tempered[i]), prob=float(s.final[i]), cut_by=cut_by(i))
+                     for r, i in enumerate(top_ids))
+        views.append(SettingView(
+            label=label, knobs=knobs,
+            params={name: getattr(params, name) for name in NEXT_TOKEN_KNOBS},
+            entropy_bits=entropy_bits(s.final), kept_tokens=int((s.final > 0).sum()),
+            cut_tokens={"top-k": int(cut_k.sum()), "top-p": int(cut_p.sum()), "min-p": int(cut_min.sum())},
+            cut_mass=float(s.tempered[s.final == 0].sum()), rows=rows))
+    return NextTokenView(model=model, prompt=prompt, prompt_tokens=prompt_tokens, vocab_size=int(logits.shape[0]),
+                         model_entropy_bits=entropy_bits(model_probs),
+                         common=common_knobs([knobs for _, knobs, _ in settings]), settings=tuple(views))
+
+
+def check_plot_available() -> None:
+    """--plot needs matplotlib (the llmkit[plot] extra); say so before the model loads."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UnsupportedFeature("--plot needs matplotlib: pip install 'llmkit[plot]'")
+
+
+def plot_next_token(view: NextTokenView, path: str) -> None:
+    """A PNG: one horizontal bar chart per setting, the top tokens in the model's order, cut ones grey."""
+    import logging
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    count = len(view.settings)
+    columns = min(count, 3)
+    lines = math.ceil(count / columns)
+    rows_per_chart = len(view.settings[0].rows) if view.settings else 0
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 0.9 + 0.32 * rows_per_chart * lines + 0.6),
+                             squeeze=False, sharey=True)
+    labels = [repr(row.token) for row in view.settings[0].rows] if view.settings else []
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    for ax, setting in zip(axes.flat, view.settings):
+        ax.barh(range(len(setting.rows)), [row.tempered_prob if row.cut_by else 0.0 for row in setting.rows],
+                color="#dddddd", hatch="//", edgecolor="#aaaaaa", linewidth=0)  # what a filter took away
+        ax.barh(range(len(setting.rows)), [row.prob for row in setting.rows], color="#3b75af")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # most likely on top (idempotent on shared axes, unlike invert)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{setting.label}\nentropy {setting.entropy_bits:.2f} bits · {setting.kept_tokens} kept",
+                     fontsize=9)
+        for y, row in enumerate(setting.rows):
+            note = f"cut by {row.cut_by}" if row.cut_by else f"{row.prob:.3f}"
+            ax.text(min(max(row.prob, row.tempered_prob if row.cut_by else 0.0), 1) + 0.01, y, note,
+                    va="center", fontsize=7)
+    fig.suptitle(f"Next token after {view.prompt!r} · {view.model} "
+                 "(blue: probability under the setting; hatched grey: cut by a filter)", fontsize=10)
+    fig.tight_layout()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # glyphs the font lacks (CJK, emoji) draw as boxes; no need to warn
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
