@@ -20,6 +20,7 @@ from llmkit.cli import generate as generate_cmd
 from llmkit.cli import models as models_cmd
 from llmkit.cli import monitor as monitor_cmd
 from llmkit.cli import render
+from llmkit.cli import serve as serve_cmd
 
 DEBUG_ENV = "LLMKIT_DEBUG"
 RAISE_UNEXPECTED = False  # the test suite sets this so a bug shows its traceback, not a red line
@@ -86,10 +87,11 @@ def root(
 
 
 app.command(epilog=generate_cmd.EPILOG)(wrap_errors(generate_cmd.generate))
-app.command()(wrap_errors(models_cmd.models))
+app.add_typer(explore_cmd.build_app(wrap_errors), name="explore")
 app.command(epilog=monitor_cmd.EPILOG)(wrap_errors(monitor_cmd.monitor))
 app.command(epilog=compare_cmd.EPILOG)(wrap_errors(compare_cmd.compare))
-app.add_typer(explore_cmd.build_app(wrap_errors), name="explore")
+app.command(epilog=serve_cmd.EPILOG)(wrap_errors(serve_cmd.serve))
+app.command()(wrap_errors(models_cmd.models))
 
 
 def main() -> None:

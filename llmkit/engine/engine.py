@@ -128,7 +128,7 @@ class TransformersEngine:
         """Start generating; iterate the returned Generation for Chunks, then read `.result`."""
         started = time.perf_counter()
         ids = self.prompt_ids(prompt, chat=chat, system=system)
-        self._check_context(len(ids), params)
+        self.check_context(len(ids), params)
         seed = None if params.is_greedy else (params.seed if params.seed is not None
                                               else secrets.randbits(63))
         generation = Generation(iter(()))
@@ -143,7 +143,7 @@ class TransformersEngine:
         assert generation.result is not None
         return generation.result
 
-    def _check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
+    def check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
         limit = self.info.context_length
         if limit and prompt_tokens + params.max_new_tokens > limit:
             raise InvalidParams(

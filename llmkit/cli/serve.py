@@ -1,0 +1,137 @@
+"""`llmkit serve`: the model over HTTP (OpenAI-compatible API, the tutorial's /generate, health, metrics).
+
+Options are checked and the model reference resolved before fastapi, uvicorn or torch
+are imported, so `--help` and a bad option answer at once (exit 2). The socket opens
+first and the model loads in the background; SIGTERM or Ctrl-C stop accepting
+connections, let in-flight requests finish for --grace-period seconds, then exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from typing import Annotated, Optional
+
+import typer
+
+from llmkit.cli import options, render
+from llmkit.devices import check_device, check_dtype
+from llmkit.errors import LlmkitError, ModelLoadError
+from llmkit.server import settings as server_settings
+from llmkit.server.settings import ServerSettings, parse_rate_limit
+
+SERVER_PANEL = "Server"
+LIMITS_PANEL = "Limits and security"
+
+EPILOG = """Examples:
+
+  llmkit serve -m smollm2-135m
+
+  curl -s localhost:8000/v1/completions -H 'content-type: application/json' -d '{"prompt": "The sea", "max_tokens": 20}'
+
+  LLMKIT_API_KEY=secret llmkit serve --host 0.0.0.0 --rate-limit 60/minute --log-format json
+"""
+
+
+class PortInUse(LlmkitError):
+    exit_code = 1
+
+
+def serve(
+    *,
+    model: options.ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", rich_help_panel=SERVER_PANEL,
+                                      help="Address to bind; 0.0.0.0 exposes the server to the network.")]
+    = server_settings.DEFAULT_HOST,
+    port: Annotated[int, typer.Option("--port", "-p", rich_help_panel=SERVER_PANEL, help="TCP port.")]
+    = server_settings.DEFAULT_PORT,
+    max_batch_size: Annotated[int, typer.Option(
+        "--max-batch-size", rich_help_panel=SERVER_PANEL,
+        help="Sequences decoded together in one forward pass (a request with n=k takes k).")]
+    = server_settings.DEFAULT_MAX_BATCH_SIZE,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", rich_help_panel=LIMITS_PANEL,
+        help="Requests that may wait for room in the batch; beyond it: 503 with Retry-After.")]
+    = server_settings.DEFAULT_MAX_QUEUE,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout", rich_help_panel=LIMITS_PANEL,
+        help="Seconds from arrival to the last token; beyond it generation stops and the answer is 504.")]
+    = server_settings.DEFAULT_REQUEST_TIMEOUT_S,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar=server_settings.API_KEY_ENV, rich_help_panel=LIMITS_PANEL, show_default=False,
+        help="Require 'Authorization: Bearer KEY' on every endpoint but /health. Prefer the environment "
+             "variable: a command line is visible to other users.")] = None,
+    rate_limit: Annotated[Optional[str], typer.Option(
+        "--rate-limit", rich_help_panel=LIMITS_PANEL, show_default=False,
+        help="Requests per client address, e.g. 60/minute (N/second, N/minute, N/hour); beyond it: 429.")] = None,
+    max_body_bytes: Annotated[int, typer.Option(
+        "--max-body-bytes", rich_help_panel=LIMITS_PANEL, help="Largest request body accepted; beyond it: 413.")]
+    = server_settings.DEFAULT_MAX_BODY_BYTES,
+    grace_period: Annotated[float, typer.Option(
+        "--grace-period", rich_help_panel=SERVER_PANEL,
+        help="Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.")] = server_settings.DEFAULT_GRACE_S,
+    log_format: Annotated[str, typer.Option(
+        "--log-format", rich_help_panel=SERVER_PANEL, help="text or json (one object per line on stderr).")]
+    = "text",
+    device: options.DeviceOpt = "auto",
+    dtype: options.DtypeOpt = "auto",
+) -> None:
+    """Serve a model over HTTP: OpenAI-compatible completions and chat with continuous batching."""
+    settings = ServerSettings(
+        host=host, port=port, model_name=model or "model", api_key=api_key, rate_limit=parse_rate_limit(rate_limit),
+        max_queue=max_queue, max_batch_size=max_batch_size, request_timeout_s=request_timeout,
+        grace_s=grace_period, max_body_bytes=max_body_bytes, log_format=log_format,
+    ).check()
+    check_device(device)
+    check_dtype(dtype)
+    from llmkit.models import resolve
+
+    source = resolve(model)  # an unknown model fails here, before anything heavy loads
+    settings = ServerSettings(**{**settings.__dict__, "model_name": source.name})
+    _check_port_free(settings)
+    if not settings.is_loopback and not settings.api_key:
+        render.warning(f"listening on {settings.host} without an API key: anyone who can reach this machine "
+                       f"can use the model; set {server_settings.API_KEY_ENV}")
+
+    import uvicorn
+
+    from llmkit.server import logs
+    from llmkit.server.app import build_app
+
+    logs.configure(settings.log_format)
+
+    def load():
+        from llmkit.engine import load_engine
+
+        return load_engine(model, device=device, dtype=dtype)
+
+    app = build_app(load, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=settings.grace_s, lifespan="on", ws="none")
+    server = uvicorn.Server(config)
+    model_host = app.state.host
+    model_host.on_fatal = lambda message: setattr(server, "should_exit", True)
+
+    render.serve_banner(settings.url, settings.model_name, api_key=bool(settings.api_key),
+                        rate_limit=str(settings.rate_limit) if settings.rate_limit else None,
+                        max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                        request_timeout_s=settings.request_timeout_s)
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the handler that was
+    # installed before it started; a no-op handler there makes a graceful stop exit 0 instead of dying by signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if model_host.state == "error":
+        raise ModelLoadError(model_host.error or "the model could not be loaded")
+    render.serve_stopped()
+
+
+def _check_port_free(settings: ServerSettings) -> None:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            raise PortInUse(f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}); pick another "
+                            "--port or stop the program using it") from None

@@ -1,0 +1,55 @@
+"""Prometheus metrics for one app, in the app's own CollectorRegistry (no process globals, so two apps in
+one process, as in the tests, never share counters). Names follow Prometheus conventions and vLLM's
+where one exists (time to first token, prompt and generation token counters)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("llmkit_requests", "HTTP requests by route and status code.",
+                                ["route", "status"], registry=registry)
+        self.latency = Histogram("llmkit_request_duration_seconds", "Request arrival to the last byte sent.",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram("llmkit_time_to_first_token_seconds", "Request arrival to its first generated token.",
+                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_time = Histogram("llmkit_queue_time_seconds", "Request arrival to admission into the batch.",
+                                    buckets=LATENCY_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter("llmkit_prompt_tokens", "Prompt tokens of completed requests.", registry=registry)
+        self.generation_tokens = Counter("llmkit_generation_tokens", "Generated tokens of completed requests.",
+                                         registry=registry)
+        self.ended = Counter("llmkit_requests_ended", "Generation requests that did not complete, by reason "
+                             "(disconnect, timeout, queue_full, rate_limited, error).", ["reason"], registry=registry)
+        self.steps = Histogram("llmkit_step_duration_seconds", "One forward pass of the batch loop.", ["kind"],
+                               buckets=STEP_BUCKETS, registry=registry)
+        self.step_rows = Histogram("llmkit_batch_rows", "Sequences in each decode step (the batch size).",
+                                   buckets=ROW_BUCKETS, registry=registry)
+        self.waiting = Gauge("llmkit_queue_waiting_requests", "Requests waiting for room in the batch.",
+                             registry=registry)
+        self.running = Gauge("llmkit_running_sequences", "Sequences in the running batch.", registry=registry)
+        self.ready = Gauge("llmkit_model_ready", "1 once the model is loaded and the batch loop runs.",
+                           registry=registry)
+
+    def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float]) -> None:
+        """Gauges read live values when scraped."""
+        self.waiting.set_function(waiting)
+        self.running.set_function(running)
+        self.ready.set_function(ready)
+
+    def observe_step(self, kind: str, rows: int, seconds: float) -> None:
+        """The batch loop's hook (called on the inference thread; prometheus_client is thread-safe)."""
+        self.steps.labels(kind).observe(seconds)
+        if kind == "decode":
+            self.step_rows.observe(rows)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

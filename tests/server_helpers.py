@@ -1,0 +1,126 @@
+"""Start `llmkit serve` as a real process on a free loopback port, and read its SSE streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m llmkit serve -m MODEL --port P ARGS...`; stderr goes to `log_path`.
+
+    `start()` polls /health from the moment the process exists and keeps every status it saw, so a
+    test can check that the server answered 503 "loading" before it answered 200.
+    """
+
+    def __init__(self, model_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None,
+                 api_key: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.api_key = api_key
+        self.args = [sys.executable, "-m", "llmkit", "serve", "-m", str(model_dir), "--port", str(self.port), *args]
+        self.env = {**os.environ, "LLMKIT_NO_PROGRESS": "1", **(env or {})}
+        self.health_seen: list[tuple[int, dict]] = []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llmkit serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                response = httpx.get(self.url + "/health", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            self.health_seen.append((response.status_code, response.json()))
+            if response.status_code == 200:
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"llmkit serve was not healthy after {STARTUP_TIMEOUT_S} s:\n{self.log()}")
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers(), timeout=30, **kwargs)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+
+def sse_events(response: httpx.Response) -> Iterator[dict | str]:
+    """Each `data:` payload of an SSE response: parsed JSON, or the string '[DONE]'."""
+    for line in response.iter_lines():
+        if not line.startswith("data: "):
+            assert line == "", f"unexpected SSE line {line!r}"
+            continue
+        data = line[len("data: "):]
+        yield data if data == "[DONE]" else json.loads(data)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition (0.0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == (f"{name}{{{wanted}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+def seed_without_eos(engine, prompt: str, max_new_tokens: int, tries: int = 64) -> int:
+    """A seed for which the tiny random model samples `max_new_tokens` tokens without hitting EOS (default sampling
+    parameters), so a request with it runs for a known number of steps; the server gives the engine's text."""
+    from llmkit.params import parse_params
+
+    for seed in range(tries):
+        result = engine.generate(prompt, parse_params(seed=seed, max_new_tokens=max_new_tokens))
+        if result.completions[0].finish_reason == "length":
+            return seed
+    raise AssertionError(f"no seed below {tries} runs {max_new_tokens} tokens without EOS for {prompt!r}")
