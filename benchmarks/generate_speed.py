@@ -39,6 +39,7 @@ from transformers import pipeline
 from transformers.generation.streamers import BaseStreamer
 
 from llmkit.engine import load_engine
+from llmkit.measure import cpu_model
 from llmkit.models import local_folder, resolve
 from llmkit.params import parse_params
 
@@ -97,11 +98,7 @@ def timed(load):
 
 
 def machine() -> dict:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown"
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}

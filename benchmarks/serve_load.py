@@ -40,6 +40,8 @@ from pathlib import Path
 
 import httpx
 
+from llmkit.measure import cpu_model
+
 HERE = Path(__file__).resolve().parent
 TOPICS = ["a lighthouse keeper", "a robot learning to paint", "the first day of school", "a dragon who is afraid of "
           "heights", "a city under the sea", "a lost umbrella", "two rival bakers", "a talking cat", "a storm at "
@@ -172,11 +174,7 @@ def summarize(records: list[dict], wall: float, sent: int, failures: list[str], 
 
 
 def machine() -> dict:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown"
+    cpu = cpu_model()
     try:
         load = os.getloadavg()[0]
     except OSError:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from llmkit.engine.sampling import pick_tokens
-from llmkit.engine.sequence import SequenceState, build_result
+from llmkit.engine.sequence import SequenceState, build_result, choose_seed
 from llmkit.engine.types import Chunk, Result
 from llmkit.errors import LlmkitError, OutOfMemory
 from llmkit.params import GenerationParams
@@ -140,10 +139,8 @@ class BatchRequest:
     cancel_reason: str | None = None  # set from any thread; the loop drops the request at its next step
 
     def __post_init__(self) -> None:
-        if self.seed is None and not self.params.is_greedy:
-            self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
-        if self.params.is_greedy:
-            self.seed = None
+        self.seed = None if self.params.is_greedy else (self.seed if self.seed is not None
+                                                        else choose_seed(self.params))
 
     @property
     def rows(self) -> int:

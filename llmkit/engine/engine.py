@@ -9,12 +9,11 @@ with its own KV cache, so any causal LM transformers can load works here.
 from __future__ import annotations
 
 import inspect
-import secrets
 import time
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from llmkit.engine.sampling import pick_tokens
-from llmkit.engine.sequence import SequenceState, build_result
+from llmkit.engine.sequence import SequenceState, build_result, choose_seed
 from llmkit.engine.types import Chunk, EngineInfo, Result
 from llmkit.errors import (
     InvalidParams,
@@ -129,8 +128,7 @@ class TransformersEngine:
         started = time.perf_counter()
         ids = self.prompt_ids(prompt, chat=chat, system=system)
         self.check_context(len(ids), params)
-        seed = None if params.is_greedy else (params.seed if params.seed is not None
-                                              else secrets.randbits(63))
+        seed = choose_seed(params)
         generation = Generation(iter(()))
         generation._chunks = self._decode(generation, prompt, ids, params, seed, started)
         return generation

@@ -8,6 +8,7 @@ makes a stream from the CLI and from the server behave the same.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -16,6 +17,14 @@ from llmkit.engine.types import Chunk, Completion, Result, Timings, Usage
 from llmkit.params import GenerationParams
 
 DETOKENIZE_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first new ones, so leading spaces survive
+
+
+def choose_seed(params: GenerationParams) -> int | None:
+    """The seed a request samples with: the user's, or a fresh random one (reported back so the
+    text can be reproduced); None for greedy decoding, which uses no randomness."""
+    if params.is_greedy:
+        return None
+    return params.seed if params.seed is not None else secrets.randbits(63)
 
 
 @dataclass
