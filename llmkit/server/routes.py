@@ -106,6 +106,18 @@ def _record(request: Request, job: Job, finished=None) -> None:
         metrics.ended.labels(job.ended_by).inc()
 
 
+
+async def _openai_answer(request: Request, host: ModelHost, body, *, kind: str, prompt: str, ids: list[int],
+                         params) -> Any:
+    """The shared tail of /v1/completions and /v1/chat/completions: context check, run, answer."""
+    _check_context(host, ids, params, body._renames())
+    answer = await _run(request, kind=kind, prompt=prompt, ids=ids, params=params, stream=body.stream,
+                        include_usage=body.include_usage)
+    if isinstance(answer, Response):
+        return answer
+    renderer, finished = answer
+    return renderer.complete(finished)
+
 def _check_context(host: ModelHost, ids: list[int], params, renames: dict[str, str]) -> None:
     try:
         host.check_context(len(ids), params)
@@ -215,26 +227,14 @@ def build_router() -> APIRouter:
         prompt = body.prompt_text()
         host = _host(request)
         ids = host.completion_ids(prompt)
-        _check_context(host, ids, params, body._renames())
-        answer = await _run(request, kind="text", prompt=prompt, ids=ids, params=params, stream=body.stream,
-                            include_usage=body.include_usage)
-        if isinstance(answer, Response):
-            return answer
-        renderer, finished = answer
-        return renderer.complete(finished)
+        return await _openai_answer(request, host, body, kind="text", prompt=prompt, ids=ids, params=params)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         params = body.to_params()
         host = _host(request)
         prompt, ids = host.chat_ids(body.chat_messages())
-        _check_context(host, ids, params, body._renames())
-        answer = await _run(request, kind="chat", prompt=prompt, ids=ids, params=params, stream=body.stream,
-                            include_usage=body.include_usage)
-        if isinstance(answer, Response):
-            return answer
-        renderer, finished = answer
-        return renderer.complete(finished)
+        return await _openai_answer(request, host, body, kind="chat", prompt=prompt, ids=ids, params=params)
 
     @router.post("/generate")
     async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
