@@ -59,6 +59,7 @@ class CompareSpec:
     device: str = "auto"
     dtype: str = "auto"
     timeout_s: float = 1800.0
+    engines: tuple[str, ...] = ("transformers",)
 
     @property
     def effective_stride(self) -> int:
@@ -68,6 +69,7 @@ class CompareSpec:
 def check_spec(spec: CompareSpec) -> None:
     """Everything wrong with the arguments, found before any model loads (exit code 2)."""
     from llmkit.devices import check_device, check_dtype
+    from llmkit.engine import check_engine
     from llmkit.params import parse_params
 
     if not spec.models:
@@ -91,6 +93,10 @@ def check_spec(spec: CompareSpec) -> None:
         raise InvalidParams(f"timeout must be between 0 and {MAX_TIMEOUT_S} seconds", field="timeout")
     check_device(spec.device)
     check_dtype(spec.dtype)
+    if not spec.engines:
+        raise InvalidParams("give at least one engine", field="engine")
+    for name in spec.engines:
+        check_engine(name)
     parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
 
 
@@ -178,26 +184,27 @@ def _disk_bytes(source) -> int | None:
     return None  # a Hub id: measured from the folder it loaded from, below
 
 
-def measure_model(spec: CompareSpec, reference: str) -> dict[str, Any]:
+def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transformers") -> dict[str, Any]:
     """Everything compare shows for one model; runs inside the worker process."""
     import statistics
 
     from llmkit.devices import resolve_device
-    from llmkit.engine import load_engine
+    from llmkit.engine import load_engine, prepare
     from llmkit.measure import ResourceSampler, run_latency
-    from llmkit.models import local_folder, resolve
+    from llmkit.models import resolve
     from llmkit.params import parse_params
 
     source = resolve(reference)
     _stage("preparing")
-    local_folder(source, lambda stage, done, total: _stage(f"{stage} {done}/{total}" if total else stage))
+    prepare(reference, engine=engine_name,
+            progress=lambda stage, done, total: _stage(f"{stage} {done}/{total}" if total else stage))
     device = resolve_device(spec.device)
     with ResourceSampler() as sampler:
         if device.startswith("cuda"):
             sampler.watch_gpu(int(device.split(":")[1]) if ":" in device else 0)
         sampler.phase("load")
         _stage("loading")
-        engine = load_engine(reference, device=device, dtype=spec.dtype)
+        engine = load_engine(reference, device=device, dtype=spec.dtype, engine=engine_name)
         sampler.phase("inference")
         params = parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
         for index in range(spec.warmup):
@@ -224,7 +231,9 @@ def measure_model(spec: CompareSpec, reference: str) -> dict[str, Any]:
         disk = folder_bytes(Path(engine.model.config.name_or_path)) if Path(
             engine.model.config.name_or_path).is_dir() else None
     return {
-        "model": reference,
+        "model": row_label(reference, engine_name, spec),
+        "reference": reference,
+        "engine_name": engine_name,
         "ok": True,
         "worker_pid": os.getpid(),
         "engine": engine.info.to_dict(),
@@ -249,17 +258,19 @@ def measure_model(spec: CompareSpec, reference: str) -> dict[str, Any]:
 def worker_main() -> None:
     """`python -m llmkit.compare OUT.json < spec.json`: measure one model, write its row."""
     request = json.load(sys.stdin)
-    spec = CompareSpec(**{**request["spec"], "models": tuple(request["spec"]["models"])})
+    spec = CompareSpec(**{**request["spec"], "models": tuple(request["spec"]["models"]),
+                          "engines": tuple(request["spec"]["engines"])})
     out_path = Path(sys.argv[1])
+    label = row_label(request["model"], request["engine"], spec)
     try:
-        row = measure_model(spec, request["model"])
+        row = measure_model(spec, request["model"], request["engine"])
     except LlmkitError as exc:
-        row = {"model": request["model"], "ok": False, "error": str(exc)}
+        row = {"model": label, "ok": False, "error": str(exc)}
     except (MemoryError,) as exc:
-        row = {"model": request["model"], "ok": False, "error": f"out of memory ({exc})"}
+        row = {"model": label, "ok": False, "error": f"out of memory ({exc})"}
     except Exception as exc:  # a crash of this model must not stop the comparison
         trace = traceback.format_exc(limit=-3)
-        row = {"model": request["model"], "ok": False, "error": f"{type(exc).__name__}: {one_line(exc)}",
+        row = {"model": label, "ok": False, "error": f"{type(exc).__name__}: {one_line(exc)}",
                "traceback": trace}
     out_path.write_text(json.dumps(row))
 
@@ -271,8 +282,16 @@ Progress = Callable[[int, int, str, str], None]
 """progress(model_index, model_count, model, stage)"""
 
 
-def run_worker(spec: CompareSpec, reference: str, on_stage: Callable[[str], None]) -> dict[str, Any]:
-    payload = json.dumps({"spec": {**asdict(spec), "models": list(spec.models)}, "model": reference})
+def row_label(reference: str, engine_name: str, spec: CompareSpec) -> str:
+    """The model reference, with the engine named when the comparison runs several."""
+    return reference if len(spec.engines) == 1 else f"{reference} [{engine_name}]"
+
+
+def run_worker(spec: CompareSpec, reference: str, on_stage: Callable[[str], None],
+               engine_name: str = "transformers") -> dict[str, Any]:
+    label = row_label(reference, engine_name, spec)
+    payload = json.dumps({"spec": {**asdict(spec), "models": list(spec.models), "engines": list(spec.engines)},
+                          "model": reference, "engine": engine_name})
     with tempfile.TemporaryDirectory(prefix="llmkit-compare-") as scratch:
         out_path = Path(scratch) / "row.json"
         env = {**os.environ, "LLMKIT_NO_PROGRESS": "1"}
@@ -298,7 +317,7 @@ def run_worker(spec: CompareSpec, reference: str, on_stage: Callable[[str], None
             process.kill()
             process.wait()
             reader.join()
-            return {"model": reference, "ok": False, "error": f"took longer than the {spec.timeout_s:.0f} s timeout"}
+            return {"model": label, "ok": False, "error": f"took longer than the {spec.timeout_s:.0f} s timeout"}
         reader.join()
         if out_path.is_file():
             return json.loads(out_path.read_text())
@@ -307,21 +326,24 @@ def run_worker(spec: CompareSpec, reference: str, on_stage: Callable[[str], None
     else:
         reason = f"exited with code {code}"
     detail = f": {other_lines[-1]}" if other_lines else ""
-    return {"model": reference, "ok": False, "error": f"worker {reason}{detail}"}
+    return {"model": label, "ok": False, "error": f"worker {reason}{detail}"}
 
 
 def run_compare(spec: CompareSpec, progress: Progress | None = None) -> list[dict[str, Any]]:
     check_spec(spec)
     rows = []
-    for index, reference in enumerate(spec.models):
-        def on_stage(stage: str, index: int = index, reference: str = reference) -> None:
+    runs = [(reference, engine_name) for reference in spec.models for engine_name in spec.engines]
+    for index, (reference, engine_name) in enumerate(runs):
+        label = row_label(reference, engine_name, spec)
+
+        def on_stage(stage: str, index: int = index, label: str = label) -> None:
             if progress:
-                progress(index, len(spec.models), reference, stage)
+                progress(index, len(runs), label, stage)
 
         on_stage("starting")
-        rows.append(run_worker(spec, reference, on_stage))
+        rows.append(run_worker(spec, reference, on_stage, engine_name))
     if progress:
-        progress(len(spec.models), len(spec.models), "", "done")
+        progress(len(runs), len(runs), "", "done")
     add_relative_speed(rows)
     return rows
 

@@ -58,6 +58,7 @@ class MonitorSpec:
     max_new_tokens: int = 64
     device: str = "auto"
     dtype: str = "auto"
+    engine: str = "transformers"
 
     def params(self) -> GenerationParams:
         return parse_params(greedy=True, max_new_tokens=self.max_new_tokens)
@@ -66,6 +67,7 @@ class MonitorSpec:
 def check_spec(spec: MonitorSpec) -> GenerationParams:
     """Everything that can be wrong with the request, found before anything loads."""
     from llmkit.devices import check_device, check_dtype
+    from llmkit.engine import check_engine
 
     if not 1 <= spec.runs <= MAX_RUNS:
         raise InvalidParams(f"runs must be between 1 and {MAX_RUNS} (got {spec.runs})", field="runs")
@@ -75,6 +77,7 @@ def check_spec(spec: MonitorSpec) -> GenerationParams:
         raise InvalidParams("the prompt is empty", field="prompt")
     check_device(spec.device)
     check_dtype(spec.dtype)
+    check_engine(spec.engine)
     return spec.params()
 
 
@@ -181,8 +184,7 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
     import transformers  # noqa: F401
 
     from llmkit.devices import resolve_device
-    from llmkit.engine import load_engine
-    from llmkit.models import local_folder, resolve
+    from llmkit.engine import load_engine, prepare
 
     device = resolve_device(spec.device)
     if device.startswith("cuda"):
@@ -190,12 +192,12 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
 
     sampler.phase("prepare")
     report("prepare", 0, None)
-    local_folder(resolve(spec.model), progress)  # GGUF conversion on first use: not part of `load`
+    prepare(spec.model, engine=spec.engine, progress=progress)  # first-use GGUF work: not part of `load`
 
     sampler.phase("load")
     rss_before_load = sampler.latest().rss_bytes  # the phase's first sample, so its peak is >= this
     report("load", 0, None)
-    engine = load_engine(spec.model, device=device, dtype=spec.dtype)
+    engine = load_engine(spec.model, device=device, dtype=spec.dtype, engine=spec.engine)
     prompt_tokens = len(engine.prompt_ids(spec.prompt))
 
     sampler.phase("warmup")

@@ -19,6 +19,8 @@ EPILOG = """Examples:
   llmkit compare ./my-model ./model.Q4_K_M.gguf --format markdown --output report.md
 
   llmkit compare gemma3-270m smollm2-135m --text-file essay.txt --plot compare.png
+
+  llmkit compare smollm2-135m --engine transformers --engine llama.cpp
 """
 
 
@@ -47,6 +49,9 @@ def compare(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per model before its row fails.")] = 1800.0,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    engines: Annotated[Optional[list[str]], typer.Option(
+        "--engine", show_default=False, rich_help_panel=options.MODEL_PANEL,
+        help="transformers (default) or llama.cpp; repeat it to compare engines on the same models.")] = None,
 ) -> None:
     """Run the same work on every model, each in its own subprocess, and show them side by side.
 
@@ -64,7 +69,7 @@ def compare(
         text=read_text_file(text_file) if text_file is not None else reference_text(),
         text_name=str(text_file) if text_file is not None else "llmkit reference text",
         runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, window=window, stride=stride,
-        device=device, dtype=dtype, timeout_s=timeout,
+        device=device, dtype=dtype, timeout_s=timeout, engines=tuple(engines or ("transformers",)),
     )
     check_spec(spec)
     if plot is not None:
@@ -72,7 +77,7 @@ def compare(
 
         require_matplotlib()
 
-    with render.compare_progress(len(spec.models)) as progress:
+    with render.compare_progress(len(spec.models) * len(spec.engines)) as progress:
         rows = run_compare(spec, progress)
 
     text = render.compare_output(rows, spec, output_format, to_file=output is not None)

@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from llmkit.cli import options, render
 from llmkit.cli.generate import read_prompt
 from llmkit.devices import check_device, check_dtype
+from llmkit.engine import check_engine
 from llmkit.errors import InvalidParams
 from llmkit.explore import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -119,6 +120,7 @@ def sweep(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: one row per setting.")] = False,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    engine_name: options.EngineOpt = "transformers",
 ) -> None:
     """Generate under many sampling settings (a preset or a --param grid) and compare texts and metrics."""
     if system is not None and not chat:
@@ -126,6 +128,7 @@ def sweep(
     if as_json and as_csv:
         raise InvalidParams("choose one of --json and --csv", field="output")
     check_device(device)
+    check_engine(engine_name)
     check_dtype(dtype)
     knob_sets = grid_knobs(parse_grid(param)) if param else list(PRESET)
     plan = plan_sweep(knob_sets, samples=samples, seed=seed,
@@ -135,7 +138,7 @@ def sweep(
     from llmkit.engine import load_engine
 
     with render.loading(model or "model") as progress:
-        engine = load_engine(model, device=device, dtype=dtype, progress=progress)
+        engine = load_engine(model, device=device, dtype=dtype, progress=progress, engine=engine_name)
     with render.explore_progress(plan.runs) as progress:
         result = run_sweep(engine, text, plan, chat=chat, system=system, progress=progress)
     if as_json:
@@ -165,6 +168,7 @@ def next_token(
         help="Also draw the charts into this PNG file (needs the llmkit\\[plot] extra: matplotlib).")] = None,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    engine_name: options.EngineOpt = "transformers",
 ) -> None:
     """Show the model's next-token distribution under each setting: bars, entropy, and what top-k / top-p cut.
 
@@ -177,6 +181,7 @@ def next_token(
     if not 1 <= top <= MAX_TOP:
         raise InvalidParams(f"--top must be between 1 and {MAX_TOP} (got {top})", field="top")
     check_device(device)
+    check_engine(engine_name)
     check_dtype(dtype)
     given = {name: values for name, values in
              (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)) if values}
@@ -192,7 +197,7 @@ def next_token(
     from llmkit.engine import load_engine
 
     with render.loading(model or "model") as progress:
-        engine = load_engine(model, device=device, dtype=dtype, progress=progress)
+        engine = load_engine(model, device=device, dtype=dtype, progress=progress, engine=engine_name)
     logits = engine.next_token_logits(text, chat=chat, system=system)
     view = next_token_view(logits, settings, decode=lambda i: engine.tokenizer.decode([i]), top=top,
                            model=engine.info.model, prompt=text,

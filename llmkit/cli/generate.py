@@ -12,6 +12,7 @@ import typer
 
 from llmkit.cli import options, render
 from llmkit.devices import check_device, check_dtype
+from llmkit.engine import check_engine
 from llmkit.errors import InvalidParams, LlmkitError
 from llmkit.params import PARAM_NAMES, GenerationParams, parse_params
 
@@ -63,6 +64,7 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    engine_name: options.EngineOpt = "transformers",
 ) -> None:
     """Generate text from a prompt, streamed to the terminal; timings go to stderr."""
     cli_values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -72,6 +74,7 @@ def generate(
         raise InvalidParams("--system needs --chat", field="system")
     check_device(device)
     check_dtype(dtype)
+    check_engine(engine_name)
     if input_file is not None:
         if prompt is not None:
             raise InvalidParams("give either a PROMPT or --input-file, not both", field="prompt")
@@ -83,7 +86,7 @@ def generate(
 
     name = model or "model"
     with render.loading(name) as progress:
-        engine = load_engine(model, device=device, dtype=dtype, progress=progress)
+        engine = load_engine(model, device=device, dtype=dtype, progress=progress, engine=engine_name)
 
     if input_file is not None:
         run_batch(engine, jobs, chat=chat, system=system, quiet=quiet)

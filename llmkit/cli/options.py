@@ -34,6 +34,10 @@ DtypeOpt = Annotated[str, typer.Option(
     "--dtype", rich_help_panel=MODEL_PANEL,
     help="auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA, float32 on CPU).")]
 
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", rich_help_panel=MODEL_PANEL,
+    help="transformers (any model) or llama.cpp (GGUF files and aliases; pip install 'llmkit\\[llamacpp]').")]
+
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-new-tokens", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("max_new_tokens"))]
 TemperatureOpt = Annotated[Optional[float], typer.Option(

@@ -1,0 +1,242 @@
+"""The llama.cpp engine for GGUF models (extra `llmkit[llamacpp]`, llama-cpp-python).
+
+llama.cpp runs the forward passes on the quantized weights as they are in the file
+(no de-quantizing, no conversion cache); llmkit keeps doing everything after the
+logits: the same `pick_tokens` with a seeded torch.Generator per sequence, the same
+SequenceState (incremental detokenizing, stop strings, EOS), the same Result
+records. So a seed, a stop string or `--json` mean the same with either engine, and
+`generate`, `explore`, `monitor` and `compare` take `--engine llama.cpp` unchanged.
+
+`num_sequences > 1` runs the sequences one after another (llama.cpp's one context
+holds one sequence here); token_logprobs evaluates one token at a time, reading the
+logits after each, which is exact and fast enough for perplexity windows.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from llmkit.engine.engine import Generation
+from llmkit.engine.sampling import pick_tokens
+from llmkit.engine.sequence import SequenceState, build_result, choose_seed
+from llmkit.engine.types import Chunk, EngineInfo, Result
+from llmkit.errors import InvalidParams, ModelLoadError, UnsupportedFeature, one_line
+from llmkit.models import ALIASES, Progress, assemble_alias, check_gguf, resolve
+from llmkit.params import GenerationParams
+
+ENGINE_NAME = "llama.cpp"
+DEFAULT_CONTEXT = 4096  # tokens of KV cache allocated; capped at the model's training context
+INSTALL_HINT = "pip install 'llmkit[llamacpp]' (llama-cpp-python; it compiles for several minutes)"
+
+
+def llamacpp_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("llama_cpp") is not None
+
+
+def gguf_path_for(reference: str | None, progress: Progress | None = None) -> Path:
+    """The GGUF file behind a reference; llama.cpp reads nothing else."""
+    source = resolve(reference)
+    if source.kind == "gguf":
+        return Path(source.location)
+    if source.kind == "alias":
+        return assemble_alias(ALIASES[source.location], progress)
+    raise UnsupportedFeature(f"the llama.cpp engine loads GGUF files; {source.name} is a {source.kind} model: "
+                             "use --engine transformers, or point --model at a .gguf file")
+
+
+def _file_type_name(code: str | None) -> str:
+    """GGUF's general.file_type number as its quantization name (3 -> 'Q4_1')."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(int(code)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        return "gguf"
+
+
+class LlamaCppTokenizer:
+    """The slice of a Hugging Face tokenizer's interface that llmkit uses, over llama.cpp's vocabulary."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.bos_token_id = llm.token_bos() if llm.token_bos() >= 0 else None
+        self.eos_token_id = llm.token_eos() if llm.token_eos() >= 0 else None
+        self.chat_template = llm.metadata.get("tokenizer.chat_template")
+        self._add_bos = bool(llm._model.add_bos_token())
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens and self._add_bos, special=True)
+        return {"input_ids": list(ids)}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.llm.detokenize(list(ids), special=not skip_special_tokens).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False) -> str:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
+        bos = self.decode([self.bos_token_id], skip_special_tokens=False) if self.bos_token_id is not None else ""
+        eos = self.decode([self.eos_token_id], skip_special_tokens=False) if self.eos_token_id is not None else ""
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=bos, eos_token=eos)
+
+
+class LlamaCppEngine:
+    """Same surface as TransformersEngine: prompt_ids, stream, generate, next_token_logits, token_logprobs."""
+
+    def __init__(self, llm, info: EngineInfo):
+        import llama_cpp
+
+        self.llm = llm
+        self.info = info
+        self.tokenizer = LlamaCppTokenizer(llm)
+        vocab = llm._model.vocab
+        self.eos_ids = frozenset(t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t))
+
+    @classmethod
+    def load(cls, reference: str | None = None, *, device: str = "auto", dtype: str = "auto",
+             progress: Progress | None = None, threads: int | None = None) -> "LlamaCppEngine":
+        from llmkit.devices import check_device, check_dtype
+
+        check_device(device)
+        check_dtype(dtype)
+        if device not in ("auto", "cpu"):
+            raise UnsupportedFeature("llmkit's llama.cpp engine runs on the CPU; use --device cpu or "
+                                     "--engine transformers")
+        if dtype != "auto":
+            raise UnsupportedFeature("the llama.cpp engine computes in the GGUF file's own quantized types; "
+                                     "drop --dtype, or use --engine transformers")
+        if not llamacpp_installed():
+            raise UnsupportedFeature(f"the llama.cpp engine needs llama-cpp-python: {INSTALL_HINT}")
+        path = gguf_path_for(reference, progress)
+        check_gguf(path)
+        started = time.perf_counter()
+        from llama_cpp import Llama
+
+        if progress:
+            progress(f"loading {path.name} with llama.cpp", 0, None)
+        try:
+            llm = Llama(model_path=str(path), n_ctx=DEFAULT_CONTEXT, n_threads=threads, verbose=False)
+        except Exception as exc:  # llama.cpp reports every failure as a ValueError or RuntimeError
+            raise ModelLoadError(f"llama.cpp could not load {path}: {one_line(exc)}") from None
+        context = min(llm._model.n_ctx_train(), llm.n_ctx())
+        info = EngineInfo(
+            model=resolve(reference).name,
+            source_kind=resolve(reference).kind,
+            location=str(path),
+            engine=ENGINE_NAME,
+            device="cpu",
+            dtype=_file_type_name(llm.metadata.get("general.file_type")),
+            parameters=int(llm._model.n_params()),
+            context_length=context,
+            has_chat_template=bool(llm.metadata.get("tokenizer.chat_template")),
+            load_s=time.perf_counter() - started,
+        )
+        return cls(llm, info)
+
+    # --- prompts (same rules as the transformers engine) -------------------------------------
+
+    def prompt_ids(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+        if chat:
+            if not self.info.has_chat_template:
+                raise UnsupportedFeature(f"model {self.info.model} has no chat template; drop --chat")
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            ids = self.tokenizer(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise InvalidParams("prompt is empty after tokenization; give some text", field="prompt")
+        return ids
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
+        limit = self.info.context_length
+        if limit and prompt_tokens + params.max_new_tokens > limit:
+            raise InvalidParams(
+                f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the engine's context of {limit} tokens; shorten the prompt or lower max_new_tokens",
+                field="max_new_tokens")
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def _logits(self):
+        """The last evaluated position's logits as a [1, vocab] float32 tensor (a copy)."""
+        import numpy as np
+        import torch
+
+        view = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return torch.from_numpy(view.copy())[None, :]
+
+    def stream(self, prompt: str, params: GenerationParams, *, chat: bool = False,
+               system: str | None = None) -> Generation:
+        started = time.perf_counter()
+        ids = self.prompt_ids(prompt, chat=chat, system=system)
+        self.check_context(len(ids), params)
+        seed = choose_seed(params)
+        generation = Generation(iter(()))
+        generation._chunks = self._decode(generation, prompt, ids, params, seed, started)
+        return generation
+
+    def generate(self, prompt: str, params: GenerationParams, *, chat: bool = False,
+                 system: str | None = None) -> Result:
+        generation = self.stream(prompt, params, chat=chat, system=system)
+        for _ in generation:
+            pass
+        return generation.result
+
+    def _decode(self, generation: Generation, prompt: str, ids: list[int], params: GenerationParams,
+                seed: int | None, started: float) -> Iterator[Chunk]:
+        import torch
+
+        sequences = [SequenceState.start(i, self.tokenizer, ids, params) for i in range(params.num_sequences)]
+        token_times: list[float] = []
+        for sequence in sequences:
+            generator = None if seed is None else [torch.Generator().manual_seed(seed + sequence.index)]
+            seen = torch.tensor([ids]) if params.repetition_penalty != 1.0 else None
+            self.llm.reset()
+            self.llm.eval(ids)
+            while not sequence.finish_reason:
+                token = int(pick_tokens(self._logits(), params, generator, seen)[0])
+                token_times.append(time.perf_counter() - started)
+                chunk = sequence.advance(token, self.eos_ids)
+                if chunk is not None:
+                    yield chunk
+                if sequence.finish_reason:
+                    break
+                if seen is not None:
+                    seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
+                self.llm.eval([token])
+        generation.result = build_result(prompt, ids, params, seed, sequences, token_times)
+
+    # --- analysis --------------------------------------------------------------------------------
+
+    def next_token_logits(self, prompt: str, *, chat: bool = False, system: str | None = None):
+        ids = self.prompt_ids(prompt, chat=chat, system=system)
+        if self.info.context_length and len(ids) > self.info.context_length:
+            raise InvalidParams(f"the prompt has {len(ids)} tokens, more than the engine's context of "
+                                f"{self.info.context_length} tokens; shorten it", field="prompt")
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._logits()[0].float()
+
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        import torch
+
+        ids = [int(i) for i in ids]
+        if self.info.context_length and len(ids) > self.info.context_length:
+            raise InvalidParams(f"the text to score has {len(ids)} tokens, more than the engine's context of "
+                                f"{self.info.context_length} tokens; shorten it", field="prompt")
+        values: list[float] = []
+        self.llm.reset()
+        for position in range(len(ids) - 1):
+            self.llm.eval([ids[position]])
+            logprobs = torch.log_softmax(self._logits()[0].float(), dim=-1)
+            values.append(float(logprobs[ids[position + 1]]))
+        return values
