@@ -19,7 +19,7 @@ The reference gets `min_new_tokens=max_new_tokens`; llmkit may stop earlier at E
 counts are printed for both and tok/s always uses the actual counts. Ratios compare medians and
 read "> 1 means llmkit is better": reference/llmkit for times, llmkit/reference for speeds.
 
-Usage: python benchmarks/generate_speed.py --model smollm2-135m --runs 5 [--json]
+Usage: python benchmarks/generate_speed.py --model smollm2-135m --runs 5 [--dtypes float32,bfloat16] [--json]
 """
 
 from __future__ import annotations
@@ -39,12 +39,14 @@ from transformers import pipeline
 from transformers.generation.streamers import BaseStreamer
 
 from llmkit.engine import load_engine
+from llmkit.engine.llamacpp import gguf_path_for, llamacpp_installed
 from llmkit.measure import cpu_model
 from llmkit.models import local_folder, resolve
 from llmkit.params import parse_params
 
 DEFAULT_PROMPT = "The history of the printing press begins in"
-SIDES = ("llmkit", "reference")
+REFERENCE = "reference"
+BANDWIDTH_BYTES = 1 << 30  # 1 GiB read per bandwidth sample
 # metric -> (label, higher_is_better)
 METRICS = {"load_s": ("load (s)", False), "ttft_s": ("TTFT (s)", False),
            "decode_tok_s": ("decode (tok/s)", True), "generated": ("generated tokens", None)}
@@ -76,6 +78,29 @@ def run_llmkit(engine, prompt: str, max_new_tokens: int) -> dict:
     return {"ttft_s": result.timings.ttft_s, "decode_tok_s": result.timings.decode_tokens_per_s,
             "generated": result.usage.completion_tokens, "prompt_tokens": result.usage.prompt_tokens,
             "token_ids": list(result.completions[0].token_ids)}
+
+
+def run_raw_llamacpp(llm, prompt: str, max_new_tokens: int) -> dict:
+    """llama-cpp-python on its own: create_completion, greedy, streamed so the first token is timed."""
+    started = time.perf_counter()
+    times = []
+    for _ in llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, stream=True):
+        times.append(time.perf_counter())
+    decode_s = times[-1] - times[0]
+    return {"ttft_s": times[0] - started,
+            "decode_tok_s": (len(times) - 1) / decode_s if len(times) > 1 and decode_s > 0 else None,
+            "generated": len(times), "prompt_tokens": len(llm.tokenize(prompt.encode())), "token_ids": []}
+
+
+def memory_bandwidth(samples: int = 5) -> float:
+    """Bytes/s that torch reads from memory with its threads: the median of summing 1 GiB of float32."""
+    block = torch.ones(BANDWIDTH_BYTES // 4)
+    rates = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        block.sum()
+        rates.append(BANDWIDTH_BYTES / (time.perf_counter() - started))
+    return statistics.median(rates)
 
 
 def run_reference(pipe, prompt: str, max_new_tokens: int) -> dict:
@@ -111,12 +136,43 @@ def summarize(values: list) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def ratio(metric: str, summary: dict) -> float | None:
+def ratio(metric: str, summary: dict, side: str) -> float | None:
     higher_is_better = METRICS[metric][1]
-    ours, ref = summary["llmkit"][metric], summary["reference"][metric]
+    ours, ref = summary[side][metric], summary[REFERENCE][metric]
     if higher_is_better is None or not ours or not ref or not ours["median"] or not ref["median"]:
         return None
     return ours["median"] / ref["median"] if higher_is_better else ref["median"] / ours["median"]
+
+
+def sides_for(args, folder: str) -> dict:
+    """name -> (load, run, bytes of weights read per token): the reference, then each llmkit path."""
+    def weights(engine_or_pipe) -> int:
+        model = getattr(engine_or_pipe, "model")
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    sides = {REFERENCE: (lambda: pipeline("text-generation", model=folder), run_reference, weights)}
+    for dtype in args.dtypes.split(","):
+        sides[f"llmkit {dtype}"] = (lambda dtype=dtype: load_engine(args.model, dtype=dtype), run_llmkit,
+                                    lambda engine: weights(engine))
+    gguf = gguf_file(args.model)
+    if gguf is not None and llamacpp_installed():
+        from llama_cpp import Llama
+
+        size = os.path.getsize(gguf)
+        sides["llmkit llama.cpp"] = (lambda: load_engine(args.model, engine="llama.cpp"), run_llmkit,
+                                     lambda engine: size)
+        sides["raw llama-cpp-python"] = (
+            lambda: Llama(model_path=str(gguf), n_ctx=4096, verbose=False), run_raw_llamacpp, lambda llm: size)
+    return sides
+
+
+def gguf_file(reference: str):
+    from llmkit.errors import LlmkitError
+
+    try:
+        return gguf_path_for(reference)
+    except LlmkitError:
+        return None
 
 
 def benchmark(args) -> dict:
@@ -124,41 +180,44 @@ def benchmark(args) -> dict:
     transformers.logging.disable_progress_bar()
     source = resolve(args.model)
     folder = str(local_folder(source) or source.location)  # a Hub id loads from the HF cache on both sides
-    loaders = {"llmkit": lambda: load_engine(args.model),
-               "reference": lambda: pipeline("text-generation", model=folder)}
-    runners = {"llmkit": run_llmkit, "reference": run_reference}
-    samples = {side: {m: [] for m in (*METRICS, "prompt_tokens")} for side in SIDES}
+    sides = sides_for(args, folder)
+    samples = {side: {m: [] for m in (*METRICS, "prompt_tokens")} for side in sides}
     loaded = {}
     total = args.warmup + args.runs
     for i in range(total):
         print(f"load {i + 1}/{total}", file=sys.stderr)
-        for side in SIDES:
+        for side, (load, _, _) in sides.items():
             loaded.pop(side, None)
-            loaded[side], seconds = timed(loaders[side])
+            loaded[side], seconds = timed(load)
             if i >= args.warmup:
                 samples[side]["load_s"].append(seconds)
     outputs = {}
     for i in range(total):
         print(f"generate {i + 1}/{total}", file=sys.stderr)
-        for side in SIDES:
+        for side, (_, run, _) in sides.items():
             gc.collect()
-            run = runners[side](loaded[side], args.prompt, args.max_new_tokens)
-            outputs[side] = run.pop("token_ids")
+            result = run(loaded[side], args.prompt, args.max_new_tokens)
+            outputs[side] = result.pop("token_ids")
             if i >= args.warmup:
-                for metric, value in run.items():
+                for metric, value in result.items():
                     samples[side][metric].append(value)
-    engine, pipe = loaded["llmkit"], loaded["reference"]
-    summary = {side: {m: summarize(v) for m, v in samples[side].items()} for side in SIDES}
-    shared = min(len(outputs["llmkit"]), len(outputs["reference"]))
+    bandwidth = memory_bandwidth()
+    weight_bytes = {side: weight(loaded[side]) for side, (_, _, weight) in sides.items()}
+    summary = {side: {m: summarize(v) for m, v in samples[side].items()} for side in sides}
+    first = next(side for side in sides if side != REFERENCE)
+    shared = min(len(outputs[first]), len(outputs[REFERENCE]))
     return {
         "machine": machine(),
         "config": {"model": args.model, "folder": folder, "prompt": args.prompt, "runs": args.runs,
-                   "warmup": args.warmup, "max_new_tokens": args.max_new_tokens, "device": engine.info.device,
-                   "dtype": {"llmkit": engine.info.dtype, "reference": str(pipe.model.dtype)[len("torch."):]}},
+                   "warmup": args.warmup, "max_new_tokens": args.max_new_tokens},
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "weight_bytes": weight_bytes,
+        "bound_tok_s": {side: bandwidth / size for side, size in weight_bytes.items()},
         "samples": samples,
         "summary": summary,
-        "ratios": {m: ratio(m, summary) for m in METRICS if METRICS[m][1] is not None},
-        "same_tokens": outputs["llmkit"][:shared] == outputs["reference"][:shared],
+        "ratios": {side: {m: ratio(m, summary, side) for m in METRICS if METRICS[m][1] is not None}
+                   for side in sides if side != REFERENCE},
+        "same_tokens_as_reference": {first: outputs[first][:shared] == outputs[REFERENCE][:shared]},
     }
 
 
@@ -174,21 +233,24 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     m, c = report["machine"], report["config"]
-    console = Console(width=120)
+    console = Console(width=140)
     console.print(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
                   f"python {m['python']}, torch {m['torch']}, transformers {m['transformers']}")
-    console.print(f"model: {c['model']} ({c['folder']}), device {c['device']}, dtype llmkit "
-                  f"{c['dtype']['llmkit']} / reference {c['dtype']['reference']}")
-    console.print(f"greedy, max_new_tokens {c['max_new_tokens']}, {c['runs']} runs after {c['warmup']} "
-                  f"warmup, interleaved; prompt {c['prompt']!r}")
-    table = Table("metric", "llmkit", "reference (pipeline)", "ratio (>1: llmkit better)",
-                  title="median [min-max]")
-    for metric, (label, _) in {**METRICS, "prompt_tokens": ("prompt tokens", None)}.items():
-        value = report["ratios"].get(metric)
-        table.add_row(label, *(fmt(report["summary"][side][metric], metric) for side in SIDES),
-                      f"{value:.2f}x" if value else "")
+    console.print(f"model: {c['model']} ({c['folder']}); greedy, max_new_tokens {c['max_new_tokens']}, "
+                  f"{c['runs']} runs after {c['warmup']} warm-up, interleaved; prompt {c['prompt']!r}")
+    console.print(f"memory bandwidth (torch, 1 GiB sum): {report['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
+                  "bound = bandwidth / bytes of weights read per token")
+    table = Table("configuration", "load (s)", "TTFT (s)", "decode (tok/s)", "bound (tok/s)", "decode vs ref",
+                  "TTFT vs ref", title="median [min-max]; ratios > 1: better than the reference")
+    for side, stats in report["summary"].items():
+        ratios = report["ratios"].get(side, {})
+        table.add_row(side, fmt(stats["load_s"], "load_s"), fmt(stats["ttft_s"], "ttft_s"),
+                      fmt(stats["decode_tok_s"], "decode_tok_s"), f"{report['bound_tok_s'][side]:.0f}",
+                      f"{ratios['decode_tok_s']:.2f}x" if ratios.get("decode_tok_s") else "",
+                      f"{ratios['ttft_s']:.2f}x" if ratios.get("ttft_s") else "")
     console.print(table)
-    console.print(f"greedy tokens identical over the shared length: {report['same_tokens']}")
+    for side, same in report["same_tokens_as_reference"].items():
+        console.print(f"{side}: greedy tokens identical to the reference over the shared length: {same}")
 
 
 def main() -> None:
@@ -198,6 +260,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="llmkit transformers configurations to run, comma-separated")
     parser.add_argument("--json", action="store_true", help="print everything as one JSON document")
     args = parser.parse_args()
     if args.runs < 1 or args.warmup < 0 or args.max_new_tokens < 2:
