@@ -89,13 +89,11 @@ class LlamaCppEngine:
     """Same surface as TransformersEngine: prompt_ids, stream, generate, next_token_logits, token_logprobs."""
 
     def __init__(self, llm, info: EngineInfo):
-        import llama_cpp
-
         self.llm = llm
         self.info = info
         self.tokenizer = LlamaCppTokenizer(llm)
-        vocab = llm._model.vocab
-        self.eos_ids = frozenset(t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        # End of generation: EOS and end-of-turn (asking llama.cpp about every token costs seconds).
+        self.eos_ids = frozenset(t for t in (llm.token_eos(), llm._model.token_eot()) if t >= 0)
 
     @classmethod
     def load(cls, reference: str | None = None, *, device: str = "auto", dtype: str = "auto",
