@@ -152,8 +152,8 @@ def available_aliases() -> list[str]:
 # --- GGUF files ---------------------------------------------------------------------------
 
 
-def check_gguf(path: Path) -> None:
-    """Fail with one sentence when a GGUF file is not one, or is cut short (a truncated download)."""
+def check_gguf_magic(path: Path) -> None:
+    """The cheap check: the file is readable and starts like a GGUF file."""
     try:
         with path.open("rb") as handle:
             magic = handle.read(4)
@@ -162,6 +162,14 @@ def check_gguf(path: Path) -> None:
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (it does not start with 'GGUF'); "
                              "download it again or pick another model")
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with one sentence when a GGUF file is not one, or is cut short (a truncated download).
+
+    Parses every header field (seconds for a large vocabulary), so it runs before a conversion,
+    not before every load."""
+    check_gguf_magic(path)
     from gguf import GGUFReader
 
     try:

@@ -100,3 +100,12 @@ def test_monitor_compare_and_explore_take_the_engine(cli, tiny_gguf, cache_dir):
     assert rows[0]["bits_per_byte"] == pytest.approx(rows[1]["bits_per_byte"], rel=1e-3)
     explore = cli("explore", "next-token", "-m", str(tiny_gguf), "--engine", "llama.cpp", "--json", PROMPT)
     assert explore.exit_code == 0, explore.stderr
+
+
+def test_truncated_gguf_is_one_clear_error(tiny_gguf, tmp_path):
+    from llmkit.errors import ModelLoadError
+    from tests.tiny_gguf import truncate_copy
+
+    cut = truncate_copy(tiny_gguf, tmp_path / "cut.gguf", keep_fraction=0.6)
+    with pytest.raises(ModelLoadError, match="llama.cpp could not load"):
+        load_engine(str(cut), engine="llama.cpp")

@@ -23,7 +23,7 @@ from llmkit.engine.sampling import pick_tokens
 from llmkit.engine.sequence import SequenceState, build_result, choose_seed
 from llmkit.engine.types import Chunk, EngineInfo, Result
 from llmkit.errors import InvalidParams, ModelLoadError, UnsupportedFeature, one_line
-from llmkit.models import ALIASES, Progress, assemble_alias, check_gguf, resolve
+from llmkit.models import ALIASES, Progress, assemble_alias, check_gguf_magic, resolve
 from llmkit.params import GenerationParams
 
 ENGINE_NAME = "llama.cpp"
@@ -111,7 +111,7 @@ class LlamaCppEngine:
         if not llamacpp_installed():
             raise UnsupportedFeature(f"the llama.cpp engine needs llama-cpp-python: {INSTALL_HINT}")
         path = gguf_path_for(reference, progress)
-        check_gguf(path)
+        check_gguf_magic(path)  # llama.cpp's own loader reports a truncated file
         started = time.perf_counter()
         from llama_cpp import Llama
 
