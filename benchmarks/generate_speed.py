@@ -241,7 +241,7 @@ def print_report(report: dict) -> None:
     console.print(f"memory bandwidth (torch, 1 GiB sum): {report['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
                   "bound = bandwidth / bytes of weights read per token")
     table = Table("configuration", "load (s)", "TTFT (s)", "decode (tok/s)", "bound (tok/s)", "decode vs ref",
-                  "TTFT vs ref", title="median [min-max]; ratios > 1: better than the reference")
+                  "TTFT vs ref", title="median \\[min-max]; ratios > 1: better than the reference")
     for side, stats in report["summary"].items():
         ratios = report["ratios"].get(side, {})
         table.add_row(side, fmt(stats["load_s"], "load_s"), fmt(stats["ttft_s"], "ttft_s"),
