@@ -294,10 +294,11 @@ def _write_conversion(gguf_path: Path, staging: Path, progress: Progress | None)
 
 
 class _gguf_progress:
-    """Route transformers' per-tensor de-quantizing loop to our progress callback.
+    """Route transformers' per-tensor de-quantizing loop to our progress callback, or silence it.
 
-    transformers iterates the GGUF tensors through a module-level `tqdm`; swapping
-    that name for the duration gives real progress instead of a bare spinner.
+    transformers iterates the GGUF tensors through tqdm imported at module level in its GGUF
+    utilities (not its own logging tqdm, so disable_progress_bar does not reach it); swapping
+    that name for the duration gives real progress, and keeps a redirected stderr clean.
     """
 
     def __init__(self, progress: Progress | None):
@@ -305,23 +306,24 @@ class _gguf_progress:
         self.saved = None
 
     def __enter__(self) -> None:
-        if self.progress is None:
-            return
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
         self.module = gguf_utils
         self.saved = getattr(gguf_utils, "tqdm", None)
-        if self.saved is None:
-            self.progress("de-quantizing GGUF", 0, None)
-            return
         report = self.progress
+        if self.saved is None:
+            if report:
+                report("de-quantizing GGUF", 0, None)
+            return
 
         def counting(iterable, *args, **kwargs):
             items = list(iterable)
             for done, item in enumerate(items):
-                report("de-quantizing GGUF tensors", done, len(items))
+                if report:
+                    report("de-quantizing GGUF tensors", done, len(items))
                 yield item
-            report("de-quantizing GGUF tensors", len(items), len(items))
+            if report:
+                report("de-quantizing GGUF tensors", len(items), len(items))
 
         gguf_utils.tqdm = counting
 

@@ -122,3 +122,16 @@ def test_incomplete_target_without_marker_is_replaced(tiny_gguf, cache_dir):
     assert not models.is_complete_conversion(target)
     assert models.convert_gguf(tiny_gguf) == target
     assert models.is_complete_conversion(target)
+
+
+def test_first_conversion_keeps_a_redirected_stderr_clean(tiny_gguf, cache_dir, tiny_model_dir):
+    """No transformers progress bars leak into a pipe's stderr: only llmkit's timing line."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "llmkit", "generate", "-m", str(tiny_gguf), "--greedy",
+                          "--max-new-tokens", "3", "hello"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LLMKIT_CACHE_DIR": str(cache_dir), "LLMKIT_NO_PROGRESS": ""})
+    assert out.returncode == 0, out.stderr
+    assert "de-quantizing" not in out.stderr and "%|" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "prompt tok" in out.stderr
