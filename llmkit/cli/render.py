@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from llmkit.errors import one_line
+
 # Tests set COLUMNS and NO_COLOR for stable output; rich reads both.
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -430,29 +432,24 @@ def compare_progress(total: int) -> Iterator[Any]:
 SAMPLE_CHARS = 60
 
 
+COMPARE_FORMATS = {
+    "parameters": lambda v: f"{v / 1e6:,.0f}M",
+    "disk_bytes": human_bytes,
+    "peak_rss_bytes": human_bytes,
+    "load_s": "{:.2f}".format,
+    "ttft_s": lambda v: f"{v * 1000:.0f} ms",
+    "tg_tokens_per_s": "{:.1f}".format,
+    "relative_speed": "{:.2f}x".format,
+    "perplexity": "{:,.2f}".format,
+    "bits_per_byte": "{:.3f}".format,
+    "sample": lambda v: one_line(v, SAMPLE_CHARS),
+}
+
+
 def _compare_cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key == "parameters":
-        return f"{value / 1e6:,.0f}M"
-    if key in ("disk_bytes", "peak_rss_bytes"):
-        return human_bytes(value)
-    if key == "load_s":
-        return f"{value:.2f}"
-    if key == "ttft_s":
-        return f"{value * 1000:.0f} ms"
-    if key == "tg_tokens_per_s":
-        return f"{value:.1f}"
-    if key == "relative_speed":
-        return f"{value:.2f}x"
-    if key == "perplexity":
-        return f"{value:,.2f}"
-    if key == "bits_per_byte":
-        return f"{value:.3f}"
-    if key == "sample":
-        flat = " ".join(str(value).split())
-        return flat if len(flat) <= SAMPLE_CHARS else flat[:SAMPLE_CHARS - 1] + "…"
-    return str(value)
+    return COMPARE_FORMATS.get(key, str)(value)
 
 
 def compare_table(rows, spec, console: Console | None = None) -> None:

@@ -12,16 +12,15 @@ import inspect
 import time
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+from llmkit.engine.base import Engine, Generation
 from llmkit.engine.sampling import pick_tokens
-from llmkit.engine.sequence import SequenceState, build_result, choose_seed
-from llmkit.engine.types import Chunk, EngineInfo, Result
+from llmkit.engine.sequence import SequenceState, build_result
+from llmkit.engine.types import Chunk, EngineInfo
 from llmkit.errors import (
-    InvalidParams,
     ModelLoadError,
     ModelUnavailableOffline,
     OutOfMemory,
     UnknownModel,
-    UnsupportedFeature,
     one_line,
 )
 from llmkit.models import Progress, available_aliases, local_folder, resolve
@@ -31,21 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 
-class Generation:
-    """An iterator of Chunks; after it is exhausted, `.result` holds the Result."""
-
-    def __init__(self, chunks: Iterator[Chunk]):
-        self._chunks = chunks
-        self.result: Result | None = None
-
-    def __iter__(self) -> Iterator[Chunk]:
-        return self
-
-    def __next__(self) -> Chunk:
-        return next(self._chunks)
-
-
-class TransformersEngine:
+class TransformersEngine(Engine):
     """Load once with `TransformersEngine.load`; then `stream()` / `generate()` any number of times."""
 
     def __init__(self, model, tokenizer, info: EngineInfo):
@@ -99,56 +84,6 @@ class TransformersEngine:
         )
         return cls(model, tokenizer, info)
 
-    # --- prompts ----------------------------------------------------------------------------
-
-    def prompt_ids(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
-        """Token ids for a prompt; with chat=True, through the model's chat template."""
-        if chat:
-            if not self.info.has_chat_template:
-                raise UnsupportedFeature(f"model {self.info.model} has no chat template; drop --chat "
-                                         "or pick a chat model (e.g. smollm2-135m)")
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise InvalidParams("prompt is empty after tokenization; give some text", field="prompt")
-        return list(ids)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    # --- generation -------------------------------------------------------------------------
-
-    def stream(self, prompt: str, params: GenerationParams, *, chat: bool = False,
-               system: str | None = None) -> Generation:
-        """Start generating; iterate the returned Generation for Chunks, then read `.result`."""
-        started = time.perf_counter()
-        ids = self.prompt_ids(prompt, chat=chat, system=system)
-        self.check_context(len(ids), params)
-        seed = choose_seed(params)
-        generation = Generation(iter(()))
-        generation._chunks = self._decode(generation, prompt, ids, params, seed, started)
-        return generation
-
-    def generate(self, prompt: str, params: GenerationParams, *, chat: bool = False,
-                 system: str | None = None) -> Result:
-        generation = self.stream(prompt, params, chat=chat, system=system)
-        for _ in generation:
-            pass
-        assert generation.result is not None
-        return generation.result
-
-    def check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
-        limit = self.info.context_length
-        if limit and prompt_tokens + params.max_new_tokens > limit:
-            raise InvalidParams(
-                f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
-                f"the model's context of {limit} tokens; shorten the prompt or lower max_new_tokens",
-                field="max_new_tokens")
-
     def _decode(self, generation: Generation, prompt: str, ids: list[int], params: GenerationParams,
                 seed: int | None, started: float) -> Iterator[Chunk]:
         import torch
@@ -191,10 +126,7 @@ class TransformersEngine:
         import torch
 
         ids = self.prompt_ids(prompt, chat=chat, system=system)
-        limit = self.info.context_length
-        if limit and len(ids) > limit:
-            raise InvalidParams(f"the prompt has {len(ids)} tokens, more than the model's context of {limit} "
-                                "tokens; shorten it", field="prompt")
+        self.check_length(len(ids), "the prompt")
         try:
             with torch.inference_mode():
                 out = self.model(input_ids=torch.tensor([ids], device=self.model.device), use_cache=False,
@@ -214,10 +146,7 @@ class TransformersEngine:
 
         block_size = 256  # positions per log-softmax block
         ids = [int(i) for i in ids]
-        limit = self.info.context_length
-        if limit and len(ids) > limit:
-            raise InvalidParams(f"the text to score has {len(ids)} tokens, more than the model's context of "
-                                f"{limit} tokens; shorten it", field="prompt")
+        self.check_length(len(ids), "the text to score")
         if len(ids) < 2:
             return []
         values: list[float] = []

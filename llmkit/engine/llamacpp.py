@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from llmkit.engine.engine import Generation
+from llmkit.engine.base import Engine, Generation
 from llmkit.engine.sampling import pick_tokens
-from llmkit.engine.sequence import SequenceState, build_result, choose_seed
-from llmkit.engine.types import Chunk, EngineInfo, Result
-from llmkit.errors import InvalidParams, ModelLoadError, UnsupportedFeature, one_line
+from llmkit.engine.sequence import SequenceState, build_result
+from llmkit.engine.types import Chunk, EngineInfo
+from llmkit.errors import ModelLoadError, UnsupportedFeature, one_line
 from llmkit.models import ALIASES, Progress, assemble_alias, check_gguf_magic, resolve
 from llmkit.params import GenerationParams
 
@@ -85,8 +85,8 @@ class LlamaCppTokenizer:
                                bos_token=bos, eos_token=eos)
 
 
-class LlamaCppEngine:
-    """Same surface as TransformersEngine: prompt_ids, stream, generate, next_token_logits, token_logprobs."""
+class LlamaCppEngine(Engine):
+    """The Engine interface over llama.cpp: its own decode loop, next_token_logits and token_logprobs."""
 
     def __init__(self, llm, info: EngineInfo):
         self.llm = llm
@@ -136,32 +136,6 @@ class LlamaCppEngine:
         )
         return cls(llm, info)
 
-    # --- prompts (same rules as the transformers engine) -------------------------------------
-
-    def prompt_ids(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
-        if chat:
-            if not self.info.has_chat_template:
-                raise UnsupportedFeature(f"model {self.info.model} has no chat template; drop --chat")
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
-            ids = self.tokenizer(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise InvalidParams("prompt is empty after tokenization; give some text", field="prompt")
-        return ids
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
-        limit = self.info.context_length
-        if limit and prompt_tokens + params.max_new_tokens > limit:
-            raise InvalidParams(
-                f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
-                f"the engine's context of {limit} tokens; shorten the prompt or lower max_new_tokens",
-                field="max_new_tokens")
-
     # --- generation ----------------------------------------------------------------------------
 
     def _logits(self):
@@ -171,23 +145,6 @@ class LlamaCppEngine:
 
         view = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
         return torch.from_numpy(view.copy())[None, :]
-
-    def stream(self, prompt: str, params: GenerationParams, *, chat: bool = False,
-               system: str | None = None) -> Generation:
-        started = time.perf_counter()
-        ids = self.prompt_ids(prompt, chat=chat, system=system)
-        self.check_context(len(ids), params)
-        seed = choose_seed(params)
-        generation = Generation(iter(()))
-        generation._chunks = self._decode(generation, prompt, ids, params, seed, started)
-        return generation
-
-    def generate(self, prompt: str, params: GenerationParams, *, chat: bool = False,
-                 system: str | None = None) -> Result:
-        generation = self.stream(prompt, params, chat=chat, system=system)
-        for _ in generation:
-            pass
-        return generation.result
 
     def _decode(self, generation: Generation, prompt: str, ids: list[int], params: GenerationParams,
                 seed: int | None, started: float) -> Iterator[Chunk]:
@@ -217,9 +174,7 @@ class LlamaCppEngine:
 
     def next_token_logits(self, prompt: str, *, chat: bool = False, system: str | None = None):
         ids = self.prompt_ids(prompt, chat=chat, system=system)
-        if self.info.context_length and len(ids) > self.info.context_length:
-            raise InvalidParams(f"the prompt has {len(ids)} tokens, more than the engine's context of "
-                                f"{self.info.context_length} tokens; shorten it", field="prompt")
+        self.check_length(len(ids), "the prompt")
         self.llm.reset()
         self.llm.eval(ids)
         return self._logits()[0].float()
@@ -228,9 +183,7 @@ class LlamaCppEngine:
         import torch
 
         ids = [int(i) for i in ids]
-        if self.info.context_length and len(ids) > self.info.context_length:
-            raise InvalidParams(f"the text to score has {len(ids)} tokens, more than the engine's context of "
-                                f"{self.info.context_length} tokens; shorten it", field="prompt")
+        self.check_length(len(ids), "the text to score")
         values: list[float] = []
         self.llm.reset()
         for position in range(len(ids) - 1):
