@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -31,6 +32,10 @@ DEFAULT_MODEL = "gemma3-270m"
 MODEL_ENV = "LLMKIT_MODEL"
 CACHE_ENV = "LLMKIT_CACHE_DIR"
 CONVERSION_MARKER = "llmkit-conversion.json"
+CONVERSION_VERSION = 2  # bump when what a conversion writes changes, so old cache entries are redone
+# GGUF files mark control markers such as Gemma 3's <start_of_image> as "user-defined", beside
+# whitespace runs; transformers then treats the markers as text and they show up in output.
+MARKER_TOKEN = re.compile(r"^(<[^\s<>]+>|\[[^\s\[\]]+\])$")
 STAGING_PREFIX = ".staging-"
 GGUF_MAGIC = b"GGUF"
 _FINGERPRINT_BYTES = 1 << 20
@@ -195,8 +200,9 @@ def _fingerprint(path: Path) -> str:
 
 
 def conversion_dir(gguf_path: Path) -> Path:
+    """The cache folder for a GGUF file: its name, a fingerprint, and the conversion format's version."""
     stem = gguf_path.name[: -len(".gguf")] if gguf_path.name.lower().endswith(".gguf") else gguf_path.name
-    return cache_dir() / "converted" / f"{stem}-{_fingerprint(gguf_path)}"
+    return cache_dir() / "converted" / f"{stem}-{_fingerprint(gguf_path)}-v{CONVERSION_VERSION}"
 
 
 def is_complete_conversion(folder: Path) -> bool:
@@ -244,7 +250,16 @@ def convert_gguf(gguf_path: Path, progress: Progress | None = None) -> Path:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _remove_older_versions(target)
     return target
+
+
+def _remove_older_versions(target: Path) -> None:
+    """Conversions of the same file in an older format (-v1 had no suffix) are dead weight."""
+    base = target.name.rsplit("-v", 1)[0]
+    for entry in target.parent.glob(f"{base}*"):
+        if entry != target and entry.is_dir() and not entry.name.startswith(STAGING_PREFIX):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _remove_stale_staging(parent: Path) -> None:
@@ -283,6 +298,7 @@ def _write_conversion(gguf_path: Path, staging: Path, progress: Progress | None)
         del model.config.quantization_config
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    _mark_marker_tokens_special(staging / "tokenizer.json")
     marker = {
         "source": str(gguf_path),
         "source_bytes": gguf_path.stat().st_size,
@@ -291,6 +307,19 @@ def _write_conversion(gguf_path: Path, staging: Path, progress: Progress | None)
         "transformers": transformers.__version__,
     }
     (staging / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _mark_marker_tokens_special(tokenizer_file: Path) -> None:
+    """Flag added tokens that look like markers (<...>, [...]) as special, so decoding skips them."""
+    if not tokenizer_file.is_file():
+        return
+    document = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    changed = False
+    for token in document.get("added_tokens", []):
+        if not token.get("special") and MARKER_TOKEN.match(token.get("content", "")):
+            token["special"] = changed = True
+    if changed:
+        tokenizer_file.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
 
 
 class _gguf_progress:

@@ -135,3 +135,26 @@ def test_first_conversion_keeps_a_redirected_stderr_clean(tiny_gguf, cache_dir, 
     assert out.returncode == 0, out.stderr
     assert "de-quantizing" not in out.stderr and "%|" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "prompt tok" in out.stderr
+
+
+def test_marker_tokens_become_special_but_whitespace_tokens_stay_text(tmp_path):
+    """Gemma 3's GGUF marks <start_of_image> 'user-defined' like its whitespace runs; only markers are hidden."""
+    import json
+
+    path = tmp_path / "tokenizer.json"
+    tokens = ["<start_of_image>", "[multimodal]", "\n\n", "   ", "<end_of_turn>"]
+    path.write_text(json.dumps({"added_tokens": [
+        {"id": i, "content": c, "special": c == "<end_of_turn>"} for i, c in enumerate(tokens)]}))
+    models._mark_marker_tokens_special(path)
+    special = {t["content"]: t["special"] for t in json.loads(path.read_text())["added_tokens"]}
+    assert special == {"<start_of_image>": True, "[multimodal]": True, "\n\n": False, "   ": False,
+                       "<end_of_turn>": True}
+
+
+def test_a_new_conversion_replaces_older_formats_of_the_same_file(tiny_gguf, cache_dir):
+    target = models.conversion_dir(tiny_gguf)
+    old = target.with_name(target.name.rsplit("-v", 1)[0])  # the first format had no version suffix
+    old.mkdir(parents=True)
+    (old / models.CONVERSION_MARKER).write_text("{}")
+    assert models.convert_gguf(tiny_gguf) == target
+    assert [p for p, _ in models.cached_conversions()] == [target]
