@@ -58,6 +58,7 @@ class CompareSpec:
     stride: int | None = None  # default: half the window
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"
     timeout_s: float = 1800.0
     engines: tuple[str, ...] = ("transformers",)
 
@@ -68,8 +69,7 @@ class CompareSpec:
 
 def check_spec(spec: CompareSpec) -> None:
     """Everything wrong with the arguments, found before any model loads (exit code 2)."""
-    from llmkit.devices import check_device, check_dtype
-    from llmkit.engine import check_engine
+    from llmkit.engine import check_load_options
     from llmkit.params import parse_params
 
     if not spec.models:
@@ -91,12 +91,10 @@ def check_spec(spec: CompareSpec) -> None:
                             f"(got {spec.effective_stride})", field="stride")
     if not 0 < spec.timeout_s <= MAX_TIMEOUT_S:
         raise InvalidParams(f"timeout must be between 0 and {MAX_TIMEOUT_S} seconds", field="timeout")
-    check_device(spec.device)
-    check_dtype(spec.dtype)
     if not spec.engines:
         raise InvalidParams("give at least one engine", field="engine")
     for name in spec.engines:
-        check_engine(name)
+        check_load_options(device=spec.device, dtype=spec.dtype, quantize=spec.quantize, engine=name)
     parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
 
 
@@ -196,15 +194,16 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
 
     source = resolve(reference)
     _stage("preparing")
-    prepare(reference, engine=engine_name,
-            progress=lambda stage, done, total: _stage(f"{stage} {done}/{total}" if total else stage))
     device = resolve_device(spec.device)
+    prepare(reference, engine=engine_name, device=device, dtype=spec.dtype, quantize=spec.quantize,
+            progress=lambda stage, done, total: _stage(f"{stage} {done}/{total}" if total else stage))
     with ResourceSampler() as sampler:
         if device.startswith("cuda"):
             sampler.watch_gpu(int(device.split(":")[1]) if ":" in device else 0)
         sampler.phase("load")
         _stage("loading")
-        engine = load_engine(reference, device=device, dtype=spec.dtype, engine=engine_name)
+        engine = load_engine(reference, device=device, dtype=spec.dtype, quantize=spec.quantize,
+                             engine=engine_name)
         sampler.phase("inference")
         params = parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
         for index in range(spec.warmup):

@@ -59,6 +59,7 @@ class MonitorSpec:
     device: str = "auto"
     dtype: str = "auto"
     engine: str = "transformers"
+    quantize: str = "none"
 
     def params(self) -> GenerationParams:
         return parse_params(greedy=True, max_new_tokens=self.max_new_tokens)
@@ -66,8 +67,7 @@ class MonitorSpec:
 
 def check_spec(spec: MonitorSpec) -> GenerationParams:
     """Everything that can be wrong with the request, found before anything loads."""
-    from llmkit.devices import check_device, check_dtype
-    from llmkit.engine import check_engine
+    from llmkit.engine import check_load_options
 
     if not 1 <= spec.runs <= MAX_RUNS:
         raise InvalidParams(f"runs must be between 1 and {MAX_RUNS} (got {spec.runs})", field="runs")
@@ -75,9 +75,7 @@ def check_spec(spec: MonitorSpec) -> GenerationParams:
         raise InvalidParams(f"warmup must be at least 0 (got {spec.warmup})", field="warmup")
     if not spec.prompt.strip():
         raise InvalidParams("the prompt is empty", field="prompt")
-    check_device(spec.device)
-    check_dtype(spec.dtype)
-    check_engine(spec.engine)
+    check_load_options(device=spec.device, dtype=spec.dtype, quantize=spec.quantize, engine=spec.engine)
     return spec.params()
 
 
@@ -192,12 +190,13 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
 
     sampler.phase("prepare")
     report("prepare", 0, None)
-    prepare(spec.model, engine=spec.engine, progress=progress)  # first-use GGUF work: not part of `load`
+    prepare(spec.model, engine=spec.engine, progress=progress, device=device, dtype=spec.dtype,
+            quantize=spec.quantize)  # first-use GGUF work: not part of `load`
 
     sampler.phase("load")
     rss_before_load = sampler.latest().rss_bytes  # the phase's first sample, so its peak is >= this
     report("load", 0, None)
-    engine = load_engine(spec.model, device=device, dtype=spec.dtype, engine=spec.engine)
+    engine = load_engine(spec.model, device=device, dtype=spec.dtype, quantize=spec.quantize, engine=spec.engine)
     prompt_tokens = len(engine.prompt_ids(spec.prompt))
 
     sampler.phase("warmup")

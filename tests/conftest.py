@@ -16,6 +16,9 @@ import pytest
 os.environ.setdefault("COLUMNS", "120")
 os.environ["NO_COLOR"] = "1"
 os.environ["LLMKIT_NO_PROGRESS"] = "1"
+# Exactness tests compare against float32 computations; tests of the faster dtypes ask for them by name,
+# and tests of what `auto` picks remove this.
+os.environ["LLMKIT_DTYPE"] = "float32"
 
 CORPUS = """\
 The sea at night is dark and quiet, and the boats rest in the harbour until morning.
@@ -33,7 +36,7 @@ CHAT_TEMPLATE = (
 
 
 def build_tiny_model(folder: Path, *, chat_template: str | None = CHAT_TEMPLATE, seed: int = 0,
-                     layers: int = 2, context: int = 256) -> Path:
+                     layers: int = 2, context: int = 256, init_std: float = 0.02) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -51,7 +54,7 @@ def build_tiny_model(folder: Path, *, chat_template: str | None = CHAT_TEMPLATE,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=context, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=False, initializer_range=init_std)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)

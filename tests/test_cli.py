@@ -33,7 +33,9 @@ def test_json_schema(cli, tiny_model_dir):
                  "--json", PROMPT)
     assert result.exit_code == 0
     record = json.loads(result.stdout)
-    assert set(record) == {"model", "prompt", "completions", "usage", "timings", "seed", "params"}
+    assert set(record) == {"model", "prompt", "completions", "usage", "timings", "seed", "params", "engine"}
+    assert record["engine"]["engine"] == "transformers" and record["engine"]["dtype"] == "float32"
+    assert record["engine"]["choices"]["dtype"] == "float32 (LLMKIT_DTYPE=float32)"
     assert [c["index"] for c in record["completions"]] == [0, 1]
     assert set(record["completions"][0]) == {"index", "text", "finish_reason", "generated_tokens"}
     assert record["usage"]["completion_tokens"] == sum(c["generated_tokens"] for c in record["completions"])

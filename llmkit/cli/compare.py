@@ -49,9 +49,10 @@ def compare(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per model before its row fails.")] = 1800.0,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    quantize: options.QuantizeOpt = "none",
     engines: Annotated[Optional[list[str]], typer.Option(
         "--engine", show_default=False, rich_help_panel=options.MODEL_PANEL,
-        help="transformers (default) or llama.cpp; repeat it to compare engines on the same models.")] = None,
+        help="transformers (default), llama.cpp or auto; repeat it to compare engines on the same models.")] = None,
 ) -> None:
     """Run the same work on every model, each in its own subprocess, and show them side by side.
 
@@ -69,7 +70,7 @@ def compare(
         text=read_text_file(text_file) if text_file is not None else reference_text(),
         text_name=str(text_file) if text_file is not None else "llmkit reference text",
         runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, window=window, stride=stride,
-        device=device, dtype=dtype, timeout_s=timeout, engines=tuple(engines or ("transformers",)),
+        device=device, dtype=dtype, quantize=quantize, timeout_s=timeout, engines=tuple(engines or ("transformers",)),
     )
     check_spec(spec)
     if plot is not None:

@@ -18,8 +18,7 @@ from typer.core import TyperGroup
 
 from llmkit.cli import options, render
 from llmkit.cli.generate import read_prompt
-from llmkit.devices import check_device, check_dtype
-from llmkit.engine import check_engine
+from llmkit.engine import check_load_options
 from llmkit.errors import InvalidParams
 from llmkit.explore import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -120,6 +119,7 @@ def sweep(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: one row per setting.")] = False,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    quantize: options.QuantizeOpt = "none",
     engine_name: options.EngineOpt = "transformers",
 ) -> None:
     """Generate under many sampling settings (a preset or a --param grid) and compare texts and metrics."""
@@ -127,9 +127,7 @@ def sweep(
         raise InvalidParams("--system needs --chat", field="system")
     if as_json and as_csv:
         raise InvalidParams("choose one of --json and --csv", field="output")
-    check_device(device)
-    check_engine(engine_name)
-    check_dtype(dtype)
+    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name)
     knob_sets = grid_knobs(parse_grid(param)) if param else list(PRESET)
     plan = plan_sweep(knob_sets, samples=samples, seed=seed,
                       fixed={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens})
@@ -138,11 +136,12 @@ def sweep(
     from llmkit.engine import load_engine
 
     with render.loading(model or "model") as progress:
-        engine = load_engine(model, device=device, dtype=dtype, progress=progress, engine=engine_name)
+        engine = load_engine(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
+                             engine=engine_name)
     with render.explore_progress(plan.runs) as progress:
         result = run_sweep(engine, text, plan, chat=chat, system=system, progress=progress)
     if as_json:
-        render.json_document(result.to_dict())
+        render.json_document({**result.to_dict(), "engine": engine.info.setup()})
     elif as_csv:
         render.explore_csv(result.rows())
     else:
@@ -168,6 +167,7 @@ def next_token(
         help="Also draw the charts into this PNG file (needs the llmkit\\[plot] extra: matplotlib).")] = None,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    quantize: options.QuantizeOpt = "none",
     engine_name: options.EngineOpt = "transformers",
 ) -> None:
     """Show the model's next-token distribution under each setting: bars, entropy, and what top-k / top-p cut.
@@ -180,9 +180,7 @@ def next_token(
         raise InvalidParams("--system needs --chat", field="system")
     if not 1 <= top <= MAX_TOP:
         raise InvalidParams(f"--top must be between 1 and {MAX_TOP} (got {top})", field="top")
-    check_device(device)
-    check_engine(engine_name)
-    check_dtype(dtype)
+    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name)
     given = {name: values for name, values in
              (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)) if values}
     specs = [f"{name}={','.join(values)}" for name, values in given.items()]
@@ -197,13 +195,14 @@ def next_token(
     from llmkit.engine import load_engine
 
     with render.loading(model or "model") as progress:
-        engine = load_engine(model, device=device, dtype=dtype, progress=progress, engine=engine_name)
+        engine = load_engine(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
+                             engine=engine_name)
     logits = engine.next_token_logits(text, chat=chat, system=system)
     view = next_token_view(logits, settings, decode=lambda i: engine.tokenizer.decode([i]), top=top,
                            model=engine.info.model, prompt=text,
                            prompt_tokens=len(engine.prompt_ids(text, chat=chat, system=system)))
     if as_json:
-        render.json_document(view.to_dict())
+        render.json_document({**view.to_dict(), "engine": engine.info.setup()})
     else:
         render.next_token_tables(view)
     if plot is not None:

@@ -11,8 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmkit.cli import options, render
-from llmkit.devices import check_device, check_dtype
-from llmkit.engine import check_engine
+from llmkit.engine import check_load_options
 from llmkit.errors import InvalidParams, LlmkitError
 from llmkit.params import PARAM_NAMES, GenerationParams, parse_params
 
@@ -64,6 +63,7 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    quantize: options.QuantizeOpt = "none",
     engine_name: options.EngineOpt = "transformers",
 ) -> None:
     """Generate text from a prompt, streamed to the terminal; timings go to stderr."""
@@ -72,9 +72,7 @@ def generate(
                       num_sequences=num_sequences, stop=stop or None)
     if system is not None and not chat:
         raise InvalidParams("--system needs --chat", field="system")
-    check_device(device)
-    check_dtype(dtype)
-    check_engine(engine_name)
+    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name)
     if input_file is not None:
         if prompt is not None:
             raise InvalidParams("give either a PROMPT or --input-file, not both", field="prompt")
@@ -86,7 +84,8 @@ def generate(
 
     name = model or "model"
     with render.loading(name) as progress:
-        engine = load_engine(model, device=device, dtype=dtype, progress=progress, engine=engine_name)
+        engine = load_engine(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
+                             engine=engine_name)
 
     if input_file is not None:
         run_batch(engine, jobs, chat=chat, system=system, quiet=quiet)
@@ -157,7 +156,8 @@ def run_one(engine, job: Job, *, chat: bool, system: str | None, as_json: bool, 
             pass
     result = generation.result
     if as_json:
-        render.json_line({**job.extra, "model": engine.info.model, **result.to_dict()})
+        render.json_line({**job.extra, "model": engine.info.model, **result.to_dict(),
+                           "engine": engine.info.setup()})
     elif not live:
         for completion in result.completions:
             render.sequence_header(completion.index, n)
@@ -177,7 +177,8 @@ def run_batch(engine, jobs: list[Job], *, chat: bool, system: str | None, quiet:
             failures += 1
             render.json_line({**job.extra, "origin": job.origin, "error": str(exc)})
             continue
-        render.json_line({**job.extra, "model": engine.info.model, **result.to_dict()})
+        render.json_line({**job.extra, "model": engine.info.model, **result.to_dict(),
+                           "engine": engine.info.setup()})
         if not quiet:
             render.timing_line(result)
     if failures:

@@ -39,6 +39,7 @@ def monitor(
         "--plot", show_default=False, help="Draw memory and CPU over time, phases marked (needs llmkit[plot]).")] = None,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    quantize: options.QuantizeOpt = "none",
     engine: options.EngineOpt = "transformers",
 ) -> None:
     """Measure load time, memory, CPU/GPU, TTFT and tokens/s of a model over repeated runs."""
@@ -49,7 +50,7 @@ def monitor(
     text = read_prompt_file(prompt_file) if prompt_file is not None else (prompt if prompt is not None
                                                                           else DEFAULT_PROMPT)
     spec = MonitorSpec(model=model, prompt=text, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
-                       device=device, dtype=dtype, engine=engine)
+                       device=device, dtype=dtype, engine=engine, quantize=quantize)
     check_spec(spec)
     if plot is not None:
         from llmkit.plots import require_matplotlib

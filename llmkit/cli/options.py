@@ -32,11 +32,17 @@ DeviceOpt = Annotated[str, typer.Option(
     "--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda, cuda:N or mps (auto: CUDA when present).")]
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", rich_help_panel=MODEL_PANEL,
-    help="auto, float32, bfloat16 or float16 (auto: bfloat16 on CUDA, float32 on CPU).")]
+    help="auto, float32, bfloat16 or float16 (auto: $LLMKIT_DTYPE when set, else bfloat16 on CUDA and on "
+         "CPUs with native BF16, else float32).")]
+QuantizeOpt = Annotated[str, typer.Option(
+    "--quantize", rich_help_panel=MODEL_PANEL,
+    help="none or int8 (transformers engine on the CPU: int8 weights, bfloat16 compute; faster, "
+         "slightly different text).")]
 
 EngineOpt = Annotated[str, typer.Option(
     "--engine", rich_help_panel=MODEL_PANEL,
-    help="transformers (any model) or llama.cpp (GGUF files and aliases; pip install 'llmkit\\[llamacpp]').")]
+    help="transformers (any model), llama.cpp (GGUF files and aliases; pip install 'llmkit\\[llamacpp]') "
+         "or auto (llama.cpp for a GGUF model on the CPU when installed).")]
 
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-new-tokens", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("max_new_tokens"))]

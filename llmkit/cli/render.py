@@ -203,6 +203,9 @@ def monitor_report(report: dict[str, Any]) -> None:
               f"{config['runs']} runs after {config['warmup']} warm-up · sampler "
               f"{report['sampler']['samples_per_s'] or 0:.0f} samples/s")
 
+    for name, why in model.get("choices", {}).items():
+        out.print(f"  [dim]{escape(name)}:[/] {escape(why)}")
+
     phases = Table(title="Phases", title_justify="left")
     for column in ("phase", "wall", "CPU", "peak RSS", "GPU util", "GPU mem peak"):
         phases.add_column(column, justify="left" if column == "phase" else "right")

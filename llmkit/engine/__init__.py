@@ -2,14 +2,16 @@
 
 Two engines share one interface (prompt_ids, stream, generate, check_context,
 next_token_logits, token_logprobs, info, tokenizer): transformers for every model, and
-llama.cpp for GGUF files (extra `llmkit[llamacpp]`). Importing this package is light;
+llama.cpp for GGUF files (extra `llmkit[llamacpp]`). `auto` picks llama.cpp for a GGUF
+model (an alias or a .gguf file) on the CPU when it is installed and no --dtype or
+--quantize asks for transformers, else transformers. Importing this package is light;
 torch, transformers and llama_cpp load in `load_engine`.
 """
 
 from llmkit.engine.types import Chunk, Completion, EngineInfo, Result, Timings, Usage
 from llmkit.errors import InvalidParams
 
-ENGINES = ("transformers", "llama.cpp")
+ENGINES = ("transformers", "llama.cpp", "auto")
 DEFAULT_ENGINE = "transformers"
 
 
@@ -19,10 +21,46 @@ def check_engine(name: str) -> str:
     return name
 
 
-def prepare(model=None, *, engine=DEFAULT_ENGINE, progress=None):
+def check_load_options(*, device: str, dtype: str, quantize: str, engine: str) -> None:
+    """Every load option checked before anything heavy is imported (exit 2 without loading)."""
+    from llmkit.devices import check_device, check_dtype, check_quantize
+
+    check_device(device)
+    check_dtype(dtype)
+    check_quantize(quantize)
+    check_engine(engine)
+
+
+def choose_engine(name: str, model=None, *, device="auto", dtype="auto", quantize="none") -> tuple[str, str]:
+    """(engine, why) for an engine name; resolves `auto`, passes the others through."""
+    check_engine(name)
+    if name != "auto":
+        return name, "asked for"
+    from llmkit.models import resolve
+
+    source = resolve(model)
+    if source.kind not in ("alias", "gguf"):
+        return "transformers", f"auto: {source.name} is a {source.kind} model, not a GGUF file"
+    if dtype != "auto" or quantize != "none":
+        return "transformers", "auto: --dtype/--quantize ask for transformers"
+    from llmkit.engine.llamacpp import llamacpp_installed
+
+    if not llamacpp_installed():
+        return "transformers", "auto: llama-cpp-python is not installed (pip install 'llmkit[llamacpp]')"
+    if device not in ("auto", "cpu"):
+        return "transformers", f"auto: device {device} (the llama.cpp engine runs on the CPU)"
+    if device == "auto":
+        from llmkit.devices import resolve_device
+
+        if resolve_device("auto") != "cpu":
+            return "transformers", "auto: a GPU is present (the llama.cpp engine runs on the CPU)"
+    return "llama.cpp", "auto: a GGUF model on the CPU with llama-cpp-python installed"
+
+
+def prepare(model=None, *, engine=DEFAULT_ENGINE, progress=None, device="auto", dtype="auto", quantize="none"):
     """One-time work before a load (a GGUF conversion for transformers, joining a chunked alias),
     so that measurements of the load itself exclude it."""
-    check_engine(engine)
+    engine = choose_engine(engine, model, device=device, dtype=dtype, quantize=quantize)[0]
     if engine == "llama.cpp":
         from llmkit.engine.llamacpp import gguf_path_for
 
@@ -32,17 +70,23 @@ def prepare(model=None, *, engine=DEFAULT_ENGINE, progress=None):
     return local_folder(resolve(model), progress)
 
 
-def load_engine(model=None, *, device="auto", dtype="auto", progress=None, engine=DEFAULT_ENGINE):
-    """Load `model` (alias, folder, .gguf file or Hub id) once with the named engine."""
-    check_engine(engine)
+def load_engine(model=None, *, device="auto", dtype="auto", quantize="none", progress=None,
+                engine=DEFAULT_ENGINE):
+    """Load `model` (alias, folder, .gguf file or Hub id) once with the named engine (or `auto`)."""
+    import dataclasses
+
+    engine, why = choose_engine(engine, model, device=device, dtype=dtype, quantize=quantize)
     if engine == "llama.cpp":
         from llmkit.engine.llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine.load(model, device=device, dtype=dtype, progress=progress)
-    from llmkit.engine.engine import TransformersEngine
+        loaded = LlamaCppEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress)
+    else:
+        from llmkit.engine.engine import TransformersEngine
 
-    return TransformersEngine.load(model, device=device, dtype=dtype, progress=progress)
+        loaded = TransformersEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress)
+    loaded.info = dataclasses.replace(loaded.info, choices={"engine": f"{engine} ({why})", **loaded.info.choices})
+    return loaded
 
 
 __all__ = ["Chunk", "Completion", "ENGINES", "EngineInfo", "Result", "Timings", "Usage", "check_engine",
-           "load_engine", "prepare"]
+           "check_load_options", "choose_engine", "load_engine", "prepare"]

@@ -8,6 +8,7 @@ with its own KV cache, so any causal LM transformers can load works here.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -17,6 +18,7 @@ from llmkit.engine.sampling import pick_tokens
 from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.engine.types import Chunk, EngineInfo
 from llmkit.errors import (
+    InvalidParams,
     ModelLoadError,
     ModelUnavailableOffline,
     OutOfMemory,
@@ -38,6 +40,7 @@ class TransformersEngine(Engine):
         self.tokenizer = tokenizer
         self.info = info
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._gemv_switch = info.choices.get("decode_matmul", "").startswith("torch gemv")
         # transformers 5 renamed forward's `past_key_values` to `cache`; accept either.
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
@@ -46,11 +49,15 @@ class TransformersEngine(Engine):
 
     @classmethod
     def load(cls, reference: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             progress: Progress | None = None) -> "TransformersEngine":
-        from llmkit.devices import check_device, check_dtype, resolve_device, resolve_dtype
+             quantize: str = "none", progress: Progress | None = None) -> "TransformersEngine":
+        from llmkit.devices import check_device, check_dtype, check_quantize, choose_dtype, resolve_device
 
         check_device(device)
         check_dtype(dtype)
+        check_quantize(quantize)
+        if quantize == "int8" and dtype not in ("auto", "bfloat16"):
+            raise InvalidParams(f"--quantize int8 computes in bfloat16 (its kernel takes bfloat16 activations); "
+                                f"drop --dtype {dtype} or use --dtype bfloat16", field="dtype")
         source = resolve(reference)
         started = time.perf_counter()
         _quiet_transformers()
@@ -59,7 +66,11 @@ class TransformersEngine(Engine):
         try:
             folder = local_folder(source, progress)
             device_name = resolve_device(device)
-            torch_dtype = resolve_dtype(dtype, device_name)
+            if quantize == "int8" and device_name != "cpu":
+                raise InvalidParams(f"--quantize int8 runs on the CPU only (device {device_name}); use "
+                                    "--dtype bfloat16 on a GPU, or --device cpu", field="quantize")
+            torch_dtype, dtype_why = (torch.bfloat16, "int8 weight-only computes in bfloat16") \
+                if quantize == "int8" else choose_dtype(dtype, device_name)
             if progress:
                 progress(f"loading {source.name}", 0, None)
             if folder is not None:
@@ -67,6 +78,7 @@ class TransformersEngine(Engine):
             else:
                 model, tokenizer = _load_from_hub(source.location, torch_dtype)
             model.to(device_name).eval()
+            choices = _speed_choices(model, device_name, torch_dtype, dtype_why, quantize)
         except (MemoryError, torch.OutOfMemoryError):
             raise OutOfMemory(f"not enough memory to load {source.name}; try a smaller model or "
                               "--dtype bfloat16") from None
@@ -81,8 +93,18 @@ class TransformersEngine(Engine):
             context_length=_context_length(model.config),
             has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
             load_s=time.perf_counter() - started,
+            quantize=quantize,
+            choices=choices,
         )
         return cls(model, tokenizer, info)
+
+    def step_context(self, token_rows: int):
+        """The kernel setting for one forward pass of `token_rows` rows (batch x new tokens)."""
+        from llmkit.engine.fastpath import GEMV_MAX_ROWS, onednn_off
+
+        if self._gemv_switch and token_rows <= GEMV_MAX_ROWS:
+            return onednn_off()
+        return contextlib.nullcontext()
 
     def _decode(self, generation: Generation, prompt: str, ids: list[int], params: GenerationParams,
                 seed: int | None, started: float) -> Iterator[Chunk]:
@@ -101,8 +123,9 @@ class TransformersEngine(Engine):
         try:
             with torch.inference_mode():
                 for _step in range(params.max_new_tokens):
-                    out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
-                                     **{self._cache_arg: past})
+                    with self.step_context(input_ids.numel()):
+                        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                                         **{self._cache_arg: past})
                     past = out.get("cache", out.get("past_key_values"))
                     logits = out.logits[:, -1, :]
                     next_ids = pick_tokens(logits, params, generators,
@@ -166,6 +189,28 @@ class TransformersEngine(Engine):
 
 
 # --- loading helpers --------------------------------------------------------------------------
+
+
+def _speed_choices(model, device: str, torch_dtype, dtype_why: str, quantize: str) -> dict[str, str]:
+    """Apply --quantize and say how decoding will run; EngineInfo.choices shows this to users."""
+    from llmkit.engine.fastpath import GEMV_MAX_ROWS, quantize_int8, uses_gemv_switch
+
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    choices = {"dtype": f"{dtype_name} ({dtype_why})"}
+    if quantize == "int8":
+        replaced = quantize_int8(model)
+        choices["quantize"] = f"int8 weight-only, one scale per output channel, {replaced} Linear layers"
+    else:
+        choices["quantize"] = "none"
+    if quantize == "int8":
+        choices["decode_matmul"] = "torch _weight_int8pack_mm (int8 weights x bfloat16 activations)"
+    elif uses_gemv_switch(device, torch_dtype):
+        choices["decode_matmul"] = (f"torch gemv for steps of <= {GEMV_MAX_ROWS} token rows (oneDNN off), "
+                                    "oneDNN for prefill and larger batches")
+    else:
+        choices["decode_matmul"] = f"torch default ({'oneDNN/MKL' if device == 'cpu' else device})"
+    choices["kv_cache"] = "dynamic (static cache + torch.compile did not pay off on the CPU; see README)"
+    return choices
 
 
 def _quiet_transformers() -> None:

@@ -97,17 +97,22 @@ class LlamaCppEngine(Engine):
 
     @classmethod
     def load(cls, reference: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             progress: Progress | None = None, threads: int | None = None) -> "LlamaCppEngine":
-        from llmkit.devices import check_device, check_dtype
+             quantize: str = "none", progress: Progress | None = None,
+             threads: int | None = None) -> "LlamaCppEngine":
+        from llmkit.devices import check_device, check_dtype, check_quantize
 
         check_device(device)
         check_dtype(dtype)
+        check_quantize(quantize)
         if device not in ("auto", "cpu"):
             raise UnsupportedFeature("llmkit's llama.cpp engine runs on the CPU; use --device cpu or "
                                      "--engine transformers")
         if dtype != "auto":
             raise UnsupportedFeature("the llama.cpp engine computes in the GGUF file's own quantized types; "
                                      "drop --dtype, or use --engine transformers")
+        if quantize != "none":
+            raise UnsupportedFeature("the llama.cpp engine runs the GGUF file's own quantization; drop "
+                                     "--quantize, or use --engine transformers")
         if not llamacpp_installed():
             raise UnsupportedFeature(f"the llama.cpp engine needs llama-cpp-python: {INSTALL_HINT}")
         path = gguf_path_for(reference, progress)
@@ -133,6 +138,9 @@ class LlamaCppEngine(Engine):
             context_length=context,
             has_chat_template=bool(llm.metadata.get("tokenizer.chat_template")),
             load_s=time.perf_counter() - started,
+            choices={"dtype": "the GGUF file's own tensor types", "quantize": "as stored in the GGUF",
+                     "decode_matmul": f"llama.cpp ggml kernels, {llm.n_threads} threads",
+                     "kv_cache": f"llama.cpp, {DEFAULT_CONTEXT} tokens"},
         )
         return cls(llm, info)
 

@@ -88,6 +88,8 @@ class Result:
 
 @dataclass(frozen=True)
 class EngineInfo:
+    """What was loaded and how; `choices` says why each speed-relevant setting is what it is."""
+
     model: str
     source_kind: str
     location: str
@@ -98,6 +100,14 @@ class EngineInfo:
     context_length: int | None
     has_chat_template: bool
     load_s: float
+    quantize: str = "none"
+    # How this engine was set up to run fast, and why: {"dtype": "...", "decode_matmul": "...", ...}.
+    choices: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def setup(self) -> dict[str, Any]:
+        """The speed-relevant setup, for --json lines: engine, device, dtype, quantize and why."""
+        return {"engine": self.engine, "device": self.device, "dtype": self.dtype, "quantize": self.quantize,
+                "choices": dict(self.choices)}

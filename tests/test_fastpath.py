@@ -1,0 +1,178 @@
+"""The faster configurations: what `auto` picks, and that each one computes what float32 computes.
+
+Tolerances (tiny random model, weights N(0, 0.02)), as the README states them:
+- float32 (any path): identical greedy tokens and logits.
+- float16 / bfloat16 / int8: the log-softmax over a whole teacher-forced sequence stays within
+  MAX_LOGPROB_ERROR of float32's; greedy tokens are identical to float32's up to the first step
+  where float32's own top-two margin is smaller than twice that error (where a flip is allowed).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmkit import devices
+from llmkit.engine import check_load_options, choose_engine, load_engine
+from llmkit.engine.fastpath import GEMV_MAX_ROWS, Int8WeightOnlyLinear, quantize_int8
+from llmkit.errors import InvalidParams, UnsupportedFeature
+from llmkit.params import GenerationParams
+
+PROMPT = "The quick brown fox"
+MAX_LOGPROB_ERROR = {("float16", "none"): 2e-3, ("bfloat16", "none"): 1e-2, ("auto", "int8"): 2e-2}
+GREEDY = GenerationParams(max_new_tokens=32, temperature=0.0)
+
+
+# --- what auto picks ------------------------------------------------------------------------
+
+
+def test_native_bf16_flag_reads_cpu_flags():
+    assert devices.native_bf16_flag("processor: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n") \
+        == "avx512_bf16"
+    assert devices.native_bf16_flag("flags : fpu amx_tile amx_bf16\n") == "amx_bf16"
+    assert devices.native_bf16_flag("flags : fpu sse2 avx2 fma\n") is None
+    assert devices.native_bf16_flag("model name : Apple M2\n") is None
+
+
+@pytest.mark.parametrize("flag, expected", [("avx512_bf16", torch.bfloat16), (None, torch.float32)])
+def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, flag, expected):
+    monkeypatch.delenv(devices.DTYPE_ENV, raising=False)
+    monkeypatch.setattr(devices, "native_bf16_flag", lambda: flag)
+    dtype, why = devices.choose_dtype("auto", "cpu")
+    assert dtype == expected
+    assert why.startswith("auto:") and (flag or "no native bfloat16") in why
+
+
+def test_dtype_env_sets_auto_but_not_an_explicit_dtype(monkeypatch):
+    monkeypatch.setenv(devices.DTYPE_ENV, "float16")
+    assert devices.choose_dtype("auto", "cpu") == (torch.float16, "LLMKIT_DTYPE=float16")
+    assert devices.choose_dtype("bfloat16", "cpu") == (torch.bfloat16, "asked for")
+    monkeypatch.setenv(devices.DTYPE_ENV, "int4")
+    with pytest.raises(InvalidParams, match="LLMKIT_DTYPE must be one of"):
+        devices.choose_dtype("auto", "cpu")
+
+
+def test_auto_engine_choice(tiny_model_dir, tmp_path):
+    assert choose_engine("transformers", "anything") == ("transformers", "asked for")
+    engine, why = choose_engine("auto", str(tiny_model_dir))
+    assert engine == "transformers" and "folder" in why
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert choose_engine("auto", str(gguf), dtype="float32")[0] == "transformers"
+    assert choose_engine("auto", str(gguf), quantize="int8")[0] == "transformers"
+    engine, why = choose_engine("auto", str(gguf), device="cpu")
+    from llmkit.engine.llamacpp import llamacpp_installed
+
+    assert engine == ("llama.cpp" if llamacpp_installed() else "transformers"), why
+
+
+def test_bad_load_options_are_caught_before_loading():
+    with pytest.raises(InvalidParams, match="quantize must be one of none, int8"):
+        check_load_options(device="cpu", dtype="auto", quantize="int4", engine="transformers")
+    with pytest.raises(InvalidParams, match="engine must be one of"):
+        check_load_options(device="cpu", dtype="auto", quantize="none", engine="vllm")
+
+
+def test_int8_refuses_other_dtypes_and_devices(tiny_model_dir):
+    with pytest.raises(InvalidParams, match="computes in bfloat16"):
+        load_engine(str(tiny_model_dir), device="cpu", dtype="float32", quantize="int8")
+
+
+def test_llamacpp_engine_refuses_quantize(tiny_model_dir):
+    with pytest.raises(UnsupportedFeature, match="GGUF file's own quantization|needs llama-cpp-python"):
+        load_engine(str(tiny_model_dir), engine="llama.cpp", quantize="int8")
+
+
+# --- int8 weight-only -----------------------------------------------------------------------
+
+
+def test_int8_linear_error_is_within_its_rounding_bound():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    quantized = Int8WeightOnlyLinear(linear)
+    x = torch.randn(5, 64).bfloat16()
+    exact = torch.nn.functional.linear(x.float(), linear.weight.detach(), linear.bias.detach())
+    got = quantized(x).float()
+    # Each weight is off by at most half a step (scale / 2): |error| <= sum_k |x_k| * scale / 2, plus bfloat16's
+    # rounding of the result (2^-8 relative).
+    bound = x.float().abs().sum(dim=1, keepdim=True) * quantized.scales.float()[None, :] / 2
+    assert torch.all((got - exact).abs() <= bound + exact.abs() * 2 ** -7 + 1e-3)
+    assert quantized.weight_int8.dtype == torch.int8 and quantized.weight_int8.abs().max() == 127
+
+
+def test_quantize_int8_replaces_every_linear_including_the_head(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert quantize_int8(model) == linears > 0
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, Int8WeightOnlyLinear)
+
+
+# --- each configuration against float32 -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def float32_reference(tiny_engine):
+    result = tiny_engine.generate(PROMPT, GREEDY)
+    prompt_ids = tiny_engine.prompt_ids(PROMPT)
+    ids = prompt_ids + list(result.completions[0].token_ids)
+    return result.completions[0].token_ids, ids, len(prompt_ids), _logprobs(tiny_engine, ids)
+
+
+def _logprobs(engine, ids):
+    with torch.inference_mode():
+        return engine.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("dtype, quantize", list(MAX_LOGPROB_ERROR))
+def test_configuration_matches_float32_within_tolerance(tiny_model_dir, float32_reference, dtype, quantize):
+    tokens, ids, prompt_len, reference = float32_reference
+    assert len(tokens) == GREEDY.max_new_tokens  # a long enough sequence to compare
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize=quantize)
+    assert engine.info.dtype == ("bfloat16" if quantize == "int8" else dtype)
+    assert engine.info.quantize == quantize
+
+    tolerance = MAX_LOGPROB_ERROR[(dtype, quantize)]
+    error = (_logprobs(engine, ids) - reference).abs().max().item()
+    assert error <= tolerance
+    assert error > 0  # it really ran in another precision
+
+    top2 = reference[prompt_len - 1:-1].topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+    must_agree = next((i for i, margin in enumerate(margins) if margin < 2 * tolerance), len(margins))
+    got = engine.generate(PROMPT, GREEDY).completions[0].token_ids
+    assert got[:must_agree] == tokens[:must_agree]
+
+
+def test_float32_paths_are_identical(tiny_engine, tiny_model_dir, float32_reference):
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="float32")
+    assert engine.generate(PROMPT, GREEDY).completions[0].token_ids == float32_reference[0]
+    assert "oneDNN/MKL" in engine.info.choices["decode_matmul"]
+
+
+def test_small_steps_switch_onednn_off_and_restore_it(tiny_model_dir):
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    assert engine.info.choices["decode_matmul"].startswith("torch gemv")
+    assert torch._C._get_mkldnn_enabled()
+    with engine.step_context(GEMV_MAX_ROWS):
+        assert not torch._C._get_mkldnn_enabled()
+    assert torch._C._get_mkldnn_enabled()
+    with engine.step_context(GEMV_MAX_ROWS + 1):
+        assert torch._C._get_mkldnn_enabled()
+
+
+def test_choices_reach_json_and_monitor(cli, tiny_model_dir):
+    record = json.loads(cli("generate", "-m", str(tiny_model_dir), "--quantize", "int8", "--greedy",
+                            "--max-new-tokens", "4", "--json", PROMPT).stdout)
+    assert record["engine"]["quantize"] == "int8" and record["engine"]["dtype"] == "bfloat16"
+    assert record["engine"]["choices"]["quantize"].startswith("int8 weight-only")
+    report = cli("monitor", "-m", str(tiny_model_dir), "--quantize", "int8", "--runs", "1", "--warmup", "0",
+                 "--max-new-tokens", "4")
+    assert report.exit_code == 0
+    assert "quantize: int8 weight-only" in report.stdout and "_weight_int8pack_mm" in report.stdout
+    bad = cli("generate", "-m", str(tiny_model_dir), "--quantize", "int8", "--dtype", "float16", PROMPT)
+    assert bad.exit_code == 2 and "computes in bfloat16" in bad.stderr
