@@ -64,3 +64,25 @@ def test_smollm2_chat_when_installed():
     result = engine.generate("What is the capital of France?", parse_params(greedy=True, max_new_tokens=16),
                              chat=True, system="Answer in one short sentence.")
     assert "Paris" in result.text
+
+
+@pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("auto", "int8")])
+def test_faster_configurations_follow_float32_on_the_real_model(default_engine, dtype, quantize):
+    """Greedy tokens equal float32's until float32 itself is unsure (top-two log-prob margin < 0.3)."""
+    import torch
+
+    from llmkit.engine import load_engine
+
+    prompt, params = "The capital of France is", parse_params(greedy=True, max_new_tokens=16)
+    reference = default_engine.generate(prompt, params).completions[0].token_ids
+    ids = default_engine.prompt_ids(prompt) + list(reference)
+    with torch.inference_mode():
+        logprobs = default_engine.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    top2 = logprobs[len(ids) - len(reference) - 1:-1].topk(2, dim=-1).values
+    must_agree = next((i for i, (a, b) in enumerate(top2.tolist()) if a - b < 0.3), len(reference))
+    assert must_agree >= 3  # the comparison below covers several tokens
+
+    engine = load_engine(None, dtype=dtype, quantize=quantize)
+    assert engine.info.dtype == "bfloat16"
+    got = engine.generate(prompt, params).completions[0].token_ids
+    assert got[:must_agree] == reference[:must_agree]
