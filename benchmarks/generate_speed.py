@@ -19,7 +19,12 @@ The reference gets `min_new_tokens=max_new_tokens`; llmkit may stop earlier at E
 counts are printed for both and tok/s always uses the actual counts. Ratios compare medians and
 read "> 1 means llmkit is better": reference/llmkit for times, llmkit/reference for speeds.
 
-Usage: python benchmarks/generate_speed.py --model smollm2-135m --runs 5 [--dtypes float32,bfloat16] [--json]
+Configurations (--configs): default (what `llmkit generate` uses: dtype auto), float32, bfloat16,
+float16, int8 (--quantize int8); plus the llama.cpp engine and raw llama-cpp-python for GGUF models
+when llama-cpp-python is installed. Each row also shows what the engine chose (EngineInfo.choices)
+and how many greedy tokens equal the reference's.
+
+Usage: python benchmarks/generate_speed.py --model smollm2-135m --runs 5 [--configs default,int8] [--json]
 """
 
 from __future__ import annotations
@@ -144,16 +149,34 @@ def ratio(metric: str, summary: dict, side: str) -> float | None:
     return ours["median"] / ref["median"] if higher_is_better else ref["median"] / ours["median"]
 
 
+CONFIGS = {  # --configs name -> (label, load_engine keyword arguments)
+    "default": ("llmkit default", {}),
+    "float32": ("llmkit float32", {"dtype": "float32"}),
+    "bfloat16": ("llmkit bfloat16", {"dtype": "bfloat16"}),
+    "float16": ("llmkit float16", {"dtype": "float16"}),
+    "int8": ("llmkit int8", {"quantize": "int8"}),
+}
+
+
+def bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: parameters and buffers (int8 weights are buffers), minus the
+    input embedding when the output head does not share it (only one row of it is read per token)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "inv_freq" not in name)
+    embedding, head = model.get_input_embeddings().weight, getattr(model.get_output_embeddings(), "weight", None)
+    if head is None or head.data_ptr() != embedding.data_ptr():
+        total -= embedding.numel() * embedding.element_size()
+    return total
+
+
 def sides_for(args, folder: str) -> dict:
     """name -> (load, run, bytes of weights read per token): the reference, then each llmkit path."""
-    def weights(engine_or_pipe) -> int:
-        model = getattr(engine_or_pipe, "model")
-        return sum(p.numel() * p.element_size() for p in model.parameters())
-
-    sides = {REFERENCE: (lambda: pipeline("text-generation", model=folder), run_reference, weights)}
-    for dtype in args.dtypes.split(","):
-        sides[f"llmkit {dtype}"] = (lambda dtype=dtype: load_engine(args.model, dtype=dtype), run_llmkit,
-                                    lambda engine: weights(engine))
+    sides = {REFERENCE: (lambda: pipeline("text-generation", model=folder), run_reference,
+                         lambda pipe: bytes_per_token(pipe.model))}
+    for name in args.configs.split(","):
+        label, options = CONFIGS[name]
+        sides[label] = (lambda options=options: load_engine(args.model, **options), run_llmkit,
+                        lambda engine: bytes_per_token(engine.model))
     gguf = gguf_file(args.model)
     if gguf is not None and llamacpp_installed():
         from llama_cpp import Llama
@@ -164,6 +187,11 @@ def sides_for(args, folder: str) -> dict:
         sides["raw llama-cpp-python"] = (
             lambda: Llama(model_path=str(gguf), n_ctx=4096, verbose=False), run_raw_llamacpp, lambda llm: size)
     return sides
+
+
+def agreeing_prefix(ours: list[int], reference: list[int]) -> int:
+    """How many greedy tokens, from the first, equal the reference's."""
+    return next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
 
 
 def gguf_file(reference: str):
@@ -204,8 +232,7 @@ def benchmark(args) -> dict:
     bandwidth = memory_bandwidth()
     weight_bytes = {side: weight(loaded[side]) for side, (_, _, weight) in sides.items()}
     summary = {side: {m: summarize(v) for m, v in samples[side].items()} for side in sides}
-    first = next(side for side in sides if side != REFERENCE)
-    shared = min(len(outputs[first]), len(outputs[REFERENCE]))
+    setups = {side: loaded[side].info.setup() for side in sides if hasattr(loaded[side], "info")}
     return {
         "machine": machine(),
         "config": {"model": args.model, "folder": folder, "prompt": args.prompt, "runs": args.runs,
@@ -217,7 +244,10 @@ def benchmark(args) -> dict:
         "summary": summary,
         "ratios": {side: {m: ratio(m, summary, side) for m in METRICS if METRICS[m][1] is not None}
                    for side in sides if side != REFERENCE},
-        "same_tokens_as_reference": {first: outputs[first][:shared] == outputs[REFERENCE][:shared]},
+        "setups": setups,
+        "greedy_tokens_equal_to_reference": {
+            side: [agreeing_prefix(outputs[side], outputs[REFERENCE]), len(outputs[REFERENCE])]
+            for side in sides if side != REFERENCE and outputs[side]},
     }
 
 
@@ -249,8 +279,11 @@ def print_report(report: dict) -> None:
                       f"{ratios['decode_tok_s']:.2f}x" if ratios.get("decode_tok_s") else "",
                       f"{ratios['ttft_s']:.2f}x" if ratios.get("ttft_s") else "")
     console.print(table)
-    for side, same in report["same_tokens_as_reference"].items():
-        console.print(f"{side}: greedy tokens identical to the reference over the shared length: {same}")
+    for side, setup in report["setups"].items():
+        console.print(f"{side}: {setup['engine']} {setup['dtype']}, quantize {setup['quantize']}; "
+                      f"{setup['choices'].get('decode_matmul', '')}")
+    for side, (same, total) in report["greedy_tokens_equal_to_reference"].items():
+        console.print(f"{side}: first {same} of {total} greedy tokens equal to the reference's")
 
 
 def main() -> None:
@@ -260,12 +293,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--dtypes", default="float32,bfloat16",
-                        help="llmkit transformers configurations to run, comma-separated")
+    parser.add_argument("--configs", default="default,float32,bfloat16,int8",
+                        help=f"llmkit transformers configurations, comma-separated, from: {', '.join(CONFIGS)}")
     parser.add_argument("--json", action="store_true", help="print everything as one JSON document")
     args = parser.parse_args()
     if args.runs < 1 or args.warmup < 0 or args.max_new_tokens < 2:
         parser.error("need --runs >= 1, --warmup >= 0, --max-new-tokens >= 2")
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown --configs {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
     report = benchmark(args)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -43,16 +43,32 @@ def onednn_off() -> Iterator[None]:
         torch._C._set_mkldnn_enabled(previous)
 
 
+QUANTIZE_BLOCK_ROWS = 1024  # rows converted at a time, so the float32 scratch stays small
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, bfloat16 scale per row): symmetric, scale = max |w| / 127, rounded to nearest."""
+    rows = weight.shape[0]
+    weight_int8 = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(rows, dtype=torch.float32)
+    for start in range(0, rows, QUANTIZE_BLOCK_ROWS):
+        block = weight[start:start + QUANTIZE_BLOCK_ROWS].to(torch.float32, copy=True)  # never in place
+        scale = torch.maximum(block.amax(dim=1), -block.amin(dim=1)).div_(127.0)
+        scale.clamp_(min=torch.finfo(torch.float32).tiny)
+        block.div_(scale[:, None]).round_().clamp_(-127, 127)
+        weight_int8[start:start + QUANTIZE_BLOCK_ROWS] = block.to(torch.int8)
+        scales[start:start + QUANTIZE_BLOCK_ROWS] = scale
+    return weight_int8.to(weight.device), scales.to(device=weight.device, dtype=torch.bfloat16)
+
+
 class Int8WeightOnlyLinear(torch.nn.Module):
     """A Linear whose weight is int8 with a per-output-channel scale; activations stay bfloat16."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
-        weight = linear.weight.detach().float()
-        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-        self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).clamp(-127, 127)
-                             .to(torch.int8).contiguous())
-        self.register_buffer("scales", scales.to(torch.bfloat16))
+        weight_int8, scales = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().to(torch.bfloat16),
                                                                          requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
