@@ -21,7 +21,7 @@ read "> 1 means llmkit is better": reference/llmkit for times, llmkit/reference 
 
 Configurations (--configs): default (what `llmkit generate` uses: dtype auto), float32, bfloat16,
 float16, int8 (--quantize int8); plus the llama.cpp engine and raw llama-cpp-python for GGUF models
-when llama-cpp-python is installed. Each row also shows what the engine chose (EngineInfo.choices)
+when llama-cpp-python is installed (raw gets the engine's thread count, so both run alike). Each row also shows what the engine chose (EngineInfo.choices)
 and how many greedy tokens equal the reference's.
 
 Usage: python benchmarks/generate_speed.py --model smollm2-135m --runs 5 [--configs default,int8] [--json]
@@ -44,7 +44,7 @@ from transformers import pipeline
 from transformers.generation.streamers import BaseStreamer
 
 from llmkit.engine import load_engine
-from llmkit.engine.llamacpp import gguf_path_for, llamacpp_installed
+from llmkit.engine.llamacpp import default_threads, gguf_path_for, llamacpp_installed
 from llmkit.measure import cpu_model
 from llmkit.models import local_folder, resolve
 from llmkit.params import parse_params
@@ -185,7 +185,8 @@ def sides_for(args, folder: str) -> dict:
         sides["llmkit llama.cpp"] = (lambda: load_engine(args.model, engine="llama.cpp"), run_llmkit,
                                      lambda engine: size)
         sides["raw llama-cpp-python"] = (
-            lambda: Llama(model_path=str(gguf), n_ctx=4096, verbose=False), run_raw_llamacpp, lambda llm: size)
+            lambda: Llama(model_path=str(gguf), n_ctx=4096, n_threads=default_threads(), verbose=False),
+            run_raw_llamacpp, lambda llm: size)
     return sides
 
 

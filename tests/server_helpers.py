@@ -1,4 +1,5 @@
-"""Start `llmkit serve` as a real process on a free loopback port, and read its SSE streams."""
+"""Start `llmkit serve` as a real process on a free loopback port and read its SSE streams; drive a
+scheduler (batch.py, serial.py) step by step in-process."""
 
 from __future__ import annotations
 
@@ -102,6 +103,21 @@ def sse_events(response: httpx.Response) -> Iterator[dict | str]:
         yield data if data == "[DONE]" else json.loads(data)
 
 
+def stream_texts(http, path: str, body: dict) -> tuple[dict[int, str], list]:
+    """(text per choice index, all events) of a streamed request."""
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(response))
+    assert events[-1] == "[DONE]"
+    texts: dict[int, str] = {}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            piece = choice["delta"].get("content", "") if "delta" in choice else choice["text"]
+            texts[choice["index"]] = texts.get(choice["index"], "") + piece
+    return texts, events
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample in a Prometheus text exposition (0.0 when absent)."""
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
@@ -124,3 +140,44 @@ def seed_without_eos(engine, prompt: str, max_new_tokens: int, tries: int = 64) 
         if result.completions[0].finish_reason == "length":
             return seed
     raise AssertionError(f"no seed below {tries} runs {max_new_tokens} tokens without EOS for {prompt!r}")
+
+
+# --- a scheduler in-process -----------------------------------------------------------------------------
+
+
+class Collector:
+    """A request's sink: its Chunks, then its one Finished or Failed."""
+
+    def __init__(self):
+        self.chunks, self.final = [], None
+
+    def __call__(self, event):
+        from llmkit.engine.scheduling import Failed, Finished
+
+        if isinstance(event, (Finished, Failed)):
+            assert self.final is None, "a request ends once"
+            self.final = event
+        else:
+            self.chunks.append(event)
+
+
+def scheduler_request(engine, prompt: str, spec: dict, **kwargs):
+    """(BatchRequest, its Collector) for `prompt` with the generation parameters in `spec`."""
+    from llmkit.engine.scheduling import BatchRequest
+    from llmkit.params import parse_params
+
+    sink = Collector()
+    return BatchRequest(prompt, engine.prompt_ids(prompt), parse_params(spec), sink, **kwargs), sink
+
+
+def run_steps(scheduler, limit: int = 2000) -> int:
+    """Step the scheduler until it has nothing left to do; the number of steps that did work."""
+    steps = 0
+    while scheduler.step():
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+def completions(result) -> list[tuple]:
+    return [(c.text, c.token_ids, c.finish_reason) for c in result.completions]

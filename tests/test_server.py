@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from llmkit.params import parse_params
-from tests.server_helpers import ServerProcess, metric, seed_without_eos, sse_events
+from tests.server_helpers import ServerProcess, metric, seed_without_eos, sse_events, stream_texts
 
 PROMPT = "Once upon a time"
 
@@ -39,21 +39,6 @@ def completion_text(http, **body):
     response = http.post("/v1/completions", json={"prompt": PROMPT, **body})
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
-
-
-def stream_texts(http, path, body):
-    """(text per choice index, all events) of a streamed request."""
-    with http.stream("POST", path, json={**body, "stream": True}) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        events = list(sse_events(response))
-    assert events[-1] == "[DONE]"
-    texts: dict[int, str] = {}
-    for event in events[:-1]:
-        for choice in event["choices"]:
-            piece = choice["delta"].get("content", "") if "delta" in choice else choice["text"]
-            texts[choice["index"]] = texts.get(choice["index"], "") + piece
-    return texts, events
 
 
 # --- startup and health ---------------------------------------------------------------------------------

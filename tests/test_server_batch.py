@@ -2,16 +2,9 @@
 
 import pytest
 
-from llmkit.engine.batch import (
-    BatchRequest,
-    BatchScheduler,
-    Cancelled,
-    Failed,
-    Finished,
-    QueueFull,
-    RequestTimeout,
-)
+from llmkit.engine.batch import BatchScheduler, Cancelled, Failed, Finished, QueueFull, RequestTimeout
 from llmkit.params import parse_params
+from tests.server_helpers import completions, run_steps, scheduler_request
 
 PROMPTS = ["Once upon a time", "The sea at night is dark and quiet, and the boats rest", "Hello",
            "Caf\u00e9, na\u00efve, \u00fcber, \u65e5\u672c\u8a9e"]
@@ -20,46 +13,19 @@ SPECS = [dict(greedy=True, max_new_tokens=20), dict(seed=3, temperature=1.0, max
          dict(seed=7, repetition_penalty=1.3, temperature=0.7, min_p=0.05, max_new_tokens=18, stop=["e"])]
 
 
-class Collector:
-    def __init__(self):
-        self.chunks, self.final = [], None
-
-    def __call__(self, event):
-        if isinstance(event, (Finished, Failed)):
-            self.final = event
-        else:
-            self.chunks.append(event)
-
-
-def request(engine, prompt, spec, **kwargs):
-    sink = Collector()
-    return BatchRequest(prompt, engine.prompt_ids(prompt), parse_params(spec), sink, **kwargs), sink
-
-
-def run(scheduler, limit=2000):
-    steps = 0
-    while scheduler.step():
-        steps += 1
-        assert steps < limit
-
-
 @pytest.fixture(scope="module")
 def references(tiny_engine):
     return [tiny_engine.generate(p, parse_params(s)) for p, s in zip(PROMPTS, SPECS)]
-
-
-def completions(result):
-    return [(c.text, c.token_ids, c.finish_reason) for c in result.completions]
 
 
 def test_batched_together_equals_alone(tiny_engine, references):
     scheduler = BatchScheduler(tiny_engine)
     sinks = []
     for prompt, spec in zip(PROMPTS, SPECS):
-        req, sink = request(tiny_engine, prompt, spec)
+        req, sink = scheduler_request(tiny_engine, prompt, spec)
         scheduler.submit(req)
         sinks.append(sink)
-    run(scheduler)
+    run_steps(scheduler)
     for sink, reference in zip(sinks, references):
         assert isinstance(sink.final, Finished)
         assert completions(sink.final.result) == completions(reference)
@@ -73,17 +39,17 @@ def test_joining_a_running_batch_equals_alone(tiny_engine, references):
     scheduler = BatchScheduler(tiny_engine)
     sinks = {}
     for i in (0, 1):
-        req, sinks[i] = request(tiny_engine, PROMPTS[i], SPECS[i])
+        req, sinks[i] = scheduler_request(tiny_engine, PROMPTS[i], SPECS[i])
         scheduler.submit(req)
     for _ in range(3):
         scheduler.step()
-    req, sinks[2] = request(tiny_engine, PROMPTS[2], SPECS[2])
+    req, sinks[2] = scheduler_request(tiny_engine, PROMPTS[2], SPECS[2])
     scheduler.submit(req)
     for _ in range(4):
         scheduler.step()
-    req, sinks[3] = request(tiny_engine, PROMPTS[3], SPECS[3])
+    req, sinks[3] = scheduler_request(tiny_engine, PROMPTS[3], SPECS[3])
     scheduler.submit(req)
-    run(scheduler)
+    run_steps(scheduler)
     for i, reference in enumerate(references):
         assert completions(sinks[i].final.result) == completions(reference), i
     assert scheduler.running_rows == 0 and scheduler._cache is None
@@ -91,9 +57,9 @@ def test_joining_a_running_batch_equals_alone(tiny_engine, references):
 
 def test_cancelled_and_expired_requests_leave_and_others_are_unaffected(tiny_engine, references):
     scheduler = BatchScheduler(tiny_engine)
-    keep, keep_sink = request(tiny_engine, PROMPTS[1], SPECS[1])
-    gone, gone_sink = request(tiny_engine, PROMPTS[0], dict(greedy=True, max_new_tokens=200))
-    late, late_sink = request(tiny_engine, PROMPTS[2], SPECS[2], deadline=0.0)  # already past its deadline
+    keep, keep_sink = scheduler_request(tiny_engine, PROMPTS[1], SPECS[1])
+    gone, gone_sink = scheduler_request(tiny_engine, PROMPTS[0], dict(greedy=True, max_new_tokens=200))
+    late, late_sink = scheduler_request(tiny_engine, PROMPTS[2], SPECS[2], deadline=0.0)  # already past its deadline
     for req in (gone, keep, late):
         scheduler.submit(req)
     scheduler.step()
@@ -103,29 +69,29 @@ def test_cancelled_and_expired_requests_leave_and_others_are_unaffected(tiny_eng
     scheduler.step()
     assert isinstance(gone_sink.final, Failed) and isinstance(gone_sink.final.error, Cancelled)
     assert scheduler.running_rows == 1
-    run(scheduler)
+    run_steps(scheduler)
     assert completions(keep_sink.final.result) == completions(references[1])
 
 
 def test_queue_bound_and_batch_size_are_respected(tiny_engine):
     scheduler = BatchScheduler(tiny_engine, max_batch_size=2, max_queue=2)
-    first, _ = request(tiny_engine, "a", dict(seed=1, num_sequences=2, max_new_tokens=3))
-    second, second_sink = request(tiny_engine, "b", dict(greedy=True, max_new_tokens=3))
+    first, _ = scheduler_request(tiny_engine, "a", dict(seed=1, num_sequences=2, max_new_tokens=3))
+    second, second_sink = scheduler_request(tiny_engine, "b", dict(greedy=True, max_new_tokens=3))
     scheduler.submit(first)
     scheduler.submit(second)
     with pytest.raises(QueueFull):
-        scheduler.submit(request(tiny_engine, "c", dict(greedy=True))[0])
+        scheduler.submit(scheduler_request(tiny_engine, "c", dict(greedy=True))[0])
     scheduler.step()
     assert scheduler.running_rows == 2 and scheduler.waiting == 1  # the second waits for room
-    run(scheduler)
+    run_steps(scheduler)
     assert isinstance(second_sink.final, Finished)
 
 
 def test_timings_count_from_arrival(tiny_engine):
     scheduler = BatchScheduler(tiny_engine)
-    req, sink = request(tiny_engine, "Hello", dict(greedy=True, max_new_tokens=4))
+    req, sink = scheduler_request(tiny_engine, "Hello", dict(greedy=True, max_new_tokens=4))
     scheduler.submit(req)
-    run(scheduler)
+    run_steps(scheduler)
     finished = sink.final
     assert finished.queue_s >= 0 and finished.prefill_s > 0
     timings = finished.result.timings

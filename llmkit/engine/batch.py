@@ -35,119 +35,41 @@ memory beyond the window (irrelevant at the context lengths served here) and kee
 one code path for Llama and Gemma.
 
 The loop never touches asyncio: results leave through each request's `sink`
-callable (the server wraps `loop.call_soon_threadsafe`). Everything here runs on the
-single inference thread that owns the model; `submit`, `cancel` and the read-only
-properties are the only thread-safe entry points.
-
-LLMKIT_TEST_STEP_DELAY (seconds, test-only): sleeps before every step so the test
-suite can make a tiny model slow enough to exercise timeouts, queue overflow and
-shutdown. Never set it in production.
+callable (the server wraps `loop.call_soon_threadsafe`). The request record, its
+events and errors, the bounded queue and the loop itself are shared with the
+one-at-a-time SerialScheduler and live in scheduling.py.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from llmkit.engine.sampling import pick_tokens
-from llmkit.engine.sequence import SequenceState, build_result, choose_seed
-from llmkit.engine.types import Chunk, Result
+from llmkit.engine.scheduling import (  # noqa: F401  (re-exported: the server and tests import them from here)
+    DEFAULT_MAX_QUEUE,
+    BatchRequest,
+    Cancelled,
+    Failed,
+    Finished,
+    GenerationFailed,
+    QueueFull,
+    RequestTimeout,
+    Scheduler,
+    ShuttingDown,
+    StepHook,
+)
+from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.errors import LlmkitError, OutOfMemory
 from llmkit.params import GenerationParams
 
-STEP_DELAY_ENV = "LLMKIT_TEST_STEP_DELAY"
 DEFAULT_MAX_BATCH_SIZE = 16
-DEFAULT_MAX_QUEUE = 64
-IDLE_WAKE_S = 0.5  # an idle loop still wakes this often, so its heartbeat stays fresh
 
 log = logging.getLogger("llmkit.server")
-
-
-# --- errors a request can end with ------------------------------------------------------------
-
-
-class QueueFull(LlmkitError):
-    http_status = 503
-    kind = "queue_full"
-
-
-class ShuttingDown(LlmkitError):
-    http_status = 503
-    kind = "shutting_down"
-
-
-class RequestTimeout(LlmkitError):
-    http_status = 504
-    kind = "timeout"
-
-
-class Cancelled(LlmkitError):
-    """The client went away; nobody reads this error, it only closes the request."""
-
-    http_status = 499
-    kind = "cancelled"
-
-
-class GenerationFailed(LlmkitError):
-    """An unexpected error inside the model's forward pass (a bug); logged with its traceback."""
-
-    kind = "server_error"
-
-
-# --- what flows to a request's sink -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The last event of a successful request."""
-
-    result: Result
-    queue_s: float  # arrival to admission into the batch
-    prefill_s: float  # admission to the first token
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The last event of a request that did not complete."""
-
-    error: LlmkitError
-
-
-Event = Chunk | Finished | Failed
-Sink = Callable[[Event], None]
-
-
-@dataclass
-class BatchRequest:
-    """One request for the loop. `started` and `deadline` are time.perf_counter() values."""
-
-    prompt: str
-    prompt_ids: list[int]
-    params: GenerationParams
-    sink: Sink
-    seed: int | None = None
-    started: float = field(default_factory=time.perf_counter)
-    deadline: float | None = None
-    request_id: str = ""
-    cancel_reason: str | None = None  # set from any thread; the loop drops the request at its next step
-
-    def __post_init__(self) -> None:
-        self.seed = None if self.params.is_greedy else (self.seed if self.seed is not None
-                                                        else choose_seed(self.params))
-
-    @property
-    def rows(self) -> int:
-        return self.params.num_sequences
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        self.cancel_reason = reason
 
 
 @dataclass
@@ -171,55 +93,27 @@ def _sampling_key(params: GenerationParams) -> tuple:
     return (params.temperature, params.top_k, params.top_p, params.min_p)
 
 
-class BatchScheduler:
+class BatchScheduler(Scheduler):
     """Continuous batching over one loaded TransformersEngine; see the module docstring."""
 
     def __init__(self, engine, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_queue: int = DEFAULT_MAX_QUEUE, step_delay_s: float | None = None,
-                 on_step: Callable[[str, int, float], None] | None = None):
+                 on_step: StepHook | None = None):
+        super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
         self.engine = engine
         self.model = engine.model
         self.tokenizer = engine.tokenizer
         self.eos_ids = engine.eos_ids
         self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.step_delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0) if step_delay_s is None else step_delay_s
-        self.on_step = on_step  # (kind "prefill"|"decode", rows, seconds): metrics hook
         self._cache_arg = getattr(engine, "_cache_arg", "past_key_values")
         self._pad_id = self._pick_pad_id()
         self._device = self.model.device
-
-        self._cv = threading.Condition()
-        self._waiting: collections.deque[BatchRequest] = collections.deque()
-        self._closing = False  # no new requests; finish what is there
-        self._abort = False  # drop everything and exit
-        self._thread: threading.Thread | None = None
-        self._exited = False
 
         # Batch state, touched only by the loop thread. Rows of one request are contiguous.
         self._active: list[_Active] = []
         self._cache = None
         self._mask: torch.Tensor | None = None  # [rows, columns] 1 = real token in the cache
         self._pending: torch.Tensor | None = None  # [rows] sampled, not yet fed to the model
-
-        self.heartbeat = time.monotonic()
-        self.steps = 0
-
-    # --- thread-safe API ----------------------------------------------------------------------
-
-    def submit(self, request: BatchRequest) -> None:
-        with self._cv:
-            if self._closing or self._abort:
-                raise ShuttingDown("the server is shutting down; retry on another instance")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the server is at capacity ({len(self._waiting)} requests waiting); "
-                                "retry shortly")
-            self._waiting.append(request)
-            self._cv.notify()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
 
     @property
     def running_rows(self) -> int:
@@ -228,61 +122,6 @@ class BatchScheduler:
     @property
     def running_requests(self) -> int:
         return len(self._active)
-
-    @property
-    def alive(self) -> bool:
-        """False once the loop has exited (or its thread died); True while it runs or is about to."""
-        return not self._exited and (self._thread is None or self._thread.is_alive())
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._waiting or self._active)
-
-    def start(self) -> "BatchScheduler":
-        self._thread = threading.Thread(target=self.run_forever, name="llmkit-inference", daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop admitting new requests; the loop exits once the queue and the batch are empty."""
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
-
-    def abort(self) -> None:
-        """Fail everything still waiting or running with ShuttingDown and exit the loop."""
-        with self._cv:
-            self._closing = self._abort = True
-            self._cv.notify()
-
-    def join(self, timeout: float | None = None) -> bool:
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        return not self.alive
-
-    # --- the loop -----------------------------------------------------------------------------
-
-    def run_forever(self) -> None:
-        """Run on the inference thread until close() drains it or abort() stops it."""
-        self._thread = threading.current_thread()
-        try:
-            with torch.inference_mode():
-                while True:
-                    self.heartbeat = time.monotonic()
-                    with self._cv:
-                        if self._abort:
-                            break
-                        if not self._waiting and not self._active:
-                            if self._closing:
-                                break
-                            self._cv.wait(timeout=IDLE_WAKE_S)
-                            continue
-                    if self.step_delay_s:
-                        time.sleep(self.step_delay_s)
-                    self.step()
-        finally:
-            self._exited = True
-            self._fail_all(ShuttingDown("the server shut down before this request finished"))
 
     def step(self) -> bool:
         """One scheduling step: drop cancelled/expired requests, admit and prefill, or decode. True if work was done."""
@@ -308,27 +147,10 @@ class BatchScheduler:
 
     def _reap(self) -> None:
         now = time.perf_counter()
-
-        def verdict(request: BatchRequest) -> LlmkitError | None:
-            if request.cancel_reason is not None:
-                return Cancelled(f"request {request.cancel_reason}")
-            if request.deadline is not None and now >= request.deadline:
-                return RequestTimeout("the request took longer than the server's --request-timeout; "
-                                      "lower max_tokens or retry later")
-            return None
-
-        with self._cv:
-            kept: collections.deque[BatchRequest] = collections.deque()
-            for request in self._waiting:
-                error = verdict(request)
-                if error is None:
-                    kept.append(request)
-                else:
-                    request.sink(Failed(error))
-            self._waiting = kept
+        self._reap_waiting(now)
         if not self._active:
             return
-        errors = [verdict(a.request) for a in self._active]
+        errors = [a.request.ending(now) for a in self._active]
         if any(errors):
             for active, error in zip(self._active, errors):
                 if error is not None:
@@ -498,12 +320,7 @@ class BatchScheduler:
                 request.sink(Failed(error))
         self._active, self._cache, self._mask, self._pending = [], None, None, None
 
-    def _fail_all(self, error: LlmkitError) -> None:
-        with self._cv:
-            waiting, self._waiting = list(self._waiting), collections.deque()
-            self._closing = True
-        for request in waiting:
-            request.sink(Failed(error))
+    def _fail_running(self, error: LlmkitError) -> None:
         self._fail_batch([], error)
 
     def _pick_pad_id(self) -> int:

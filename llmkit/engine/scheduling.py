@@ -1,0 +1,258 @@
+"""What the server's schedulers share: the request record, the events and errors a request ends with,
+and the bounded queue with its loop on the inference thread.
+
+Two schedulers stand on this. BatchScheduler (batch.py) decodes many requests in one forward pass
+of the transformers engine; SerialScheduler (serial.py) runs one request at a time through an
+engine that cannot batch (llama.cpp). The server (server/runtime.py) sees only what lives here:
+`submit` (QueueFull past `max_queue`, ShuttingDown once closing), `BatchRequest.cancel` and
+`deadline`, `run_forever` / `close` / `abort` / `join`, the read-only `alive`, `heartbeat`, `busy`,
+`waiting`, `running_rows`, `max_batch_size`, the `on_step` metrics hook, and each request's `sink`,
+which receives Chunks and then exactly one Finished or Failed. Keeping it in one place is what
+lets the routes treat both schedulers alike.
+
+Everything a scheduler does runs on the single inference thread that owns the model; `submit`,
+`cancel` and the read-only properties are the only thread-safe entry points.
+
+LLMKIT_TEST_STEP_DELAY (seconds, test-only): sleeps before every step so the test suite can make a
+tiny model slow enough to exercise timeouts, queue overflow and shutdown. Never set it in production.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llmkit.engine.sequence import choose_seed
+from llmkit.engine.types import Chunk, Result
+from llmkit.errors import LlmkitError
+from llmkit.params import GenerationParams
+
+STEP_DELAY_ENV = "LLMKIT_TEST_STEP_DELAY"
+DEFAULT_MAX_QUEUE = 64
+IDLE_WAKE_S = 0.5  # an idle loop still wakes this often, so its heartbeat stays fresh
+
+StepHook = Callable[[str, int, float], None]  # (kind "prefill"|"decode", rows, seconds)
+
+
+# --- errors a request can end with ------------------------------------------------------------
+
+
+class QueueFull(LlmkitError):
+    http_status = 503
+    kind = "queue_full"
+
+
+class ShuttingDown(LlmkitError):
+    http_status = 503
+    kind = "shutting_down"
+
+
+class RequestTimeout(LlmkitError):
+    http_status = 504
+    kind = "timeout"
+
+
+class Cancelled(LlmkitError):
+    """The client went away; nobody reads this error, it only closes the request."""
+
+    http_status = 499
+    kind = "cancelled"
+
+
+class GenerationFailed(LlmkitError):
+    """An unexpected error inside the model's forward pass (a bug); logged with its traceback."""
+
+    kind = "server_error"
+
+
+# --- what flows to a request's sink -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a successful request."""
+
+    result: Result
+    queue_s: float  # arrival to admission into the batch
+    prefill_s: float  # admission to the first token
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The last event of a request that did not complete."""
+
+    error: LlmkitError
+
+
+Event = Chunk | Finished | Failed
+Sink = Callable[[Event], None]
+
+
+@dataclass
+class BatchRequest:
+    """One request for a scheduler. `started` and `deadline` are time.perf_counter() values."""
+
+    prompt: str
+    prompt_ids: list[int]
+    params: GenerationParams
+    sink: Sink
+    seed: int | None = None
+    started: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None
+    request_id: str = ""
+    cancel_reason: str | None = None  # set from any thread; the loop drops the request at its next step
+
+    def __post_init__(self) -> None:
+        self.seed = None if self.params.is_greedy else (self.seed if self.seed is not None
+                                                        else choose_seed(self.params))
+
+    @property
+    def rows(self) -> int:
+        return self.params.num_sequences
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.cancel_reason = reason
+
+    def ending(self, now: float) -> LlmkitError | None:
+        """The error this request must end with at `now` (cancelled, or past its deadline); None to keep it."""
+        if self.cancel_reason is not None:
+            return Cancelled(f"request {self.cancel_reason}")
+        if self.deadline is not None and now >= self.deadline:
+            return RequestTimeout("the request took longer than the server's --request-timeout; "
+                                  "lower max_tokens or retry later")
+        return None
+
+
+class Scheduler:
+    """The bounded FIFO queue and the inference-thread loop; a subclass provides `step` and what is running."""
+
+    max_batch_size: int
+
+    def __init__(self, *, max_queue: int = DEFAULT_MAX_QUEUE, step_delay_s: float | None = None,
+                 on_step: StepHook | None = None):
+        self.max_queue = max_queue
+        self.step_delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0) if step_delay_s is None else step_delay_s
+        self.on_step = on_step  # metrics hook
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[BatchRequest] = collections.deque()
+        self._closing = False  # no new requests; finish what is there
+        self._abort = False  # drop everything and exit
+        self._thread: threading.Thread | None = None
+        self._exited = False
+        self.heartbeat = time.monotonic()
+        self.steps = 0
+
+    # --- thread-safe API ----------------------------------------------------------------------
+
+    def submit(self, request: BatchRequest) -> None:
+        with self._cv:
+            if self._closing or self._abort:
+                raise ShuttingDown("the server is shutting down; retry on another instance")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server is at capacity ({len(self._waiting)} requests waiting); "
+                                "retry shortly")
+            self._waiting.append(request)
+            self._cv.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running_rows(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def running_requests(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        """False once the loop has exited (or its thread died); True while it runs or is about to."""
+        return not self._exited and (self._thread is None or self._thread.is_alive())
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or self.running_requests > 0
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self.run_forever, name="llmkit-inference", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop admitting new requests; the loop exits once the queue and the running requests are done."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+
+    def abort(self) -> None:
+        """Fail everything still waiting or running with ShuttingDown and exit the loop."""
+        with self._cv:
+            self._closing = self._abort = True
+            self._cv.notify()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self.alive
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        """Run on the inference thread until close() drains it or abort() stops it."""
+        import torch
+
+        self._thread = threading.current_thread()
+        try:
+            with torch.inference_mode():
+                while True:
+                    self.heartbeat = time.monotonic()
+                    with self._cv:
+                        if self._abort:
+                            break
+                        if not self.busy:
+                            if self._closing:
+                                break
+                            self._cv.wait(timeout=IDLE_WAKE_S)
+                            continue
+                    if self.step_delay_s:
+                        time.sleep(self.step_delay_s)
+                    self.step()
+        finally:
+            self._exited = True
+            self._fail_all(ShuttingDown("the server shut down before this request finished"))
+
+    def step(self) -> bool:
+        """One scheduling step; True if work was done."""
+        raise NotImplementedError
+
+    # --- helpers for subclasses (inference thread) ----------------------------------------------
+
+    def _reap_waiting(self, now: float) -> None:
+        """Fail waiting requests that were cancelled or passed their deadline; keep the rest in order."""
+        with self._cv:
+            kept: collections.deque[BatchRequest] = collections.deque()
+            for request in self._waiting:
+                error = request.ending(now)
+                if error is None:
+                    kept.append(request)
+                else:
+                    request.sink(Failed(error))
+            self._waiting = kept
+
+    def _fail_all(self, error: LlmkitError) -> None:
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self._closing = True
+        for request in waiting:
+            request.sink(Failed(error))
+        self._fail_running(error)
+
+    def _fail_running(self, error: LlmkitError) -> None:
+        """Fail whatever is running with `error` and forget it."""
+        raise NotImplementedError
