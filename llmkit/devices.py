@@ -89,7 +89,7 @@ def choose_dtype(name: str, device: str):
             raise InvalidParams(f"{DTYPE_ENV} must be one of {', '.join(DTYPES)} (got {chosen!r})", field="dtype")
         return getattr(torch, chosen), f"{DTYPE_ENV}={chosen}"
     if name != "auto":
-        return getattr(torch, name), "asked for"
+        return getattr(torch, name), "set by --dtype"
     if device.startswith("cuda"):
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "auto: CUDA with bfloat16 support"
@@ -98,5 +98,5 @@ def choose_dtype(name: str, device: str):
         return torch.float16, "auto: Apple MPS"
     flag = native_bf16_flag()
     if flag:
-        return torch.bfloat16, f"auto: this CPU computes bfloat16 natively ({flag})"
+        return torch.bfloat16, f"auto: this CPU computes bfloat16 natively, flag {flag}"
     return torch.float32, "auto: this CPU has no native bfloat16 (avx512_bf16/amx_bf16)"

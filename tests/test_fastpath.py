@@ -48,14 +48,14 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, flag, expected):
 def test_dtype_env_sets_auto_but_not_an_explicit_dtype(monkeypatch):
     monkeypatch.setenv(devices.DTYPE_ENV, "float16")
     assert devices.choose_dtype("auto", "cpu") == (torch.float16, "LLMKIT_DTYPE=float16")
-    assert devices.choose_dtype("bfloat16", "cpu") == (torch.bfloat16, "asked for")
+    assert devices.choose_dtype("bfloat16", "cpu") == (torch.bfloat16, "set by --dtype")
     monkeypatch.setenv(devices.DTYPE_ENV, "int4")
     with pytest.raises(InvalidParams, match="LLMKIT_DTYPE must be one of"):
         devices.choose_dtype("auto", "cpu")
 
 
 def test_auto_engine_choice(tiny_model_dir, tmp_path):
-    assert choose_engine("transformers", "anything") == ("transformers", "asked for")
+    assert choose_engine("transformers", "anything") == ("transformers", "set by --engine; default transformers")
     engine, why = choose_engine("auto", str(tiny_model_dir))
     assert engine == "transformers" and "folder" in why
     gguf = tmp_path / "m.gguf"

@@ -35,7 +35,7 @@ def choose_engine(name: str, model=None, *, device="auto", dtype="auto", quantiz
     """(engine, why) for an engine name; resolves `auto`, passes the others through."""
     check_engine(name)
     if name != "auto":
-        return name, "asked for"
+        return name, "set by --engine; default transformers"
     from llmkit.models import resolve
 
     source = resolve(model)
