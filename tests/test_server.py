@@ -50,6 +50,7 @@ def test_health_answers_loading_then_ok(server, http):
     assert server.health_seen[0][1]["status"] == "loading"
     body = http.get("/health").json()
     assert body["status"] == "ok" and body["model"] == "tiny-llama" and body["device"] == "cpu"
+    assert body["engine"] == "transformers" and body["max_batch_size"] == 16  # the batching scheduler
 
 
 # --- the openai client --------------------------------------------------------------------------------

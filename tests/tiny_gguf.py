@@ -60,8 +60,9 @@ def _train_tokenizer() -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def write_tiny_gguf(path: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
-    """Write a tiny random-weight llama GGUF (float32, with a gpt2-style tokenizer) to `path`."""
+def write_tiny_gguf(path: pathlib.Path, *, seed: int = 0, chat_template: str | None = None) -> pathlib.Path:
+    """Write a tiny random-weight llama GGUF (float32, with a gpt2-style tokenizer) to `path`;
+    `chat_template` (Jinja) goes into tokenizer.chat_template, as chat models' files carry one."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens, merges = _train_tokenizer()
@@ -92,6 +93,8 @@ def write_tiny_gguf(path: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     writer.add_bos_token_id(eos_id)
     writer.add_eos_token_id(eos_id)
     writer.add_add_bos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     # numpy shapes are PyTorch's (out_features, in_features); GGUFWriter reverses them into ggml order.
     writer.add_tensor("token_embd.weight", weight(len(tokens), HIDDEN))

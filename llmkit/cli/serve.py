@@ -16,6 +16,7 @@ import typer
 
 from llmkit.cli import options, render
 from llmkit.devices import check_device, check_dtype
+from llmkit.engine import check_engine
 from llmkit.errors import LlmkitError, ModelLoadError
 from llmkit.server import settings as server_settings
 from llmkit.server.settings import ServerSettings, parse_rate_limit
@@ -26,6 +27,8 @@ LIMITS_PANEL = "Limits and security"
 EPILOG = """Examples:
 
   llmkit serve -m smollm2-135m
+
+  llmkit serve -m smollm2-135m --engine llama.cpp
 
   curl -s localhost:8000/v1/completions -H 'content-type: application/json' -d '{"prompt": "The sea", "max_tokens": 20}'
 
@@ -47,7 +50,8 @@ def serve(
     = server_settings.DEFAULT_PORT,
     max_batch_size: Annotated[int, typer.Option(
         "--max-batch-size", rich_help_panel=SERVER_PANEL,
-        help="Sequences decoded together in one forward pass (a request with n=k takes k).")]
+        help="Sequences decoded together in one forward pass (a request with n=k takes k). "
+             "The llama.cpp engine serves one request at a time.")]
     = server_settings.DEFAULT_MAX_BATCH_SIZE,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", rich_help_panel=LIMITS_PANEL,
@@ -75,8 +79,9 @@ def serve(
     = "text",
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    engine_name: options.EngineOpt = "transformers",
 ) -> None:
-    """Serve a model over HTTP: OpenAI-compatible completions and chat with continuous batching."""
+    """Serve a model over HTTP: OpenAI-compatible completions and chat (continuous batching with transformers)."""
     settings = ServerSettings(
         host=host, port=port, model_name=model or "model", api_key=api_key, rate_limit=parse_rate_limit(rate_limit),
         max_queue=max_queue, max_batch_size=max_batch_size, request_timeout_s=request_timeout,
@@ -84,6 +89,7 @@ def serve(
     ).check()
     check_device(device)
     check_dtype(dtype)
+    check_engine(engine_name)
     from llmkit.models import resolve
 
     source = resolve(model)  # an unknown model fails here, before anything heavy loads
@@ -103,7 +109,7 @@ def serve(
     def load():
         from llmkit.engine import load_engine
 
-        return load_engine(model, device=device, dtype=dtype)
+        return load_engine(model, device=device, dtype=dtype, engine=engine_name)
 
     app = build_app(load, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
@@ -114,7 +120,8 @@ def serve(
 
     render.serve_banner(settings.url, settings.model_name, api_key=bool(settings.api_key),
                         rate_limit=str(settings.rate_limit) if settings.rate_limit else None,
-                        max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                        max_batch_size=1 if engine_name == "llama.cpp" else settings.max_batch_size,
+                        max_queue=settings.max_queue,
                         request_timeout_s=settings.request_timeout_s)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the handler that was
     # installed before it started; a no-op handler there makes a graceful stop exit 0 instead of dying by signal.

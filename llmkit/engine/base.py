@@ -29,6 +29,12 @@ class Generation:
     def __next__(self) -> Chunk:
         return next(self._chunks)
 
+    def close(self) -> None:
+        """Stop early (a cancelled server request): the decode loop ends where it is, with no Result."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
 
 class Engine:
     tokenizer: object
@@ -78,8 +84,14 @@ class Engine:
         started = time.perf_counter()
         ids = self.prompt_ids(prompt, chat=chat, system=system)
         self.check_context(len(ids), params)
+        return self.stream_ids(prompt, ids, params, seed=choose_seed(params), started=started)
+
+    def stream_ids(self, prompt: str, ids: list[int], params: GenerationParams, *, seed: int | None,
+                   started: float) -> Generation:
+        """stream() for ids made and checked elsewhere: the server tokenizes (and applies chat templates) on
+        its own thread, and its timings count from `started`, the request's arrival."""
         generation = Generation(iter(()))
-        generation._chunks = self._decode(generation, prompt, ids, params, choose_seed(params), started)
+        generation._chunks = self._decode(generation, prompt, ids, params, seed, started)
         return generation
 
     def generate(self, prompt: str, params: GenerationParams, *, chat: bool = False,

@@ -2,13 +2,14 @@
 
     settings.py    ServerSettings, checked before anything heavy is imported
     schemas.py     request bodies mapped onto GenerationParams; responses; error bodies
-    runtime.py     ModelHost: loads the model on the inference thread, runs the batch loop, health
+    runtime.py     ModelHost: loads the model on the inference thread, runs the scheduler loop, health
     routes.py      thin handlers; Chunk -> SSE
     middleware.py  access log, body limit, API key, rate limit (pure ASGI)
     metrics.py     Prometheus metrics in the app's own registry
     logs.py        text or JSON log lines on stderr
     app.py         build_app(engine, settings) -> FastAPI
 
-The batched decode loop itself is llmkit/engine/batch.py. Importing this package is
+The schedulers themselves are in llmkit/engine: batch.py (the transformers engine, batched)
+and serial.py (llama.cpp, one request at a time), over scheduling.py. Importing this package is
 light; fastapi is imported by app.py, torch by the engine when the model loads.
 """

@@ -1,7 +1,9 @@
 """The model's life inside the server, and the bridge between asyncio and the inference thread.
 
 One thread owns the model: it loads it (so /health can answer 503 "loading" meanwhile)
-and then runs the BatchScheduler loop for the life of the server. Nothing on the
+and then runs the scheduler's loop for the life of the server: BatchScheduler for the
+transformers engine, which batches requests into one forward pass, and SerialScheduler,
+one request at a time, for engines that cannot (llama.cpp). Nothing on the
 asyncio side calls the model; handlers tokenize, submit a BatchRequest and await its
 events, which the loop hands over with `loop.call_soon_threadsafe` into an
 asyncio.Queue per request. This is the shape transformers' serving code argues for
@@ -53,7 +55,7 @@ class Job:
 
 
 class ModelHost:
-    """Loads the engine on the inference thread, runs the batch loop there, and answers health questions."""
+    """Loads the engine on the inference thread, runs its scheduler's loop there, and answers health questions."""
 
     def __init__(self, engine_or_loader, settings: ServerSettings, on_step: Callable | None = None):
         self._engine_or_loader = engine_or_loader
@@ -79,10 +81,7 @@ class ModelHost:
             engine = self._engine_or_loader
             if not hasattr(engine, "tokenizer"):  # a loader: load here, on the thread that will own the model
                 engine = engine()
-            from llmkit.engine.batch import BatchScheduler
-
-            scheduler = BatchScheduler(engine, max_batch_size=self.settings.max_batch_size,
-                                       max_queue=self.settings.max_queue, on_step=self.on_step)
+            scheduler = self._scheduler_for(engine)
         except LlmkitError as exc:
             self._fail(str(exc))
             return
@@ -98,6 +97,17 @@ class ModelHost:
         scheduler.run_forever()
         if self.state == "ready":
             log.error("the generation loop stopped unexpectedly")
+
+    def _scheduler_for(self, engine):
+        """Batching needs the transformers engine's KV caches; any other engine serves one request at a time."""
+        if engine.info.engine == "transformers":
+            from llmkit.engine.batch import BatchScheduler
+
+            return BatchScheduler(engine, max_batch_size=self.settings.max_batch_size,
+                                  max_queue=self.settings.max_queue, on_step=self.on_step)
+        from llmkit.engine.serial import SerialScheduler
+
+        return SerialScheduler(engine, max_queue=self.settings.max_queue, on_step=self.on_step)
 
     def _fail(self, message: str) -> None:
         self.state, self.error = "error", message
@@ -129,9 +139,10 @@ class ModelHost:
         if scheduler.busy and silent > self.settings.stall_after_s:
             return 503, {"status": "stuck", "model": name, "seconds_since_last_step": round(silent, 1)}
         info = self.engine.info
-        return 200, {"status": "ok", "model": name, "device": info.device, "dtype": info.dtype,
-                     "waiting": scheduler.waiting, "running": scheduler.running_rows,
-                     "max_batch_size": scheduler.max_batch_size, "uptime_s": round(time.monotonic() - self.started_at, 1)}
+        return 200, {"status": "ok", "model": name, "engine": info.engine, "device": info.device,
+                     "dtype": info.dtype, "waiting": scheduler.waiting, "running": scheduler.running_rows,
+                     "max_batch_size": scheduler.max_batch_size,
+                     "uptime_s": round(time.monotonic() - self.started_at, 1)}
 
     @property
     def ready(self) -> bool:
@@ -171,7 +182,7 @@ class ModelHost:
     # --- submitting ---------------------------------------------------------------------------
 
     def submit(self, prompt: str, ids: list[int], params, *, request_id: str, arrived: float) -> Job:
-        from llmkit.engine.batch import BatchRequest
+        from llmkit.engine.scheduling import BatchRequest
 
         self.require_engine()
         loop = asyncio.get_running_loop()
@@ -195,7 +206,7 @@ class ModelHost:
         `job.disconnected`, when set, is polled while waiting so a client that gave up stops its generation;
         a streaming response clears it once it starts, and Starlette cancels the stream on a disconnect.
         """
-        from llmkit.engine.batch import Cancelled, Failed, Finished, RequestTimeout
+        from llmkit.engine.scheduling import Cancelled, Failed, Finished, RequestTimeout
 
         deadline = job.request.deadline
         while True:

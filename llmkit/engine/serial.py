@@ -1,0 +1,123 @@
+"""The server's scheduler for engines that cannot batch (llama.cpp): one request at a time.
+
+llmkit's llama.cpp context holds one sequence (see llamacpp.py), so there is no batch for a
+request to join. The loop takes the oldest waiting request and runs it through the engine's own
+stream path (`Engine.stream_ids` -> `_decode`, the code behind `llmkit generate --engine llama.cpp`,
+so a seed gives the same text), handing each Chunk to the request's sink. One step advances the
+running request by one chunk (usually one token); before each, the loop checks the request's cancel
+flag and deadline and its own abort flag, so a client that hung up, a timeout or a shutdown frees
+the model within a token. Requests behind it wait in the shared bounded queue (scheduling.py),
+where they can time out or be cancelled too. The events (Chunks, then Finished or Failed) and
+their timings (counted from arrival, as BatchScheduler's) are the same, so the routes cannot tell
+the two schedulers apart; /health shows max_batch_size 1.
+
+The `on_step` hook sees one "prefill" step per request (its first chunk: prompt evaluation and the
+first token) and one "decode" step per later chunk, each with 1 row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from llmkit.engine.base import Generation
+from llmkit.engine.scheduling import (
+    DEFAULT_MAX_QUEUE,
+    BatchRequest,
+    Failed,
+    Finished,
+    GenerationFailed,
+    Scheduler,
+    StepHook,
+)
+from llmkit.errors import LlmkitError, OutOfMemory
+
+log = logging.getLogger("llmkit.server")
+
+
+@dataclass
+class _Running:
+    request: BatchRequest
+    generation: Generation
+    admitted: float  # perf_counter when it left the queue
+    chunks: int = 0
+
+
+class SerialScheduler(Scheduler):
+    """Runs queued requests one after another through `engine.stream_ids`; see the module docstring."""
+
+    max_batch_size = 1
+
+    def __init__(self, engine, *, max_queue: int = DEFAULT_MAX_QUEUE, step_delay_s: float | None = None,
+                 on_step: StepHook | None = None):
+        super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
+        self.engine = engine
+        self._running: _Running | None = None  # touched only by the loop thread
+
+    @property
+    def running_rows(self) -> int:
+        running = self._running
+        return running.request.rows if running else 0
+
+    @property
+    def running_requests(self) -> int:
+        return 1 if self._running else 0
+
+    def step(self) -> bool:
+        """Drop cancelled/expired requests, start the oldest waiting one if none runs, advance it one chunk."""
+        now = time.perf_counter()
+        self._reap_waiting(now)
+        if self._running is not None:
+            error = self._running.request.ending(now)
+            if error is not None:
+                self._fail_running(error)
+                return True
+        if self._running is None:
+            self._running = self._start_next()
+            if self._running is None:
+                return False
+        running = self._running
+        started = time.perf_counter()
+        try:
+            self._advance(running)
+        except MemoryError:
+            self._fail_running(OutOfMemory("ran out of memory while generating; lower max_tokens or n"))
+        except LlmkitError as exc:
+            self._fail_running(exc)
+        except Exception:  # a bug in the decode loop: fail this request, keep serving
+            log.exception("generation step failed")
+            self._fail_running(GenerationFailed("generation failed inside the model (see the server log)"))
+        if self.on_step:
+            self.on_step("prefill" if running.chunks <= 1 else "decode", 1, time.perf_counter() - started)
+        self.steps += 1
+        return True
+
+    def _start_next(self) -> _Running | None:
+        with self._cv:
+            if not self._waiting:
+                return None
+            request = self._waiting.popleft()
+        generation = self.engine.stream_ids(request.prompt, request.prompt_ids, request.params,
+                                            seed=request.seed, started=request.started)
+        return _Running(request, generation, admitted=time.perf_counter())
+
+    def _advance(self, running: _Running) -> None:
+        """Hand over the next chunk; once the last sequence has finished, the Result follows in the same step."""
+        request = running.request
+        for chunk in running.generation:
+            running.chunks += 1
+            request.sink(chunk)
+            if not (chunk.finish_reason and chunk.index == request.rows - 1):
+                return
+        result = running.generation.result
+        assert result is not None
+        queue_s = running.admitted - request.started
+        self._running = None
+        request.sink(Finished(result, queue_s=queue_s, prefill_s=result.timings.ttft_s - queue_s))
+
+    def _fail_running(self, error: LlmkitError) -> None:
+        running, self._running = self._running, None
+        if running is not None:
+            running.generation.close()
+            running.request.sink(Failed(error))
