@@ -172,8 +172,9 @@ class BatchScheduler(Scheduler):
     # --- model steps --------------------------------------------------------------------------
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self._cache_arg: cache})
+        with self.engine.step_context(input_ids.numel()):
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1, :]
 
     def _prefill(self, newcomers: list[BatchRequest]) -> None:
