@@ -176,3 +176,33 @@ def test_choices_reach_json_and_monitor(cli, tiny_model_dir):
     assert "quantize: int8 weight-only" in report.stdout and "_weight_int8pack_mm" in report.stdout
     bad = cli("generate", "-m", str(tiny_model_dir), "--quantize", "int8", "--dtype", "float16", PROMPT)
     assert bad.exit_code == 2 and "computes in bfloat16" in bad.stderr
+
+
+def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
+    """The server with --quantize int8 and with the real `auto` (no LLMKIT_DTYPE): /health names the setup, a
+    lone greedy request gives the in-process engine's text for the same setup, and batched rows agree."""
+    import concurrent.futures
+
+    from tests.server_helpers import ServerProcess
+
+    monkeypatch.delenv(devices.DTYPE_ENV)
+    auto_dtype = str(devices.choose_dtype("auto", "cpu")[0]).removeprefix("torch.")
+    for options in ({"quantize": "int8"}, {}):
+        args = [f"--{name}={value}" for name, value in options.items()]
+        process = ServerProcess(tiny_model_dir, tmp_path / "server.log", *args)
+        process.env.pop(devices.DTYPE_ENV, None)
+        try:
+            process.start()
+            with process.client() as client:
+                health = client.get("/health").json()
+                body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+                alone = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+                with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                    batched = list(pool.map(lambda _: client.post("/v1/completions", json=body).json(), range(4)))
+        finally:
+            process.stop()
+        assert (health["dtype"], health["quantize"]) == (
+            "bfloat16" if options else auto_dtype, options.get("quantize", "none"))
+        engine = load_engine(str(tiny_model_dir), device="cpu", **options)
+        assert alone == engine.generate(PROMPT, GenerationParams(max_new_tokens=8, temperature=0.0)).text
+        assert len({answer["choices"][0]["text"] for answer in batched}) == 1

@@ -526,12 +526,16 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
 
 
 def serve_banner(url: str, model: str, *, api_key: bool, rate_limit: str | None, max_batch_size: int,
-                 max_queue: int, request_timeout_s: float) -> None:
+                 max_queue: int, request_timeout_s: float, engine: str = "transformers") -> None:
     """What `llmkit serve` listens on and how it is configured (stderr; never shows the API key)."""
     err.print(f"[bold]llmkit serve[/] · {escape(url)} · loading [cyan]{escape(model)}[/] in the background")
     err.print(f"[dim]  OpenAI API {escape(url)}/v1 (completions, chat/completions, models) · tutorial API "
               f"POST /generate · GET /health · GET /metrics[/]")
-    err.print(f"[dim]  batches up to {max_batch_size} sequences · queue {max_queue} · timeout "
+    batching = {"transformers": f"batches up to {max_batch_size} sequences",
+                "llama.cpp": "llama.cpp engine: one request at a time"}.get(
+        engine, f"engine {engine}: batches up to {max_batch_size} sequences with transformers, one at a time "
+                "with llama.cpp")
+    err.print(f"[dim]  {batching} · queue {max_queue} · timeout "
               f"{request_timeout_s:g} s · API key {'required' if api_key else 'off'} · rate limit "
               f"{rate_limit or 'off'} · Ctrl-C stops gracefully[/]")
 

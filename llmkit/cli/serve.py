@@ -15,8 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmkit.cli import options, render
-from llmkit.devices import check_device, check_dtype
-from llmkit.engine import check_engine
+from llmkit.engine import check_load_options
 from llmkit.errors import LlmkitError, ModelLoadError
 from llmkit.server import settings as server_settings
 from llmkit.server.settings import ServerSettings, parse_rate_limit
@@ -79,6 +78,7 @@ def serve(
     = "text",
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
+    quantize: options.QuantizeOpt = "none",
     engine_name: options.EngineOpt = "transformers",
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat (continuous batching with transformers)."""
@@ -87,9 +87,7 @@ def serve(
         max_queue=max_queue, max_batch_size=max_batch_size, request_timeout_s=request_timeout,
         grace_s=grace_period, max_body_bytes=max_body_bytes, log_format=log_format,
     ).check()
-    check_device(device)
-    check_dtype(dtype)
-    check_engine(engine_name)
+    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name)
     from llmkit.models import resolve
 
     source = resolve(model)  # an unknown model fails here, before anything heavy loads
@@ -109,7 +107,7 @@ def serve(
     def load():
         from llmkit.engine import load_engine
 
-        return load_engine(model, device=device, dtype=dtype, engine=engine_name)
+        return load_engine(model, device=device, dtype=dtype, quantize=quantize, engine=engine_name)
 
     app = build_app(load, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
@@ -120,7 +118,7 @@ def serve(
 
     render.serve_banner(settings.url, settings.model_name, api_key=bool(settings.api_key),
                         rate_limit=str(settings.rate_limit) if settings.rate_limit else None,
-                        max_batch_size=1 if engine_name == "llama.cpp" else settings.max_batch_size,
+                        max_batch_size=settings.max_batch_size, engine=engine_name,
                         max_queue=settings.max_queue,
                         request_timeout_s=settings.request_timeout_s)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the handler that was

@@ -140,7 +140,8 @@ class ModelHost:
             return 503, {"status": "stuck", "model": name, "seconds_since_last_step": round(silent, 1)}
         info = self.engine.info
         return 200, {"status": "ok", "model": name, "engine": info.engine, "device": info.device,
-                     "dtype": info.dtype, "waiting": scheduler.waiting, "running": scheduler.running_rows,
+                     "dtype": info.dtype, "quantize": info.quantize, "waiting": scheduler.waiting,
+                     "running": scheduler.running_rows,
                      "max_batch_size": scheduler.max_batch_size,
                      "uptime_s": round(time.monotonic() - self.started_at, 1)}
 
