@@ -152,3 +152,17 @@ def test_error_after_the_stream_started_is_a_final_sse_event(tiny_engine, monkey
     error = json.loads(lines[-2])["error"]
     assert error["type"] == "timeout" and "request-timeout" in error["message"]
     assert len(lines) > 3  # some text arrived before the error
+
+
+def test_json_log_lines_drop_uvicorns_terminal_colour_copy():
+    import json
+    import logging
+
+    from llmkit.server.logs import JsonFormatter
+
+    record = logging.LogRecord("uvicorn", logging.INFO, __file__, 1, "Started server process [%d]", (42,), None)
+    record.color_message = "Started server process [\x1b[36m%d\x1b[0m]"
+    record.request_id = "abc"
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "Started server process [42]" and entry["request_id"] == "abc"
+    assert "color_message" not in entry

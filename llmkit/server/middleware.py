@@ -33,7 +33,7 @@ MAX_TRACKED_CLIENTS = 10_000
 
 async def send_error(send, path: str, status: int, message: str, *, kind: str, param: str | None = None,
                      headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(error_body(path, message, kind=kind, param=param)).encode()
+    body = json.dumps(error_body(path, message, kind=kind, param=param), separators=(",", ":")).encode()  # as FastAPI
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -195,6 +195,6 @@ class RateLimiter:
             self.metrics.ended.labels("rate_limited").inc()
             retry = max(1, int(wait + 0.999))
             return await send_error(send, scope["path"], 429,
-                                    f"rate limit of {self.limit} requests exceeded; retry in {retry} s",
+                                    f"rate limit exceeded ({self.limit} per client); retry in {retry} s",
                                     kind="rate_limit_exceeded", headers={"retry-after": str(retry)})
         await self.app(scope, receive, send)
