@@ -65,10 +65,11 @@ def pick_tokens(
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token id per row of `logits`; row i samples with generators[i]."""
+    logits = logits.float()  # penalties and argmax in float32 whatever the model computes in (argmax: 3x faster too)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.is_greedy or generators is None:
-        return torch.argmax(logits.float(), dim=-1)  # exact; 3x faster than argmax over bfloat16 here
+        return torch.argmax(logits, dim=-1)
     probs = next_token_probs(logits, params)
     picked = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
     return torch.cat(picked)
