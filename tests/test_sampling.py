@@ -68,3 +68,22 @@ def test_seeded_generators_reproduce():
     first = pick_tokens(logits, params, [torch.Generator().manual_seed(s) for s in (1, 2)])
     again = pick_tokens(logits, params, [torch.Generator().manual_seed(s) for s in (1, 2)])
     assert first.tolist() == again.tolist()
+
+
+def test_top_p_candidates_and_full_sort_agree():
+    """Peaked rows are decided among the top candidates, flat rows fall back to ranking everything."""
+    from llmkit.engine.sampling import TOP_P_CANDIDATES
+
+    def by_full_sort(probs, p):
+        ranked, order = torch.sort(probs, dim=-1, descending=True)
+        keep = (torch.cumsum(ranked, dim=-1) - ranked) < p
+        return probs.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), 0.0)
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 8 * TOP_P_CANDIDATES
+    peaked = torch.softmax(torch.randn(1, vocab, generator=generator) * 4, dim=-1)
+    flat = torch.softmax(torch.randn(1, vocab, generator=generator) * 0.1, dim=-1)
+    assert torch.topk(peaked, TOP_P_CANDIDATES).values.sum() > 0.95 > torch.topk(flat, TOP_P_CANDIDATES).values.sum()
+    for probs in (peaked, flat, torch.cat([peaked, flat])):
+        for p in (0.5, 0.9, 0.95):
+            assert torch.equal(top_p_mask(probs, p), by_full_sort(probs, p))

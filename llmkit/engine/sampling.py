@@ -30,15 +30,24 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+TOP_P_CANDIDATES = 1024  # top-p first looks among this many most likely tokens (topk: 78 us vs 7 ms to sort 49k)
+
+
 def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose total probability reaches p; zero the rest."""
+    """Keep the smallest set of most likely tokens whose total probability reaches p; zero the rest.
+
+    The set almost always lies among the TOP_P_CANDIDATES most likely tokens, so those are ranked
+    first; only rows whose candidates do not reach p rank the whole vocabulary. Same result either way.
+    """
     if p >= 1.0:
         return probs
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    drop_sorted = mass_before >= p  # the mass before this token already reached p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return probs.masked_fill(drop, 0.0)
+    ranked, order = torch.topk(probs, min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)  # sorted, descending
+    if ranked.shape[-1] < probs.shape[-1] and not bool((ranked.sum(dim=-1) >= p).all()):
+        ranked, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(ranked, dim=-1) - ranked
+    keep_ranked = mass_before < p  # the mass before this token had not reached p yet
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep_ranked)
+    return probs.masked_fill(~keep, 0.0)
 
 
 def min_p_mask(probs: torch.Tensor, min_p: float) -> torch.Tensor:
