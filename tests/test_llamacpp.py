@@ -109,3 +109,18 @@ def test_truncated_gguf_is_one_clear_error(tiny_gguf, tmp_path):
     cut = truncate_copy(tiny_gguf, tmp_path / "cut.gguf", keep_fraction=0.6)
     with pytest.raises(ModelLoadError, match="llama.cpp could not load"):
         load_engine(str(cut), engine="llama.cpp")
+
+
+def test_llama_cpp_log_lines_go_to_the_logger_not_stderr(caplog, capfd):
+    """Gemma 3's "using full-size SWA cache" notice arrives tagged ERROR and used to land in the text."""
+    import ctypes
+
+    from llmkit.engine.llamacpp import route_llama_logs
+
+    route_llama_logs()
+    import llmkit.engine.llamacpp as module
+
+    with caplog.at_level("DEBUG", logger="llmkit.llamacpp"):
+        module._log_callback(3, b"llama_kv_cache_iswa: using full-size SWA cache\n", ctypes.c_void_p(0))
+    assert "using full-size SWA cache" in caplog.text
+    assert "SWA" not in capfd.readouterr().err

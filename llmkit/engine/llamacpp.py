@@ -14,6 +14,7 @@ logits after each, which is exact and fast enough for perplexity windows.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -35,6 +36,32 @@ def llamacpp_installed() -> bool:
     from importlib.util import find_spec
 
     return find_spec("llama_cpp") is not None
+
+
+log = logging.getLogger("llmkit.llamacpp")
+_log_callback = None  # the ctypes callback must stay referenced while llama.cpp may call it
+
+
+def route_llama_logs() -> None:
+    """llama.cpp's own log lines go to the `llmkit.llamacpp` logger at DEBUG instead of raw stderr.
+
+    llama-cpp-python prints every message llama.cpp tags ERROR even with verbose=False, and
+    llama.cpp tags notices as ERROR (Gemma 3: "using full-size SWA cache"), which then land in
+    the middle of generated text. Real failures still reach users: llama-cpp-python raises them.
+    """
+    global _log_callback
+    if _log_callback is not None:
+        return
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def forward(level, text, user_data):  # noqa: ARG001 (ctypes signature)
+        log.debug("%s", text.decode("utf-8", errors="replace").rstrip("\n"))
+
+    _log_callback = forward
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
 
 
 def default_threads() -> int:
@@ -127,6 +154,8 @@ class LlamaCppEngine(Engine):
         check_gguf_magic(path)  # llama.cpp's own loader reports a truncated file
         started = time.perf_counter()
         from llama_cpp import Llama
+
+        route_llama_logs()
 
         if progress:
             progress(f"loading {path.name} with llama.cpp", 0, None)
