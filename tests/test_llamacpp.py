@@ -124,3 +124,15 @@ def test_llama_cpp_log_lines_go_to_the_logger_not_stderr(caplog, capfd):
         module._log_callback(3, b"llama_kv_cache_iswa: using full-size SWA cache\n", ctypes.c_void_p(0))
     assert "using full-size SWA cache" in caplog.text
     assert "SWA" not in capfd.readouterr().err
+
+
+def test_user_defined_markers_are_hidden_but_other_user_tokens_stay_text(tmp_path):
+    from llmkit.engine import load_engine
+    from tests.tiny_gguf import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "markers.gguf", user_defined=("<start_of_image>", "[multimodal]", "hello_world"))
+    tokenizer = load_engine(str(path), engine="llama.cpp").tokenizer
+    ids = tokenizer("sea<start_of_image>[multimodal]hello_world", add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 4
+    assert tokenizer.decode(ids) == "seahello_world"
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "sea<start_of_image>[multimodal]hello_world"

@@ -24,7 +24,7 @@ from llmkit.engine.sampling import pick_tokens
 from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.engine.types import Chunk, EngineInfo
 from llmkit.errors import ModelLoadError, UnsupportedFeature, one_line
-from llmkit.models import ALIASES, Progress, assemble_alias, check_gguf_magic, resolve
+from llmkit.models import ALIASES, MARKER_TOKEN, Progress, assemble_alias, check_gguf_magic, resolve
 from llmkit.params import GenerationParams
 
 ENGINE_NAME = "llama.cpp"
@@ -102,13 +102,31 @@ class LlamaCppTokenizer:
         self.eos_token_id = llm.token_eos() if llm.token_eos() >= 0 else None
         self.chat_template = llm.metadata.get("tokenizer.chat_template")
         self._add_bos = bool(llm._model.add_bos_token())
+        self._markers: dict[int, bool] = {}  # token id -> is a user-defined marker (asked once per id)
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         ids = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens and self._add_bos, special=True)
         return {"input_ids": list(ids)}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.llm.detokenize(list(ids), special=not skip_special_tokens).decode("utf-8", errors="replace")
+        ids = list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if not self._is_marker(i)]
+        return self.llm.detokenize(ids, special=not skip_special_tokens).decode("utf-8", errors="replace")
+
+    def _is_marker(self, token: int) -> bool:
+        """A user-defined token shaped like a control marker (Gemma 3's <start_of_image>): llama.cpp
+        detokenizes those as text, so they are skipped here as the GGUF conversion does for transformers."""
+        known = self._markers.get(token)
+        if known is None:
+            import llama_cpp
+
+            model = self.llm._model
+            user_defined = bool(model.token_get_attr(token) & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED)
+            text = model.token_get_text(token)
+            text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+            known = self._markers[token] = user_defined and bool(MARKER_TOKEN.match(text))
+        return known
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
