@@ -40,8 +40,8 @@ def check_quantize(name: str) -> str:
     return name
 
 
-def native_bf16_flag(cpuinfo: str | None = None) -> str | None:
-    """The CPU flag that makes bfloat16 fast here (Linux), or None."""
+def cpuinfo_field(name: str, cpuinfo: str | None = None) -> str | None:
+    """The first `name : value` of /proc/cpuinfo (Linux; None elsewhere or when absent)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
@@ -49,10 +49,16 @@ def native_bf16_flag(cpuinfo: str | None = None) -> str | None:
         except OSError:
             return None
     for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
     return None
+
+
+def native_bf16_flag(cpuinfo: str | None = None) -> str | None:
+    """The CPU flag that makes bfloat16 fast here (Linux), or None."""
+    flags = set((cpuinfo_field("flags", cpuinfo) or "").split())
+    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
 
 
 def resolve_device(name: str) -> str:

@@ -304,14 +304,9 @@ class ResourceSampler:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from llmkit.devices import cpuinfo_field
+
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def environment(device: str | None = None, dtype: str | None = None) -> dict[str, Any]:

@@ -75,6 +75,12 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -91,6 +97,16 @@ class ServerProcess:
             return Path(self.log_path).read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
+
+
+def answers_quickly(http: httpx.Client, within_s: float = 1.5, prompt: str = "q",
+                    max_tokens: int = 2) -> httpx.Response:
+    """A short request that only gets through in time if nothing abandoned still holds the model."""
+    started = time.monotonic()
+    response = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens})
+    assert response.status_code == 200
+    assert time.monotonic() - started < within_s
+    return response
 
 
 def sse_events(response: httpx.Response) -> Iterator[dict | str]:

@@ -120,7 +120,8 @@ def float32_reference(tiny_engine):
     result = tiny_engine.generate(PROMPT, GREEDY)
     prompt_ids = tiny_engine.prompt_ids(PROMPT)
     ids = prompt_ids + list(result.completions[0].token_ids)
-    return result.completions[0].token_ids, ids, len(prompt_ids), _logprobs(tiny_engine, ids)
+    return (result.completions[0].token_ids, ids, len(prompt_ids), _logprobs(tiny_engine, ids),
+            tiny_engine.info.parameters)
 
 
 def _logprobs(engine, ids):
@@ -130,11 +131,12 @@ def _logprobs(engine, ids):
 
 @pytest.mark.parametrize("dtype, quantize", list(MAX_LOGPROB_ERROR))
 def test_configuration_matches_float32_within_tolerance(tiny_model_dir, float32_reference, dtype, quantize):
-    tokens, ids, prompt_len, reference = float32_reference
+    tokens, ids, prompt_len, reference, _ = float32_reference
     assert len(tokens) == GREEDY.max_new_tokens  # a long enough sequence to compare
     engine = load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize=quantize)
     assert engine.info.dtype == ("bfloat16" if quantize == "int8" else dtype)
     assert engine.info.quantize == quantize
+    assert engine.info.parameters == float32_reference[4]  # counted before int8 weights become buffers
 
     tolerance = MAX_LOGPROB_ERROR[(dtype, quantize)]
     error = (_logprobs(engine, ids) - reference).abs().max().item()
@@ -191,16 +193,12 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
         args = [f"--{name}={value}" for name, value in options.items()]
         process = ServerProcess(tiny_model_dir, tmp_path / "server.log", *args)
         process.env.pop(devices.DTYPE_ENV, None)
-        try:
-            process.start()
-            with process.client() as client:
-                health = client.get("/health").json()
-                body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
-                alone = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
-                with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                    batched = list(pool.map(lambda _: client.post("/v1/completions", json=body).json(), range(4)))
-        finally:
-            process.stop()
+        with process, process.client() as client:
+            health = client.get("/health").json()
+            body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+            alone = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                batched = list(pool.map(lambda _: client.post("/v1/completions", json=body).json(), range(4)))
         assert (health["dtype"], health["quantize"]) == (
             "bfloat16" if options else auto_dtype, options.get("quantize", "none"))
         engine = load_engine(str(tiny_model_dir), device="cpu", **options)

@@ -16,10 +16,9 @@ PROMPT = "Once upon a time"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    process = ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--log-format", "json")
-    process.start()
-    yield process
-    process.stop()
+    with ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--log-format",
+                       "json") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from llmkit.engine.scheduling import Cancelled, Failed, Finished, QueueFull, Req
 from llmkit.params import parse_params
 from tests.server_helpers import (
     ServerProcess,
+    answers_quickly,
     completions,
     free_port,
     run_steps,
@@ -178,9 +179,8 @@ def test_scheduler_thread_drains_on_close_and_fails_all_on_abort(llama):
 def server(tiny_gguf, tmp_path_factory):
     process = ServerProcess(tiny_gguf, tmp_path_factory.mktemp("serve-llamacpp") / "server.log",
                             "--engine", "llama.cpp", "--request-timeout", str(REQUEST_TIMEOUT_S), env=STEP_DELAY)
-    process.start()
-    yield process
-    process.stop()
+    with process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -304,9 +304,7 @@ def test_timeout_answers_504_and_frees_the_model(http, llama):
     response = http.post("/v1/completions", json={"prompt": "slow", "max_tokens": 250, "seed": seed})
     assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"
     assert REQUEST_TIMEOUT_S - 0.5 < time.monotonic() - started < REQUEST_TIMEOUT_S + 1.5
-    quick = time.monotonic()  # one request at a time: this only runs at once if the timed-out one was dropped
-    assert http.post("/v1/completions", json={"prompt": "q", "max_tokens": 2}).status_code == 200
-    assert time.monotonic() - quick < 1.5
+    answers_quickly(http)  # one request at a time: this only runs at once if the timed-out one was dropped
     assert http.get("/health").json()["running"] == 0
 
 
@@ -317,9 +315,7 @@ def test_stream_disconnect_frees_the_model(server, http, llama):
         events = sse_events(response)
         next(events)
         next(events)
-    quick = time.monotonic()  # the abandoned request (120 steps, 2.4 s) no longer holds the model
-    assert http.post("/v1/completions", json={"prompt": "next", "max_tokens": 3}).status_code == 200
-    assert time.monotonic() - quick < 1.5
+    answers_quickly(http, prompt="next", max_tokens=3)  # the abandoned request (120 steps, 2.4 s) is gone
 
 
 # --- what serve refuses -----------------------------------------------------------------------------------

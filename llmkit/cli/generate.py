@@ -156,8 +156,7 @@ def run_one(engine, job: Job, *, chat: bool, system: str | None, as_json: bool, 
             pass
     result = generation.result
     if as_json:
-        render.json_line({**job.extra, "model": engine.info.model, **result.to_dict(),
-                           "engine": engine.info.setup()})
+        render.json_line(result_record(engine, job, result))
     elif not live:
         for completion in result.completions:
             render.sequence_header(completion.index, n)
@@ -165,6 +164,11 @@ def run_one(engine, job: Job, *, chat: bool, system: str | None, as_json: bool, 
             render.end_text()
     if not quiet:
         render.timing_line(result)
+
+
+def result_record(engine, job: Job, result) -> dict[str, Any]:
+    """One --json line: the job's own fields (e.g. its id), the model, the Result and how the engine ran."""
+    return {**job.extra, "model": engine.info.model, **result.to_dict(), "engine": engine.info.setup()}
 
 
 def run_batch(engine, jobs: list[Job], *, chat: bool, system: str | None, quiet: bool) -> None:
@@ -177,8 +181,7 @@ def run_batch(engine, jobs: list[Job], *, chat: bool, system: str | None, quiet:
             failures += 1
             render.json_line({**job.extra, "origin": job.origin, "error": str(exc)})
             continue
-        render.json_line({**job.extra, "model": engine.info.model, **result.to_dict(),
-                           "engine": engine.info.setup()})
+        render.json_line(result_record(engine, job, result))
         if not quiet:
             render.timing_line(result)
     if failures:

@@ -40,7 +40,9 @@ class TransformersEngine(Engine):
         self.tokenizer = tokenizer
         self.info = info
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._gemv_switch = info.choices.get("decode_matmul", "").startswith("torch gemv")
+        from llmkit.engine.fastpath import uses_gemv_switch
+
+        self._gemv_switch = info.quantize == "none" and uses_gemv_switch(info.device, model.dtype)
         # transformers 5 renamed forward's `past_key_values` to `cache`; accept either.
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
@@ -78,7 +80,12 @@ class TransformersEngine(Engine):
             else:
                 model, tokenizer = _load_from_hub(source.location, torch_dtype)
             model.to(device_name).eval()
-            choices = _speed_choices(model, device_name, torch_dtype, dtype_why, quantize)
+            parameters = sum(p.numel() for p in model.parameters())  # before int8 turns weights into buffers
+            replaced = 0
+            if quantize == "int8":
+                from llmkit.engine.fastpath import quantize_int8
+
+                replaced = quantize_int8(model)
         except (MemoryError, torch.OutOfMemoryError):
             raise OutOfMemory(f"not enough memory to load {source.name}; try a smaller model or "
                               "--dtype bfloat16") from None
@@ -89,12 +96,12 @@ class TransformersEngine(Engine):
             engine="transformers",
             device=device_name,
             dtype=str(torch_dtype).removeprefix("torch."),
-            parameters=sum(p.numel() for p in model.parameters()),
+            parameters=parameters,
             context_length=_context_length(model.config),
             has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
             load_s=time.perf_counter() - started,
             quantize=quantize,
-            choices=choices,
+            choices=_speed_choices(device_name, torch_dtype, dtype_why, replaced),
         )
         return cls(model, tokenizer, info)
 
@@ -191,24 +198,20 @@ class TransformersEngine(Engine):
 # --- loading helpers --------------------------------------------------------------------------
 
 
-def _speed_choices(model, device: str, torch_dtype, dtype_why: str, quantize: str) -> dict[str, str]:
-    """Apply --quantize and say how decoding will run; EngineInfo.choices shows this to users."""
-    from llmkit.engine.fastpath import GEMV_MAX_ROWS, quantize_int8, uses_gemv_switch
+def _speed_choices(device: str, torch_dtype, dtype_why: str, int8_layers: int) -> dict[str, str]:
+    """How decoding will run and why, for EngineInfo.choices (monitor, --json, /health)."""
+    from llmkit.engine.fastpath import GEMV_MAX_ROWS, uses_gemv_switch
 
-    dtype_name = str(torch_dtype).removeprefix("torch.")
-    choices = {"dtype": f"{dtype_name} ({dtype_why})"}
-    if quantize == "int8":
-        replaced = quantize_int8(model)
-        choices["quantize"] = f"int8 weight-only, one scale per output channel, {replaced} Linear layers"
+    choices = {"dtype": f"{str(torch_dtype).removeprefix('torch.')} ({dtype_why})"}
+    if int8_layers:
+        choices["quantize"] = f"int8 weight-only, one scale per output channel, {int8_layers} Linear layers"
+        choices["decode_matmul"] = "torch _weight_int8pack_mm (int8 weights x bfloat16 activations)"
     else:
         choices["quantize"] = "none"
-    if quantize == "int8":
-        choices["decode_matmul"] = "torch _weight_int8pack_mm (int8 weights x bfloat16 activations)"
-    elif uses_gemv_switch(device, torch_dtype):
-        choices["decode_matmul"] = (f"torch gemv for steps of <= {GEMV_MAX_ROWS} token rows (oneDNN off), "
-                                    "oneDNN for prefill and larger batches")
-    else:
-        choices["decode_matmul"] = f"torch default ({'oneDNN/MKL' if device == 'cpu' else device})"
+        choices["decode_matmul"] = (
+            f"torch gemv for steps of <= {GEMV_MAX_ROWS} token rows (oneDNN off), oneDNN for prefill and larger "
+            "batches" if uses_gemv_switch(device, torch_dtype)
+            else f"torch default ({'oneDNN/MKL' if device == 'cpu' else device})")
     choices["kv_cache"] = "dynamic (static cache + torch.compile did not pay off on the CPU; see README)"
     return choices
 
