@@ -204,3 +204,30 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
         engine = load_engine(str(tiny_model_dir), device="cpu", **options)
         assert alone == engine.generate(PROMPT, GenerationParams(max_new_tokens=8, temperature=0.0)).text
         assert len({answer["choices"][0]["text"] for answer in batched}) == 1
+
+
+@pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("float16", "none"), ("auto", "int8")])
+def test_extreme_sampling_settings_run_batched_on_each_configuration(tiny_model_dir, dtype, quantize):
+    """The NaN class of bug on the faster paths: every extreme setting the schema accepts, batched together
+    with an ordinary request, samples real tokens and finishes; the ordinary request is unaffected."""
+    from llmkit.engine.batch import BatchScheduler, Finished
+    from tests.server_helpers import completions, run_steps, scheduler_request
+
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize=quantize)
+    ordinary = dict(seed=4, temperature=0.9, max_new_tokens=12)
+    extremes = [dict(top_p=1e-50), dict(top_p=1e-300, temperature=2.0), dict(min_p=1.0), dict(temperature=1e-30),
+                dict(top_k=1, top_p=1e-50, min_p=1.0, repetition_penalty=2.0), dict(top_k=100_000, temperature=2.0),
+                dict(repetition_penalty=0.5, min_p=1e-30)]
+    alone = engine.generate(PROMPT, GenerationParams(**ordinary))
+    scheduler = BatchScheduler(engine)
+    requests = [scheduler_request(engine, PROMPT, ordinary)]
+    requests += [scheduler_request(engine, f"{PROMPT} {i}", dict(seed=i, max_new_tokens=6, **spec))
+                 for i, spec in enumerate(extremes)]
+    for request, _ in requests:
+        scheduler.submit(request)
+    run_steps(scheduler)
+    for _, sink in requests:
+        assert isinstance(sink.final, Finished), sink.final
+        assert sink.final.result.usage.completion_tokens >= 1
+    assert completions(requests[0][1].final.result) == completions(alone)
+    assert scheduler.failures.requests == 0 and scheduler.failures.steps == 0

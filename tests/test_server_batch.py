@@ -77,14 +77,130 @@ def test_queue_bound_and_batch_size_are_respected(tiny_engine):
     scheduler = BatchScheduler(tiny_engine, max_batch_size=2, max_queue=2)
     first, _ = scheduler_request(tiny_engine, "a", dict(seed=1, num_sequences=2, max_new_tokens=3))
     second, second_sink = scheduler_request(tiny_engine, "b", dict(greedy=True, max_new_tokens=3))
-    scheduler.submit(first)
-    scheduler.submit(second)
+    scheduler.submit(first)  # takes both free rows
+    scheduler.submit(second)  # waits beyond them: 1 in the queue
+    scheduler.submit(scheduler_request(tiny_engine, "c", dict(greedy=True, max_new_tokens=3))[0])  # 2 in the queue
     with pytest.raises(QueueFull):
-        scheduler.submit(scheduler_request(tiny_engine, "c", dict(greedy=True))[0])
+        scheduler.submit(scheduler_request(tiny_engine, "d", dict(greedy=True))[0])
     scheduler.step()
-    assert scheduler.running_rows == 2 and scheduler.waiting == 1  # the second waits for room
+    assert scheduler.running_rows == 2 and scheduler.waiting == 2  # the others wait for room
     run_steps(scheduler)
     assert isinstance(second_sink.final, Finished)
+
+
+def test_a_burst_fills_free_rows_first_and_only_the_rest_counts_against_the_queue(tiny_engine):
+    """--max-queue 2 with 4 free rows: 6 of a burst of 10 are accepted (4 run at the next step, 2 wait)."""
+    scheduler = BatchScheduler(tiny_engine, max_batch_size=4, max_queue=2)
+    outcomes = []
+    for i in range(10):
+        try:
+            scheduler.submit(scheduler_request(tiny_engine, f"p{i}", dict(greedy=True, max_new_tokens=4))[0])
+            outcomes.append("accepted")
+        except QueueFull:
+            outcomes.append("full")
+    assert outcomes == ["accepted"] * 6 + ["full"] * 4
+    scheduler.step()
+    assert scheduler.running_rows == 4 and scheduler.waiting == 2
+    with pytest.raises(QueueFull):  # the batch is full and 2 wait: the queue bound holds
+        scheduler.submit(scheduler_request(tiny_engine, "late", dict(greedy=True))[0])
+    run_steps(scheduler)
+    big = scheduler_request(tiny_engine, "n", dict(seed=1, num_sequences=3, max_new_tokens=2))[0]
+    scheduler.submit(big)  # 3 of 4 rows
+    scheduler.submit(scheduler_request(tiny_engine, "one", dict(greedy=True, max_new_tokens=2))[0])  # the 4th row
+    scheduler.submit(scheduler_request(tiny_engine, "two", dict(seed=2, num_sequences=2))[0])  # waits (1)
+    scheduler.submit(scheduler_request(tiny_engine, "three", dict(greedy=True))[0])  # FIFO: waits behind it (2)
+    with pytest.raises(QueueFull):
+        scheduler.submit(scheduler_request(tiny_engine, "four", dict(greedy=True))[0])
+    run_steps(scheduler)
+
+
+POISON_SEED = 666
+
+
+def test_a_request_whose_sampling_fails_leaves_alone_and_its_batch_mates_finish(tiny_engine, references,
+                                                                                  monkeypatch):
+    """A row forced to fail while sampling, in the same sampling group as a healthy request (same settings)
+    and batched with others: only it fails; the others give exactly the text they give alone."""
+    import llmkit.engine.batch as batch
+
+    real_pick = batch.pick_tokens
+
+    def poisoned_pick(logits, params, generators, seen=None):
+        if any(g.initial_seed() == POISON_SEED for g in generators or []):
+            raise RuntimeError("poisoned row")
+        return real_pick(logits, params, generators, seen)
+
+    monkeypatch.setattr(batch, "pick_tokens", poisoned_pick)
+    scheduler = BatchScheduler(tiny_engine)
+    sinks = []
+    for prompt, spec in zip(PROMPTS, SPECS):
+        req, sink = scheduler_request(tiny_engine, prompt, spec)
+        sinks.append(sink)
+        scheduler.submit(req)
+        if len(sinks) == 2:  # right after SPECS[1] (seed 3, temperature 1.0): the same sampling group
+            poison, poison_sink = scheduler_request(tiny_engine, "poison", {**SPECS[1], "seed": POISON_SEED})
+            scheduler.submit(poison)
+    run_steps(scheduler)
+    assert isinstance(poison_sink.final, Failed) and poison_sink.final.error.kind == "server_error"
+    assert "other requests were not affected" in str(poison_sink.final.error)
+    for sink, reference in zip(sinks, references):
+        assert isinstance(sink.final, Finished)
+        assert completions(sink.final.result) == completions(reference)
+    assert scheduler.failures.requests == 1 and scheduler.failures.steps == 0
+    assert scheduler.running_rows == 0 and scheduler._cache is None
+
+
+def test_a_request_whose_text_handling_fails_leaves_alone(tiny_engine, references, monkeypatch):
+    """The same class one step later: the failure is in turning tokens into text (stop strings here)."""
+    from llmkit.engine.detokenize import StopMatcher
+
+    real_feed = StopMatcher.feed
+
+    def poisoned_feed(self, text):
+        if "POISON" in self.stops:
+            raise ValueError("poisoned stop matcher")
+        return real_feed(self, text)
+
+    monkeypatch.setattr(StopMatcher, "feed", poisoned_feed)
+    scheduler = BatchScheduler(tiny_engine)
+    healthy = [scheduler_request(tiny_engine, p, s) for p, s in zip(PROMPTS, SPECS)]
+    poison, poison_sink = scheduler_request(tiny_engine, "x", dict(greedy=True, max_new_tokens=30, stop=["POISON"]))
+    for req, _ in healthy[:2]:
+        scheduler.submit(req)
+    scheduler.step()  # the first two are decoding when the poisoned one joins
+    scheduler.submit(poison)
+    for req, _ in healthy[2:]:
+        scheduler.submit(req)
+    run_steps(scheduler)
+    assert isinstance(poison_sink.final, Failed)
+    for (_, sink), reference in zip(healthy, references):
+        assert completions(sink.final.result) == completions(reference)
+
+
+def test_a_failed_forward_pass_fails_its_batch_is_counted_and_the_next_batch_works(tiny_engine, references):
+    scheduler = BatchScheduler(tiny_engine)
+    real_model = scheduler.model
+    calls = {"n": 0}
+
+    def flaky_model(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("the forward pass broke")
+        return real_model(**kwargs)
+
+    scheduler.model = flaky_model
+    first = [scheduler_request(tiny_engine, p, s) for p, s in zip(PROMPTS[:2], SPECS[:2])]
+    for req, _ in first:
+        scheduler.submit(req)
+    run_steps(scheduler)
+    assert all(isinstance(sink.final, Failed) and sink.final.error.kind == "server_error" for _, sink in first)
+    assert scheduler.failures.steps == 1 and scheduler.failures.steps_in_a_row == 1
+    assert scheduler.failures.last[1] == "step" and "forward pass broke" in scheduler.failures.last[2]
+    req, sink = scheduler_request(tiny_engine, PROMPTS[0], SPECS[0])
+    scheduler.submit(req)
+    run_steps(scheduler)
+    assert completions(sink.final.result) == completions(references[0])
+    assert scheduler.failures.steps_in_a_row == 0  # a step worked again
 
 
 def test_timings_count_from_arrival(tiny_engine):

@@ -133,14 +133,14 @@ def test_scheduler_queue_bound(llama):
     scheduler = SerialScheduler(llama, max_queue=1)
     first, first_sink = scheduler_request(llama, "a", dict(greedy=True, max_new_tokens=4))
     second, second_sink = scheduler_request(llama, "b", dict(greedy=True, max_new_tokens=4))
-    scheduler.submit(first)
+    scheduler.submit(first)  # the one slot is free: it will run at the next step, not count against the queue
+    scheduler.submit(second)  # waits: the queue (1) is full now
     with pytest.raises(QueueFull, match="at capacity"):
-        scheduler.submit(second)
-    scheduler.step()  # the first leaves the queue to run: room for one more
-    assert scheduler.waiting == 0 and scheduler.running_rows == 1
-    scheduler.submit(second)
-    with pytest.raises(QueueFull):
         scheduler.submit(scheduler_request(llama, "c", dict(greedy=True))[0])
+    scheduler.step()  # the first runs, the second still waits
+    assert scheduler.waiting == 1 and scheduler.running_rows == 1
+    with pytest.raises(QueueFull):
+        scheduler.submit(scheduler_request(llama, "d", dict(greedy=True))[0])
     run_steps(scheduler)
     assert isinstance(first_sink.final, Finished) and isinstance(second_sink.final, Finished)
 
@@ -222,8 +222,10 @@ def test_seed_gives_the_same_text_as_llmkit_generate(http, cli, tiny_gguf):
                  "--temperature", "1.2", "--json", PROMPT)
     assert result.exit_code == 0, result.stderr
     cli_text = json.loads(result.stdout)["completions"][0]["text"]
-    served = [http.post("/v1/completions", json={"prompt": PROMPT, "seed": 11, "max_tokens": 12, "temperature": 1.2}
-                        ).json()["choices"][0]["text"] for _ in range(2)]
+    responses = [http.post("/v1/completions", json={"prompt": PROMPT, "seed": 11, "max_tokens": 12, "temperature": 1.2})
+                 for _ in range(2)]
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    served = [r.json()["choices"][0]["text"] for r in responses]
     assert served == [cli_text, cli_text]
     other = http.post("/v1/completions", json={"prompt": PROMPT, "seed": 12, "max_tokens": 12, "temperature": 1.2})
     assert other.json()["choices"][0]["text"] != cli_text  # the seed, not luck, fixes the text

@@ -80,10 +80,15 @@ class _Active:
     seen: torch.Tensor | None  # prompt + generated ids per row, only with a repetition penalty
     admitted: float  # perf_counter when its prefill began
     token_times: list[float] = field(default_factory=list)
+    failed: bool = False  # its own work raised; it has been told and leaves the batch
 
     @property
     def finished(self) -> bool:
         return all(seq.finish_reason for seq in self.sequences)
+
+    @property
+    def leaving(self) -> bool:
+        return self.failed or self.finished
 
 
 def _sampling_key(params: GenerationParams) -> tuple:
@@ -111,6 +116,7 @@ class BatchScheduler(Scheduler):
 
         # Batch state, touched only by the loop thread. Rows of one request are contiguous.
         self._active: list[_Active] = []
+        self._admitting: list[BatchRequest] = []  # left the queue, not yet in _active (read by submit)
         self._cache = None
         self._mask: torch.Tensor | None = None  # [rows, columns] 1 = real token in the cache
         self._pending: torch.Tensor | None = None  # [rows] sampled, not yet fed to the model
@@ -121,10 +127,17 @@ class BatchScheduler(Scheduler):
 
     @property
     def running_requests(self) -> int:
-        return len(self._active)
+        return len(self._active) + len(self._admitting)
+
+    def _slots_in_use(self) -> int:
+        return sum(self._slots(a.request) for a in list(self._active)) + sum(map(self._slots, list(self._admitting)))
 
     def step(self) -> bool:
-        """One scheduling step: drop cancelled/expired requests, admit and prefill, or decode. True if work was done."""
+        """One scheduling step: drop cancelled/expired requests, admit and prefill, or decode. True if work was done.
+
+        Only an error of the shared forward pass fails the whole batch (and is counted in `failures`);
+        an error in one request's own sampling or bookkeeping fails that request alone (`_fail_one`).
+        """
         self._reap()
         newcomers = self._admit()
         try:
@@ -134,12 +147,16 @@ class BatchScheduler(Scheduler):
                 self._decode()
             else:
                 return False
-        except (MemoryError, torch.OutOfMemoryError):
-            self._fail_batch(newcomers, OutOfMemory(
+            self.failures.step_worked()
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            self._fail_step(newcomers, exc, OutOfMemory(
                 "ran out of memory while generating; lower max_tokens or n, or send fewer requests at once"))
-        except Exception:  # a bug in the forward pass: fail this batch, keep serving
-            log.exception("generation step failed")
-            self._fail_batch(newcomers, GenerationFailed("generation failed inside the model (see the server log)"))
+        except Exception as exc:  # a bug in the forward pass: fail this batch, keep serving
+            log.exception("generation step failed for %d requests", len(self._active) + len(newcomers))
+            self._fail_step(newcomers, exc,
+                            GenerationFailed("generation failed inside the model (see the server log)"))
+        finally:
+            self._admitting = []
         self.steps += 1
         return True
 
@@ -167,6 +184,7 @@ class BatchScheduler(Scheduler):
                     break  # FIFO: the head waits for room rather than being overtaken
                 admitted.append(self._waiting.popleft())
                 rows += request.rows
+            self._admitting = list(admitted)
         return admitted
 
     # --- model steps --------------------------------------------------------------------------
@@ -181,7 +199,11 @@ class BatchScheduler(Scheduler):
         from transformers import DynamicCache
 
         started = time.perf_counter()
-        rows = [r.prompt_ids for r in newcomers for _ in range(r.rows)]
+        actives = [active for active in (self._activate_alone(r, started) for r in newcomers) if active is not None]
+        newcomers[:] = [a.request for a in actives]  # a failure from here on is the batch's, told to these
+        if not actives:
+            return
+        rows = [a.request.prompt_ids for a in actives for _ in range(a.request.rows)]
         width = max(len(ids) for ids in rows)
         input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -193,7 +215,6 @@ class BatchScheduler(Scheduler):
         cache = DynamicCache()
         logits = self._forward(input_ids, mask, positions, cache)
 
-        actives = [self._activate(r, started) for r in newcomers]
         tokens = self._sample(actives, logits)
         self._merge(actives, cache, mask, tokens)
         if self.on_step:
@@ -213,6 +234,14 @@ class BatchScheduler(Scheduler):
             self.on_step("decode", len(tokens), time.perf_counter() - started)
         self._dispatch(tokens, list(self._active))
 
+    def _activate_alone(self, request: BatchRequest, admitted_at: float) -> _Active | None:
+        """_activate, or None after failing this request alone."""
+        try:
+            return self._activate(request, admitted_at)
+        except Exception as exc:
+            self._fail_one(_Active(request, [], None, None, admitted_at), exc)
+            return None
+
     def _activate(self, request: BatchRequest, admitted_at: float) -> _Active:
         params = request.params
         generators = None
@@ -230,25 +259,41 @@ class BatchScheduler(Scheduler):
 
         pick_tokens works row by row (each row draws from its own generator), so grouping gives
         the same tokens as one call per request; requests with a repetition penalty need their
-        own `seen` history and are sampled alone.
+        own `seen` history and are sampled alone. If a group's call raises, its requests are
+        sampled one by one so that only the one whose sampling fails is failed (its rows keep
+        the pad id and leave the batch at dispatch).
         """
-        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         groups: dict[tuple, list[tuple[int, _Active]]] = {}
         row = 0
         for active in actives:
             key = ("alone", id(active)) if active.seen is not None else _sampling_key(active.request.params)
             groups.setdefault(key, []).append((row, active))
             row += active.request.rows
+        tokens = torch.full((logits.shape[0],), self._pad_id, dtype=torch.long, device=logits.device)
         for members in groups.values():
-            params = members[0][1].request.params
-            generators = None
-            if not params.is_greedy:
-                generators = [g for _, a in members for g in (a.generators or [])]
-            seen = members[0][1].seen if len(members) == 1 else None
-            if len(groups) == 1:  # the common case: every row samples alike, no gather/scatter needed
-                return pick_tokens(logits, params, generators, seen)
-            index = torch.cat([torch.arange(r, r + a.request.rows) for r, a in members]).to(logits.device)
-            tokens[index] = pick_tokens(logits.index_select(0, index), params, generators, seen)
+            try:
+                self._pick_group(logits, members, tokens)
+            except Exception:
+                for start, active in members:
+                    self._pick_alone(logits, start, active, tokens)
+        return tokens
+
+    def _pick_group(self, logits: torch.Tensor, members: list[tuple[int, _Active]], tokens: torch.Tensor) -> None:
+        params = members[0][1].request.params
+        generators = None if params.is_greedy else [g for _, a in members for g in (a.generators or [])]
+        seen = members[0][1].seen if len(members) == 1 else None
+        if sum(a.request.rows for _, a in members) == logits.shape[0]:  # the whole batch: no gather/scatter
+            tokens.copy_(pick_tokens(logits, params, generators, seen))
+            return
+        index = torch.cat([torch.arange(r, r + a.request.rows) for r, a in members]).to(logits.device)
+        tokens[index] = pick_tokens(logits.index_select(0, index), params, generators, seen)
+
+    def _pick_alone(self, logits: torch.Tensor, start: int, active: _Active, tokens: torch.Tensor) -> torch.Tensor:
+        """Sample one request's rows into `tokens`; a failure fails that request alone."""
+        try:
+            self._pick_group(logits, [(start, active)], tokens)
+        except Exception as exc:
+            self._fail_one(active, exc)
         return tokens
 
     def _dispatch(self, tokens: torch.Tensor, actives: Sequence[_Active]) -> None:
@@ -257,24 +302,47 @@ class BatchScheduler(Scheduler):
         values = tokens.tolist()
         row = 0
         for active in actives:
-            request = active.request
-            active.token_times.append(now - request.started)
-            picked = values[row:row + request.rows]
-            if active.seen is not None:
-                active.seen = torch.cat([active.seen, tokens[row:row + request.rows, None]], dim=1)
-            row += request.rows
-            for seq, token in zip(active.sequences, picked):
-                chunk = seq.advance(token, self.eos_ids)
-                if chunk is not None:
-                    request.sink(chunk)
-            if active.finished:
-                result = build_result(request.prompt, request.prompt_ids, request.params, request.seed,
-                                      active.sequences, active.token_times)
-                queue_s = active.admitted - request.started
-                request.sink(Finished(result, queue_s=queue_s, prefill_s=active.token_times[0] - queue_s))
-        done = [a.finished for a in self._active]
-        if any(done):
-            self._keep([not d for d in done])
+            if not active.failed:
+                try:
+                    self._advance(active, tokens, values, row, now)
+                except Exception as exc:
+                    self._fail_one(active, exc)
+            row += active.request.rows
+        leaving = [a.leaving for a in self._active]
+        if any(leaving):
+            self._keep([not gone for gone in leaving])
+
+    def _advance(self, active: _Active, tokens: torch.Tensor, values: list[int], row: int, now: float) -> None:
+        """One request's share of a step: its tokens become Chunks, and its Result once every row has finished."""
+        request = active.request
+        active.token_times.append(now - request.started)
+        picked = values[row:row + request.rows]
+        if active.seen is not None:
+            active.seen = torch.cat([active.seen, tokens[row:row + request.rows, None]], dim=1)
+        for seq, token in zip(active.sequences, picked):
+            chunk = seq.advance(token, self.eos_ids)
+            if chunk is not None:
+                request.sink(chunk)
+        if active.finished:
+            result = build_result(request.prompt, request.prompt_ids, request.params, request.seed,
+                                  active.sequences, active.token_times)
+            queue_s = active.admitted - request.started
+            request.sink(Finished(result, queue_s=queue_s, prefill_s=active.token_times[0] - queue_s))
+
+    def _fail_one(self, active: _Active, exc: Exception) -> None:
+        """End one request whose own work raised; the rest of the batch goes on."""
+        if active.failed:
+            return
+        active.failed = True
+        request = active.request
+        log.error("request %s failed alone: %s: %s", request.request_id or "?", type(exc).__name__, exc,
+                  exc_info=exc, extra={"request_id": request.request_id, "event": "request_failed"})
+        self.failures.request_failed(f"{type(exc).__name__}: {exc}")
+        try:
+            request.sink(Failed(GenerationFailed(
+                "generation failed for this request (see the server log); other requests were not affected")))
+        except Exception:  # its sink is gone too; nothing left to tell
+            log.debug("could not deliver the failure of request %s", request.request_id, exc_info=True)
 
     # --- batch state surgery ------------------------------------------------------------------
 
@@ -312,14 +380,17 @@ class BatchScheduler(Scheduler):
                 layer.values = layer.values[:, :, unused:, :]
             self._mask = self._mask[:, unused:]
 
+    def _fail_step(self, newcomers: list[BatchRequest], exc: BaseException, error: LlmkitError) -> None:
+        """The shared forward pass raised: everything in it fails, and /health hears of it."""
+        self.failures.step_failed(f"{type(exc).__name__}: {exc}")
+        self._fail_batch(newcomers, error)
+
     def _fail_batch(self, newcomers: list[BatchRequest], error: LlmkitError) -> None:
         running = {id(a.request) for a in self._active}
-        for active in self._active:
-            active.request.sink(Failed(error))
-        for request in newcomers:
-            if id(request) not in running:
-                request.sink(Failed(error))
+        told = [a.request for a in self._active if not a.failed] + [r for r in newcomers if id(r) not in running]
         self._active, self._cache, self._mask, self._pending = [], None, None, None
+        for request in told:
+            request.sink(Failed(error))
 
     def _fail_running(self, error: LlmkitError) -> None:
         self._fail_batch([], error)

@@ -4,6 +4,12 @@ Written out rather than borrowed from transformers' logits processors because ea
 request needs its own seeded `torch.Generator` (a seed must give the same text alone
 or batched), and because explore shows the intermediate distributions. The order
 matches transformers: repetition penalty, temperature, top-k, top-p, min-p.
+
+Every value GenerationParams accepts is numerically safe here, whatever the model's dtype:
+each filter keeps at least the most likely token, NaN logits count as impossible tokens, and a
+row whose distribution still comes out empty or non-finite (a model that produced NaN or inf
+everywhere) falls back to its most likely token. So `torch.multinomial` never sees a bad row and
+one request's extreme settings cannot raise inside a batch that other requests share.
 """
 
 from __future__ import annotations
@@ -20,6 +26,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     picked = torch.gather(logits, 1, seen)
     picked = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits.scatter(1, seen, picked)
+
+
+MIN_TEMPERATURE = 1e-6  # temperatures below this divide by it instead (the distribution is already one-hot)
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """NaN becomes -inf (never picked) and +inf the largest finite value, so softmax and top-k stay defined."""
+    big = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=big)
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -46,6 +61,7 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
         ranked, order = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(ranked, dim=-1) - ranked
     keep_ranked = mass_before < p  # the mass before this token had not reached p yet
+    keep_ranked[..., 0] = True  # the most likely token always stays (p below float32's resolution keeps nothing)
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep_ranked)
     return probs.masked_fill(~keep, 0.0)
 
@@ -59,12 +75,22 @@ def min_p_mask(probs: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def next_token_probs(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
-    """Distribution to sample from after temperature, top-k, top-p and min-p (rows sum to 1)."""
-    logits = logits.float() / max(params.temperature, 1e-6)
-    logits = top_k_mask(logits, params.top_k)
-    probs = torch.softmax(logits, dim=-1)
+    """Distribution to sample from after temperature, top-k, top-p and min-p (rows sum to 1, always finite)."""
+    logits = finite_logits(logits.float())
+    scaled = top_k_mask(logits / max(params.temperature, MIN_TEMPERATURE), params.top_k)
+    probs = torch.softmax(scaled, dim=-1)
     probs = min_p_mask(top_p_mask(probs, params.top_p), params.min_p)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    return normalized(probs, logits)
+
+
+def normalized(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to sum to 1; a row with no finite positive mass becomes one-hot on its most likely token."""
+    total = probs.sum(dim=-1, keepdim=True)
+    usable = torch.isfinite(total) & (total > 0)
+    if bool(usable.all()):
+        return probs / total
+    fallback = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(usable, probs / total.where(usable, torch.ones_like(total)), fallback)
 
 
 def pick_tokens(

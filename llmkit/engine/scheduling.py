@@ -20,6 +20,7 @@ tiny model slow enough to exercise timeouts, queue overflow and shutdown. Never 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ from llmkit.engine.sequence import choose_seed
 from llmkit.engine.types import Chunk, Result
 from llmkit.errors import LlmkitError
 from llmkit.params import GenerationParams
+
+log = logging.getLogger("llmkit.server")
 
 STEP_DELAY_ENV = "LLMKIT_TEST_STEP_DELAY"
 DEFAULT_MAX_QUEUE = 64
@@ -127,6 +130,33 @@ class BatchRequest:
         return None
 
 
+class FailureLog:
+    """What failed on the inference thread, for /health and /metrics (written by the loop, read anywhere).
+
+    A *step* failure is a shared forward pass that raised: every request in it failed. A *request*
+    failure is one request's own work (its sampling, detokenizing, stop strings) that raised: that
+    request failed alone and the others went on.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.requests = 0
+        self.steps_in_a_row = 0  # forward passes failed since the last one that worked
+        self.last: tuple[float, str, str] | None = None  # (time.monotonic(), "step" | "request", error)
+
+    def step_failed(self, error: str) -> None:
+        self.steps += 1
+        self.steps_in_a_row += 1
+        self.last = (time.monotonic(), "step", error)
+
+    def step_worked(self) -> None:
+        self.steps_in_a_row = 0
+
+    def request_failed(self, error: str) -> None:
+        self.requests += 1
+        self.last = (time.monotonic(), "request", error)
+
+
 class Scheduler:
     """The bounded FIFO queue and the inference-thread loop; a subclass provides `step` and what is running."""
 
@@ -145,18 +175,45 @@ class Scheduler:
         self._exited = False
         self.heartbeat = time.monotonic()
         self.steps = 0
+        self.failures = FailureLog()
 
     # --- thread-safe API ----------------------------------------------------------------------
 
     def submit(self, request: BatchRequest) -> None:
+        """Accept `request` if it gets a free batch slot at the next step, or if fewer than `max_queue`
+        requests wait beyond the free slots; otherwise QueueFull. (A burst therefore fills the batch
+        first and only what is left over counts against the queue.)"""
         with self._cv:
             if self._closing or self._abort:
                 raise ShuttingDown("the server is shutting down; retry on another instance")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the server is at capacity ({len(self._waiting)} requests waiting); "
-                                "retry shortly")
+            queued, fits = self._queued_beyond_room(request)
+            if not fits and queued >= self.max_queue:
+                raise QueueFull(f"the server is at capacity ({self.running_requests} requests running, {queued} "
+                                f"waiting for room, --max-queue {self.max_queue}); retry shortly")
             self._waiting.append(request)
             self._cv.notify()
+
+    def _slots(self, request: BatchRequest) -> int:
+        """Batch slots `request` takes: its rows; one bigger than the batch runs alone, so it takes them all."""
+        return min(request.rows, self.max_batch_size)
+
+    def _queued_beyond_room(self, newcomer: BatchRequest) -> tuple[int, bool]:
+        """(waiting requests that will not get a slot at the next step, whether `newcomer` would get one).
+
+        Admission is FIFO, so once one waiting request does not fit, every later one waits too.
+        Called with the lock held."""
+        free = self.max_batch_size - self._slots_in_use()
+        queued = 0
+        for request in self._waiting:
+            if queued or self._slots(request) > free:
+                queued += 1
+            else:
+                free -= self._slots(request)
+        return queued, not queued and self._slots(newcomer) <= free
+
+    def _slots_in_use(self) -> int:
+        """Batch slots held by running requests, and by those being admitted (thread-safe read)."""
+        raise NotImplementedError
 
     @property
     def waiting(self) -> int:
@@ -222,7 +279,7 @@ class Scheduler:
                             continue
                     if self.step_delay_s:
                         time.sleep(self.step_delay_s)
-                    self.step()
+                    self._step_guarded()
         finally:
             self._exited = True
             self._fail_all(ShuttingDown("the server shut down before this request finished"))
@@ -230,6 +287,15 @@ class Scheduler:
     def step(self) -> bool:
         """One scheduling step; True if work was done."""
         raise NotImplementedError
+
+    def _step_guarded(self) -> None:
+        """step(), but an error that escapes it (a scheduler bug) fails what is running, not the loop."""
+        try:
+            self.step()
+        except Exception as exc:
+            log.exception("scheduler step failed")
+            self.failures.step_failed(f"{type(exc).__name__}: {exc}")
+            self._fail_running(GenerationFailed("generation failed inside the server (see the server log)"))
 
     # --- helpers for subclasses (inference thread) ----------------------------------------------
 

@@ -54,6 +54,7 @@ class SerialScheduler(Scheduler):
         super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
         self.engine = engine
         self._running: _Running | None = None  # touched only by the loop thread
+        self._starting = False  # a request has left the queue and is not yet _running (read by submit)
 
     @property
     def running_rows(self) -> int:
@@ -62,7 +63,13 @@ class SerialScheduler(Scheduler):
 
     @property
     def running_requests(self) -> int:
-        return 1 if self._running else 0
+        return 1 if self._running or self._starting else 0
+
+    def _slots(self, request: BatchRequest) -> int:
+        return 1  # one request at a time, whatever its n
+
+    def _slots_in_use(self) -> int:
+        return self.running_requests
 
     def step(self) -> bool:
         """Drop cancelled/expired requests, start the oldest waiting one if none runs, advance it one chunk."""
@@ -85,9 +92,10 @@ class SerialScheduler(Scheduler):
             self._fail_running(OutOfMemory("ran out of memory while generating; lower max_tokens or n"))
         except LlmkitError as exc:
             self._fail_running(exc)
-        except Exception:  # a bug in the decode loop: fail this request, keep serving
-            log.exception("generation step failed")
-            self._fail_running(GenerationFailed("generation failed inside the model (see the server log)"))
+        except Exception as exc:  # a bug in the decode loop: fail this request (the only one running), keep serving
+            log.exception("generation step failed for request %s", running.request.request_id or "?")
+            self.failures.request_failed(f"{type(exc).__name__}: {exc}")
+            self._fail_running(GenerationFailed("generation failed for this request (see the server log)"))
         if self.on_step:
             self.on_step("prefill" if running.chunks <= 1 else "decode", 1, time.perf_counter() - started)
         self.steps += 1
@@ -98,9 +106,13 @@ class SerialScheduler(Scheduler):
             if not self._waiting:
                 return None
             request = self._waiting.popleft()
-        generation = self.engine.stream_ids(request.prompt, request.prompt_ids, request.params,
-                                            seed=request.seed, started=request.started)
-        return _Running(request, generation, admitted=time.perf_counter())
+            self._starting = True
+        try:
+            generation = self.engine.stream_ids(request.prompt, request.prompt_ids, request.params,
+                                                seed=request.seed, started=request.started)
+            return _Running(request, generation, admitted=time.perf_counter())
+        finally:
+            self._starting = False
 
     def _advance(self, running: _Running) -> None:
         """Hand over the next chunk; once the last sequence has finished, the Result follows in the same step."""
