@@ -100,7 +100,7 @@ def parse_value(name: str, raw: str) -> Any:
         try:
             value = TypeAdapter(annotation).validate_strings(raw.strip())
         except ValidationError:
-            parse_params({name: raw})  # raises "top_k must be int (got '0.5')"
+            parse_params({name: raw})  # raises "top_k must be an integer (got '0.5')"
             raise InvalidParams(f"{name}: cannot read {raw!r}", field=name) from None
     parse_params({name: value})  # bounds: "temperature must be between 0.0 and 2.0 (got 5.0)"
     return value

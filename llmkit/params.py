@@ -22,7 +22,7 @@ MAX_STOP_SEQUENCES = 8
 class GenerationParams(BaseModel):
     """How to pick tokens. `greedy` (or temperature 0) ignores the sampling knobs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # "yes" is not a bool, "0.7" not a number
 
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Tokens to generate at most.")
     temperature: float = Field(0.8, ge=0.0, le=2.0, description="Divides the logits; 0 means greedy.")
@@ -40,6 +40,10 @@ class GenerationParams(BaseModel):
     def _consistent(self) -> "GenerationParams":
         if any(s == "" for s in self.stop):
             raise ValueError("stop: stop sequences must not be empty strings")
+        for text in self.stop:
+            position = surrogate_position(text)
+            if position is not None:
+                raise ValueError(f"stop: {SURROGATE_MESSAGE.format(what='a stop sequence', at=position)}")
         if self.is_greedy and self.num_sequences > 1:
             raise ValueError("num_sequences: num_sequences must be 1 with greedy decoding, which gives "
                              "identical sequences; sample (temperature > 0) for several")
@@ -51,6 +55,26 @@ class GenerationParams(BaseModel):
 
 
 PARAM_NAMES = tuple(GenerationParams.model_fields)
+
+SURROGATE_MESSAGE = ("{what} is not valid Unicode at character {at}: a lone UTF-16 surrogate (a JSON "
+                     "\\ud800-\\udfff escape without its pair, or bytes that are not UTF-8); send valid text")
+
+
+def check_text(text: str, what: str, field: str | None = None) -> str:
+    """`text` unchanged, or InvalidParams if it holds a lone surrogate (tokenizers and UTF-8 output cannot take it)."""
+    position = surrogate_position(text)
+    if position is not None:
+        raise InvalidParams(SURROGATE_MESSAGE.format(what=what, at=position), field=field or what)
+    return text
+
+
+def surrogate_position(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (a str that cannot be encoded as UTF-8), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return exc.start
 
 
 def bounds_text(name: str) -> str:
@@ -78,6 +102,25 @@ def bounds_text(name: str) -> str:
     return ""
 
 
+# pydantic's error type for a value of the wrong type -> what the value must be, in words
+TYPE_WORDS = {"bool_type": "true or false", "int_type": "an integer", "int_from_float": "an integer",
+              "float_type": "a number", "string_type": "a string", "list_type": "a list",
+              "dict_type": "an object", "model_type": "an object", "model_attributes_type": "an object"}
+SHOWN_VALUE_CHARS = 60
+
+
+def shown(value: Any) -> str:
+    """A value quoted in an error message, cut short (a client may send megabytes)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[:SHOWN_VALUE_CHARS - 1] + "…"
+
+
+def type_sentence(name: str, error: Mapping[str, Any]) -> str | None:
+    """'temperature must be a number (got 'hot')' for a wrong-type error; None for other errors."""
+    word = TYPE_WORDS.get(error.get("type", ""))
+    return f"{name} must be {word} (got {shown(error.get('input'))})" if word else None
+
+
 def _message(error: Mapping[str, Any]) -> tuple[str, str | None]:
     loc = error.get("loc") or ()
     name = str(loc[0]) if loc else None
@@ -90,12 +133,13 @@ def _message(error: Mapping[str, Any]) -> tuple[str, str | None]:
         field, _, sentence = text.partition(": ")
         return (sentence, field) if sentence else (text, None)
     if name in GenerationParams.model_fields and kind.startswith(("greater", "less")):
-        return f"{name} must be {bounds_text(name)} (got {got!r})", name
+        return f"{name} must be {bounds_text(name)} (got {shown(got)})", name
     if kind == "too_long" and name == "stop":
         return f"stop takes at most {MAX_STOP_SEQUENCES} sequences (got {len(got)})", name
-    expected = GenerationParams.model_fields[name].annotation if name in GenerationParams.model_fields else None
-    type_name = getattr(expected, "__name__", None) or str(expected)
-    return f"{name} must be {type_name.replace('NoneType', 'null')} (got {got!r})", name
+    if len(loc) > 1 and name == "stop":  # one of the sequences is not a string
+        return f"stop must be a list of strings (got {shown(got)} in it)", name
+    sentence = type_sentence(str(name), error)
+    return sentence or f"{name}: {error.get('msg', 'invalid value')} (got {shown(got)})", name
 
 
 def parse_params(values: Mapping[str, Any] | None = None, **more: Any) -> GenerationParams:

@@ -96,6 +96,8 @@ def test_input_file_runs_every_prompt_once_loaded(cli, tiny_model_dir, tmp_path)
         ('{"text": "no prompt"}\n', "line 1: needs a JSON object"),
         ('{"prompt": "ok", "colour": 1}\n', "line 1: unknown key(s) colour"),
         ("\n", "holds no prompts"),
+        ('{"prompt": "ok"}\n{"prompt": "a\\ud800b"}\n', "line 2: the prompt is not valid Unicode at character 1"),
+        ('{"prompt": "ok", "stop": ["\\udfff"]}\n', "line 1: a stop sequence is not valid Unicode"),
     ],
 )
 def test_bad_input_file_fails_before_loading(cli, tmp_path, content, message):
@@ -110,6 +112,7 @@ def test_bad_input_file_fails_before_loading(cli, tmp_path, content, message):
     ("args", "message"),
     [
         (["--temperature", "5"], "temperature must be between 0.0 and 2.0 (got 5.0)"),
+        (["--stop", "x\udc80"], "a stop sequence is not valid Unicode"),
         (["--top-p", "1.5"], "top_p must be greater than 0.0 and at most 1.0"),
         (["--max-new-tokens", "0"], "max_new_tokens must be between 1 and 4096"),
         (["--greedy", "-n", "2"], "num_sequences must be 1 with greedy"),
@@ -124,6 +127,17 @@ def test_bad_parameters_exit_2_before_loading(cli, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prompts_that_are_not_unicode_text_exit_2_before_loading(tmp_path):
+    """Bytes that are not UTF-8, in an argument or on stdin, reach Python as lone surrogates: one line, exit 2."""
+    missing = str(tmp_path / "no-such-model.gguf")
+    argument = subprocess.run([sys.executable, "-m", "llmkit", "generate", "-m", missing, "x\udc80y"],
+                              capture_output=True, text=True, errors="surrogateescape", timeout=60)
+    piped = subprocess.run([sys.executable, "-m", "llmkit", "generate", "-m", missing], input=b"ab\xff\xfe",
+                           capture_output=True, timeout=60)
+    assert argument.returncode == 2 and "the prompt is not valid Unicode at character 1" in argument.stderr
+    assert piped.returncode == 2 and b"the prompt is not valid Unicode at character 2" in piped.stderr
 
 
 def test_empty_prompt_and_unknown_model(cli, tmp_path):

@@ -103,3 +103,48 @@ def test_chat_without_template_is_a_clear_error(tiny_model_no_chat_dir):
 def test_prompt_over_the_context_is_rejected(tiny_engine):
     with pytest.raises(InvalidParams, match="exceeds the model's context of 256 tokens"):
         tiny_engine.generate("word " * 300, parse_params(max_new_tokens=10))
+
+
+# --- prompts that cannot work are refused before the expensive part -------------------------------
+
+
+def test_text_that_is_not_unicode_is_refused_naming_the_field(tiny_engine):
+    with pytest.raises(InvalidParams, match="the prompt is not valid Unicode at character 2") as bad:
+        tiny_engine.prompt_ids("ab\ud800")
+    assert bad.value.field == "prompt"
+    with pytest.raises(InvalidParams, match="the system prompt is not valid Unicode") as bad_system:
+        tiny_engine.prompt_ids("ok", chat=True, system="\udfff")
+    assert bad_system.value.field == "system"
+
+
+def test_a_long_prompt_is_judged_by_its_head_and_its_length_before_it_is_tokenized(tiny_engine, monkeypatch):
+    from llmkit.engine.base import HEAD_CHARS_PER_TOKEN
+
+    limit = tiny_engine.info.context_length
+    assert tiny_engine.max_prompt_chars is not None
+    too_long_to_fit = "x" * (tiny_engine.max_prompt_chars + 1)
+    seen = []
+    real_tokenizer = tiny_engine.tokenizer
+
+    class CountingTokenizer:
+        def __getattr__(self, name):
+            return getattr(real_tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return real_tokenizer(text, **kwargs)
+
+    monkeypatch.setattr(tiny_engine, "tokenizer", CountingTokenizer())
+    with pytest.raises(InvalidParams, match="characters, more than the model's context"):
+        tiny_engine.prompt_ids(too_long_to_fit)
+    assert seen == []  # refused by its length alone
+
+    head_chars = limit * HEAD_CHARS_PER_TOKEN
+    assert head_chars < tiny_engine.max_prompt_chars
+    words = ("the quick brown fox " * 1000)[:(head_chars + tiny_engine.max_prompt_chars) // 2]  # within the bound
+    with pytest.raises(InvalidParams, match=f"more than {limit} tokens, the model's context") as bad:
+        tiny_engine.prompt_ids(words)
+    assert bad.value.field == "prompt"
+    assert seen == [head_chars]  # only the head was tokenized
+    _, ids = tiny_engine.chat_ids([{"role": "user", "content": "hello"}])
+    assert ids  # an ordinary prompt goes through whole

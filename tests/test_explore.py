@@ -235,7 +235,7 @@ def test_same_seed_same_sweep(tiny_engine):
     [
         (["--param", "temprature=0.5"], "unknown parameter 'temprature'"),
         (["--param", "temperature=0.5,9"], "temperature must be between 0.0 and 2.0 (got 9.0)"),
-        (["--param", "top_k=0.5"], "top_k must be int (got '0.5')"),
+        (["--param", "top_k=0.5"], "top_k must be an integer (got '0.5')"),
         (["--param", "temperature"], "--param takes NAME=VALUE"),
         (["--param", "seed=1,2"], "use --seed"),
         (["--param", "top_p=0.9", "--param", "top_p=1"], "given twice"),
@@ -247,7 +247,7 @@ def test_same_seed_same_sweep(tiny_engine):
         (["--json", "--csv"], "choose one of --json and --csv"),
         (["--system", "x"], "--system needs --chat"),
         (["next-token", "--top-p", "0"], "top_p must be greater than 0.0 and at most 1.0 (got 0.0)"),
-        (["next-token", "--temperature", "0.5,hot"], "temperature must be float (got 'hot')"),
+        (["next-token", "--temperature", "0.5,hot"], "temperature must be a number (got 'hot')"),
         (["next-token", "--top", "0"], "--top must be between 1 and 100"),
     ],
 )

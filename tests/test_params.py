@@ -24,7 +24,7 @@ def test_none_means_not_given():
         ({"repetition_penalty": 3.0}, "repetition_penalty", "repetition_penalty must be between 0.5 and 2.0"),
         ({"seed": -1}, "seed", "seed must be between 0 and"),
         ({"num_sequences": 17}, "num_sequences", "num_sequences must be between 1 and 16 (got 17)"),
-        ({"temperature": "hot"}, "temperature", "temperature must be float (got 'hot')"),
+        ({"temperature": "hot"}, "temperature", "temperature must be a number (got 'hot')"),
         ({"colour": "red"}, "colour", "unknown parameter 'colour'"),
         ({"stop": [""]}, "stop", "stop sequences must not be empty"),
         ({"stop": ["x"] * 9}, "stop", "stop takes at most 8 sequences"),

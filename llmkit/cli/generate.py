@@ -13,7 +13,7 @@ import typer
 from llmkit.cli import options, render
 from llmkit.engine import check_load_options
 from llmkit.errors import InvalidParams, LlmkitError
-from llmkit.params import PARAM_NAMES, GenerationParams, parse_params
+from llmkit.params import PARAM_NAMES, GenerationParams, check_text, parse_params
 
 EPILOG = """Examples:
 
@@ -98,11 +98,15 @@ def read_prompt(prompt: str | None) -> str:
         if prompt is None and sys.stdin.isatty():
             raise InvalidParams("no prompt: pass one as an argument, pipe it on stdin, or use --input-file",
                                 field="prompt")
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise InvalidParams(f"stdin is not UTF-8 text (byte {exc.start}); convert it, e.g. with iconv",
+                                field="prompt") from None
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo` adds one newline
     if not prompt.strip():
         raise InvalidParams("the prompt is empty", field="prompt")
-    return prompt
+    return check_text(prompt, "the prompt", "prompt")
 
 
 def read_jobs(path: Path, cli_values: dict[str, Any]) -> list[Job]:
@@ -124,6 +128,7 @@ def read_jobs(path: Path, cli_values: dict[str, Any]) -> list[Job]:
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise InvalidParams(f"{origin}: needs a JSON object with a non-empty \"prompt\" string",
                                 field="input_file")
+        check_text(record["prompt"], f"{origin}: the prompt", "prompt")
         overrides = {k: v for k, v in record.items() if k in PARAM_NAMES}
         unknown = set(record) - set(overrides) - {"prompt", "id"}
         if unknown:
