@@ -7,12 +7,16 @@ answers 503 {"status": "loading"} while the model loads.
 Every error leaves as JSON in the path's shape (schemas.error_body): LlmkitErrors with
 their http_status, FastAPI's validation errors as 400 with the same sentence
 parse_params gives (never 422, never a 500 for bad input), unknown routes as 404, and
-only a bug as 500 (logged with its traceback and the request id).
+only a bug as 500 (logged with its traceback and the request id by AccessLog, which answers
+it without dropping the connection). Before FastAPI sees a body, JsonBody checks what
+pydantic cannot word well: the Content-Type, malformed or non-UTF-8 JSON, numbers that do
+not fit, nesting too deep, and lone surrogates in any string (each a 4xx naming the field).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,9 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit import __version__
 from llmkit.errors import InvalidParams, LlmkitError
-from llmkit.params import parse_params
+from llmkit.params import TYPE_WORDS, parse_params, shown
+from llmkit.server import openapi
 from llmkit.server.metrics import Metrics
-from llmkit.server.middleware import AccessLog, ApiKeyAuth, BodyLimit, RateLimiter
+from llmkit.server.middleware import AccessLog, ApiKeyAuth, BodyLimit, JsonBody, RateLimiter
 from llmkit.server.routes import build_router
 from llmkit.server.runtime import ModelHost
 from llmkit.server.schemas import PARAM_FIELDS, error_body, rename_error
@@ -35,6 +40,7 @@ from llmkit.server.settings import ServerSettings
 log = logging.getLogger("llmkit.server")
 
 RETRY_AFTER_S = {"queue_full": 1, "model_not_ready": 5, "shutting_down": 5}
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\])$")
 STATUS_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_exceeded"}
 
@@ -44,7 +50,8 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     host = ModelHost(engine, settings, on_step=metrics.observe_step)
     metrics.bind(waiting=lambda: host.scheduler.waiting if host.scheduler else 0,
                  running=lambda: host.scheduler.running_rows if host.scheduler else 0,
-                 ready=lambda: 1.0 if host.ready else 0.0)
+                 ready=lambda: 1.0 if host.ready else 0.0,
+                 failures=lambda: host.scheduler.failures if host.scheduler else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,13 +67,15 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     router = build_router()
     app.include_router(router)
     _install_error_handlers(app)
+    openapi.install(app)
 
     known_paths = {route.path for route in router.routes}
 
     def route_label(scope: dict[str, Any]) -> str:
         return scope["path"] if scope["path"] in known_paths else "other"
 
-    # add_middleware wraps: the last added runs first. Order of a request: log -> size -> key -> rate.
+    # add_middleware wraps: the last added runs first. Order of a request: log -> size -> key -> rate -> JSON.
+    app.add_middleware(JsonBody, paths={route.path for route in router.routes if "POST" in route.methods})
     if settings.rate_limit:
         app.add_middleware(RateLimiter, limit=settings.rate_limit, metrics=metrics)
     if settings.api_key:
@@ -82,27 +91,48 @@ def _error(request: Request, status: int, message: str, *, kind: str, param: str
                         headers=headers)
 
 
-def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
-    """One pydantic error from a request body -> (sentence, field), worded like parse_params."""
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+def _field_path(loc) -> list[str | int]:
+    """pydantic's error location without 'body' and union member tags ('str', 'list[str]', 'function-after[...]')."""
+    return [part for part in loc if part != "body" and not (isinstance(part, str) and _UNION_TAG.match(part))]
+
+
+def _path_text(path: list[str | int]) -> str:
+    """['messages', 0, 'content'] -> 'messages[0].content'."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """pydantic's errors for a request body -> (one sentence, field), worded like parse_params.
+
+    A value that matches no member of a union (a prompt that is neither a string nor a list) gives one
+    error per member; they are read together as "must be a string or a list".
+    """
+    error = errors[0]
+    path = _field_path(error.get("loc", ()))
     kind = error.get("type", "")
     if kind == "json_invalid":
         detail = error.get("ctx", {}).get("error", "")
         return f"request body is not valid JSON{f' ({detail})' if detail else ''}", None
-    if not loc:
-        return "request body must be a JSON object", None
-    field = loc[0]
-    if kind == "missing" and len(loc) == 1:
-        return f"missing required parameter '{field}'", field
-    if kind == "extra_forbidden" and len(loc) == 1:
-        return f"unknown parameter '{field}'", field
-    if field in PARAM_FIELDS and len(loc) <= 2:  # bad type for a generation parameter: parse_params' sentence
+    if not path:
+        return f"request body must be a JSON object (got {type(error.get('input')).__name__})", None
+    field, where = str(path[0]), _path_text(path)
+    if kind == "missing":
+        return f"missing required parameter '{where}'", where
+    if kind == "extra_forbidden":
+        return f"unknown parameter '{where}'", where
+    if field in PARAM_FIELDS and len(path) <= 2:  # a generation parameter: parse_params' sentence
         try:
             parse_params({PARAM_FIELDS[field]: error.get("input")})
         except InvalidParams as exc:
-            renamed = rename_error(exc, {PARAM_FIELDS[field]: field})
-            return str(renamed), field
-    return f"{'.'.join(loc)}: {error.get('msg', 'invalid value')}", field
+            return str(rename_error(exc, {PARAM_FIELDS[field]: field})), field
+    same_place = [e for e in errors if _field_path(e.get("loc", ())) == path]
+    words = [TYPE_WORDS[e["type"]] for e in same_place if e.get("type") in TYPE_WORDS]
+    if words and len(words) == len(same_place):
+        return f"{where} must be {' or '.join(dict.fromkeys(words))} (got {shown(error.get('input'))})", where
+    return f"{where}: {error.get('msg', 'invalid value')} (got {shown(error.get('input'))})", where
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -114,7 +144,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, field = _validation_message(exc.errors()[0])
+        message, field = _validation_message(list(exc.errors()))
         return _error(request, 400, message, kind="invalid_request_error", param=field)
 
     @app.exception_handler(StarletteHTTPException)
@@ -127,10 +157,3 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(request, exc.status_code, message, kind=STATUS_KINDS.get(exc.status_code, "error"),
                       headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = request.scope.get("state", {}).get("request_id", "?")
-        log.error("unexpected error in %s %s (request id %s)", request.method, request.url.path, request_id,
-                  exc_info=exc, extra={"request_id": request_id})
-        return _error(request, 500, f"internal server error (request id {request_id}); see the server log",
-                      kind="server_error")

@@ -4,9 +4,10 @@ where one exists (time to first token, prompt and generation token counters)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -28,7 +29,7 @@ class Metrics:
         self.generation_tokens = Counter("llmkit_generation_tokens", "Generated tokens of completed requests.",
                                          registry=registry)
         self.ended = Counter("llmkit_requests_ended", "Generation requests that did not complete, by reason "
-                             "(disconnect, timeout, queue_full, rate_limited, error).", ["reason"], registry=registry)
+                             "(disconnect, timeout, shutdown, queue_full, rate_limited, error).", ["reason"], registry=registry)
         self.steps = Histogram("llmkit_step_duration_seconds", "One forward pass of the batch loop.", ["kind"],
                                buckets=STEP_BUCKETS, registry=registry)
         self.step_rows = Histogram("llmkit_batch_rows", "Sequences in each decode step (the batch size).",
@@ -39,11 +40,14 @@ class Metrics:
         self.ready = Gauge("llmkit_model_ready", "1 once the model is loaded and the batch loop runs.",
                            registry=registry)
 
-    def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float]) -> None:
-        """Gauges read live values when scraped."""
+    def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float],
+             failures: Callable[[], Any] | None = None) -> None:
+        """Gauges read live values when scraped; `failures` returns the scheduler's FailureLog (or None)."""
         self.waiting.set_function(waiting)
         self.running.set_function(running)
         self.ready.set_function(ready)
+        if failures is not None:
+            self.registry.register(_FailureCounts(failures))
 
     def observe_step(self, kind: str, rows: int, seconds: float) -> None:
         """The batch loop's hook (called on the inference thread; prometheus_client is thread-safe)."""
@@ -53,3 +57,19 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _FailureCounts:
+    """llmkit_failures_total{scope="step"|"request"}, read from the scheduler's FailureLog when scraped."""
+
+    def __init__(self, failures: Callable[[], Any]):
+        self.failures = failures
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("llmkit_failures", "Generation failures: 'step' is a shared forward pass that "
+                                     "failed every request in it; 'request' is one request that failed alone.",
+                                     labels=["scope"])
+        log = self.failures()
+        family.add_metric(["step"], log.steps if log else 0)
+        family.add_metric(["request"], log.requests if log else 0)
+        yield family

@@ -9,13 +9,16 @@ becomes a final `data: {"error": {...}}` event followed by `data: [DONE]`.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from llmkit.engine.scheduling import GenerationFailed
 from llmkit.engine.types import Chunk
 from llmkit.errors import InvalidParams, LlmkitError
 from llmkit.server.runtime import Job, ModelHost
@@ -28,6 +31,8 @@ from llmkit.server.schemas import (
     timings_body,
     usage_body,
 )
+
+log = logging.getLogger("llmkit.server")
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -135,31 +140,40 @@ async def _run(request: Request, *, kind: str, prompt: str, ids: list[int], para
         request.app.state.metrics.ended.labels(exc.kind).inc()
         raise
     renderer = Renderer(kind, request.state.request_id, host.engine.info.model, params.num_sequences, include_usage)
-    job.disconnected = request.is_disconnected
     events = host.events(job)
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         first = await anext(events)
+        if not stream:
+            finished = first
+            while isinstance(finished, Chunk):
+                finished = await anext(events)
     except BaseException:
         job.cancel("disconnect")
         _record(request, job)
         await events.aclose()
         raise
+    finally:
+        watcher.cancel()  # a stream's disconnects are seen by Starlette, which cancels the stream
     if not stream:
-        try:
-            finished = first
-            while isinstance(finished, Chunk):
-                finished = await anext(events)
-        except BaseException:
-            job.cancel("disconnect")
-            _record(request, job)
-            raise
-        finally:
-            await events.aclose()
+        await events.aclose()
         _record(request, job, finished)
         return renderer, finished
-    job.disconnected = None  # from here Starlette notices a disconnect and cancels the stream
     return StreamingResponse(_stream(request, job, renderer, first, events), media_type="text/event-stream",
                              headers=SSE_HEADERS)
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Until the answer starts: cancel the job the moment the client hangs up.
+
+    The body has been read, so the next ASGI message is the disconnect itself; waiting for it (rather than
+    polling between tokens) frees the batch row within a step of the client leaving.
+    """
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel("disconnect")
+            return
 
 
 async def _stream(request: Request, job: Job, renderer: Renderer, first, events: AsyncIterator) -> AsyncIterator[bytes]:
@@ -189,7 +203,11 @@ async def _stream(request: Request, job: Job, renderer: Renderer, first, events:
                 break
             event = await anext(events)
         yield _sse("[DONE]")
-    except LlmkitError as exc:
+    except Exception as exc:  # every stream that started ends with an error event and [DONE], a bug's too
+        if not isinstance(exc, LlmkitError):
+            log.error("stream failed (request id %s)", job.request.request_id, exc_info=exc,
+                      extra={"request_id": job.request.request_id})
+            exc = GenerationFailed("the stream failed inside the server (see the server log)")
         _record(request, job)
         body = error_body("/v1/", str(exc), kind=exc.kind, param=getattr(exc, "field", None))
         yield _sse(body)
@@ -226,14 +244,14 @@ def build_router() -> APIRouter:
         params = body.to_params()
         prompt = body.prompt_text()
         host = _host(request)
-        ids = host.completion_ids(prompt)
+        ids = await host.completion_ids(prompt)
         return await _openai_answer(request, host, body, kind="text", prompt=prompt, ids=ids, params=params)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         params = body.to_params()
         host = _host(request)
-        prompt, ids = host.chat_ids(body.chat_messages())
+        prompt, ids = await host.chat_ids(body.chat_messages())
         return await _openai_answer(request, host, body, kind="chat", prompt=prompt, ids=ids, params=params)
 
     @router.post("/generate")
@@ -243,7 +261,7 @@ def build_router() -> APIRouter:
         host = _host(request)
         if not body.prompt.strip():
             raise InvalidParams("prompt must not be empty", field="prompt")
-        ids = host.completion_ids(body.prompt)
+        ids = await host.completion_ids(body.prompt)
         _check_context(host, ids, params, {"max_new_tokens": "max_length"} if body.max_length else {})
         _, finished = await _run(request, kind="generate", prompt=body.prompt, ids=ids, params=params)
         result = finished.result

@@ -11,7 +11,10 @@ asyncio.Queue per request. This is the shape transformers' serving code argues f
 responsive for health checks, streams and new connections.
 
 Health: "loading" until the model is ready; then 503 if the loop thread is dead, or if
-it is busy and has not finished a step for `stall_after_s` (a heartbeat).
+it is busy and has not finished a step for `stall_after_s` (a heartbeat). A failed shared
+forward pass (every request in it failed) makes the status "degraded" (still 200) until a
+step works again, and "failing" (503) after FAILING_AFTER_STEPS in a row; a request that
+failed alone only counts. /health shows both counts and the last failure.
 """
 
 from __future__ import annotations
@@ -21,15 +24,28 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 from llmkit.engine.types import Chunk
+from starlette.concurrency import run_in_threadpool
+
 from llmkit.errors import InvalidParams, LlmkitError, UnsupportedFeature
 from llmkit.server.settings import ServerSettings
 
 log = logging.getLogger("llmkit.server")
 
-DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
+
+ENDED_BY = {"timeout": "timeout", "shutting_down": "shutdown", "cancelled": "disconnect"}  # error kind -> reason
+FAILING_AFTER_STEPS = 3  # forward passes failed in a row before /health answers 503 "failing"
+
+
+def _failure_fields(failures) -> dict[str, Any]:
+    """/health's account of what failed: counts, and the last failure with its age."""
+    fields: dict[str, Any] = {"failed_steps": failures.steps, "failed_requests": failures.requests}
+    if failures.last is not None:
+        at, scope, error = failures.last
+        fields["last_failure"] = {"scope": scope, "error": error, "seconds_ago": round(time.monotonic() - at, 1)}
+    return fields
 
 
 class ModelNotReady(LlmkitError):
@@ -44,8 +60,7 @@ class Job:
     request: Any  # BatchRequest
     queue: asyncio.Queue
     finished: bool = False
-    ended_by: str | None = None  # disconnect / timeout / error, for metrics
-    disconnected: Callable[[], Awaitable[bool]] | None = None  # polled while waiting; None while streaming
+    ended_by: str | None = None  # disconnect / timeout / shutdown / error, for metrics and the access log
     recorded: bool = False  # its outcome went into the metrics
 
     def cancel(self, reason: str) -> None:
@@ -82,6 +97,7 @@ class ModelHost:
             if not hasattr(engine, "tokenizer"):  # a loader: load here, on the thread that will own the model
                 engine = engine()
             scheduler = self._scheduler_for(engine)
+            engine.max_prompt_chars  # noqa: B018 (computed once here, not on the first request: 0.3 s for 262k entries)
         except LlmkitError as exc:
             self._fail(str(exc))
             return
@@ -115,11 +131,24 @@ class ModelHost:
         if self.on_fatal:
             self.on_fatal(message)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """After uvicorn's grace period: fail whatever is left and let the loop exit."""
-        self.state = "stopping" if self.state != "error" else self.state
+    def begin_shutdown(self) -> None:
+        """SIGTERM: /health answers 503 "shutting_down" and new requests are refused; running ones go on."""
+        if self.state != "error":
+            self.state = "stopping"
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    def abort_requests(self) -> None:
+        """The grace period is over: every request left fails with ShuttingDown, so each still gets its
+        terminal answer (a 503, or an error event and [DONE] on a stream) while its connection is open."""
+        self.begin_shutdown()
         if self.scheduler is not None:
             self.scheduler.abort()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """The app's lifespan ends: fail whatever is left and let the loop exit."""
+        self.abort_requests()
+        if self.scheduler is not None:
             self.scheduler.join(timeout)
 
     # --- health -------------------------------------------------------------------------------
@@ -138,12 +167,16 @@ class ModelHost:
         silent = time.monotonic() - scheduler.heartbeat
         if scheduler.busy and silent > self.settings.stall_after_s:
             return 503, {"status": "stuck", "model": name, "seconds_since_last_step": round(silent, 1)}
+        failures = scheduler.failures
+        if failures.steps_in_a_row >= FAILING_AFTER_STEPS:
+            return 503, {"status": "failing", "model": name, **_failure_fields(failures)}
         info = self.engine.info
-        return 200, {"status": "ok", "model": name, "engine": info.engine, "device": info.device,
+        return 200, {"status": "degraded" if failures.steps_in_a_row else "ok", "model": name,
+                     "engine": info.engine, "device": info.device,
                      "dtype": info.dtype, "quantize": info.quantize, "waiting": scheduler.waiting,
                      "running": scheduler.running_rows,
                      "max_batch_size": scheduler.max_batch_size,
-                     "uptime_s": round(time.monotonic() - self.started_at, 1)}
+                     "uptime_s": round(time.monotonic() - self.started_at, 1), **_failure_fields(failures)}
 
     @property
     def ready(self) -> bool:
@@ -156,26 +189,25 @@ class ModelHost:
             raise ModelNotReady("the model is not available: " + (self.error or "the server is shutting down"))
         return self.engine
 
-    # --- prompts (asyncio thread; the fast tokenizer only reads shared state) ------------------
+    # --- prompts -------------------------------------------------------------------------------
+    # Templating and tokenizing a big body takes a second of CPU: it runs on a worker thread so the event loop
+    # keeps answering /health and streams (the Rust tokenizer releases the GIL while it works). A text that
+    # cannot fit the context is refused by its length in characters first, before any of that work.
 
-    def completion_ids(self, prompt: str) -> list[int]:
+    async def completion_ids(self, prompt: str) -> list[int]:
         if not prompt:
             raise InvalidParams("prompt must not be empty", field="prompt")
-        return self.require_engine().prompt_ids(prompt)
+        engine = self.require_engine()
+        engine.check_prompt_chars(len(prompt))
+        return await run_in_threadpool(engine.prompt_ids, prompt)
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+    async def chat_ids(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
         engine = self.require_engine()
         if not engine.info.has_chat_template:
             raise UnsupportedFeature(f"model {engine.info.model} has no chat template; use /v1/completions or "
                                      "serve a chat model (e.g. smollm2-135m)")
-        try:
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # jinja's TemplateError: e.g. roles that must alternate
-            raise InvalidParams(f"messages: the model's chat template rejected them: {exc}", field="messages") from None
-        ids = list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise InvalidParams("messages are empty after applying the chat template", field="messages")
-        return text, ids
+        engine.check_prompt_chars(sum(len(m["content"]) for m in messages), field="messages")
+        return await run_in_threadpool(engine.chat_ids, messages)
 
     def check_context(self, prompt_tokens: int, params) -> None:
         self.require_engine().check_context(prompt_tokens, params)
@@ -204,10 +236,10 @@ class ModelHost:
     async def events(self, job: Job) -> AsyncIterator[Any]:
         """Chunks, then one Finished; raises the request's LlmkitError (timeout, shutdown, OOM, Cancelled...).
 
-        `job.disconnected`, when set, is polled while waiting so a client that gave up stops its generation;
-        a streaming response clears it once it starts, and Starlette cancels the stream on a disconnect.
+        A client that hangs up cancels the job from outside (routes.py watches the connection), and the
+        scheduler then ends it with Cancelled.
         """
-        from llmkit.engine.scheduling import Cancelled, Failed, Finished, RequestTimeout
+        from llmkit.engine.scheduling import Failed, Finished, RequestTimeout
 
         deadline = job.request.deadline
         while True:
@@ -217,11 +249,8 @@ class ModelHost:
                 raise RequestTimeout("the request took longer than the server's --request-timeout "
                                      f"({self.settings.request_timeout_s:g} s); lower max_tokens or retry later")
             try:
-                event = await asyncio.wait_for(job.queue.get(), timeout=min(remaining, DISCONNECT_POLL_S))
+                event = await asyncio.wait_for(job.queue.get(), timeout=remaining)
             except asyncio.TimeoutError:
-                if job.disconnected is not None and await job.disconnected():
-                    job.cancel("disconnect")
-                    raise Cancelled("the client disconnected") from None
                 continue
             if isinstance(event, Chunk):
                 yield event
@@ -231,5 +260,5 @@ class ModelHost:
                 return
             elif isinstance(event, Failed):
                 job.finished = True
-                job.ended_by = job.ended_by or ("timeout" if isinstance(event.error, RequestTimeout) else "error")
+                job.ended_by = job.ended_by or ENDED_BY.get(event.error.kind, "error")
                 raise event.error

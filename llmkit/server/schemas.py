@@ -12,6 +12,10 @@ with the field renamed to the name the client sent:
     temperature, top_p, seed
     top_k, min_p, repetition_penalty  (extensions, as in vLLM and llama-server)
 
+Each generation field declares GenerationParams' bounds and description (`_param`), so
+/openapi.json shows the real ranges, and bodies are strict: `"stream": "yes"`, `"greedy": 1`
+or `"presence_penalty": false` are 400s naming the field, not quietly converted.
+
 Defaults are llmkit's (temperature 0.8, top_k 50, 64 new tokens), not OpenAI's; temperature
 0 means greedy. OpenAI fields llmkit cannot honour (logprobs, echo, suffix, best_of > 1,
 non-zero presence/frequency penalties, logit_bias, tools, non-text response formats) are
@@ -33,13 +37,14 @@ other paths answer {"error": message, "field": name, "type": kind}.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
+from annotated_types import MaxLen
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmkit.engine.types import Result
 from llmkit.errors import InvalidParams
-from llmkit.params import GenerationParams, parse_params
+from llmkit.params import MAX_STOP_SEQUENCES, GenerationParams, parse_params
 
 OPENAI_PREFIX = "/v1/"
 
@@ -65,9 +70,23 @@ def rename_error(exc: InvalidParams, names: dict[str, str]) -> InvalidParams:
 
 # --- request bodies ----------------------------------------------------------------------------
 
+STRICT_BODY = ConfigDict(extra="forbid", strict=True)
+
+
+def _param(name: str, note: str = "") -> Any:
+    """The optional type of a request field that sets GenerationParams' `name`: the same type, bounds and
+    description, so validation and /openapi.json show one range. Omitted (null) means llmkit's default."""
+    field = GenerationParams.model_fields[name]
+    described = Field(description=" ".join(filter(None, [field.description, note])))
+    return Annotated[(field.annotation | None, *field.metadata, described)]  # type: ignore[operator]
+
+
+Stop = Annotated[Union[str, Annotated[list[str], MaxLen(MAX_STOP_SEQUENCES)], None],
+                 Field(description=GenerationParams.model_fields["stop"].description)]
+
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
 
@@ -75,20 +94,20 @@ class StreamOptions(BaseModel):
 class _OpenAIRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
 
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    model: str | None = Field(None, description="Accepted and ignored: the server serves one model.")
+    max_tokens: _param("max_new_tokens") = None
+    temperature: _param("temperature") = None
+    top_p: _param("top_p") = None
+    n: _param("num_sequences") = None
+    stop: Stop = None
+    seed: _param("seed") = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    top_k: int | None = Field(None, description="llmkit extension")
-    min_p: float | None = Field(None, description="llmkit extension")
-    repetition_penalty: float | None = Field(None, description="llmkit extension")
+    top_k: _param("top_k", "(llmkit extension)") = None
+    min_p: _param("min_p", "(llmkit extension)") = None
+    repetition_penalty: _param("repetition_penalty", "(llmkit extension)") = None
     # Accepted so that clients sending their defaults work; other values are refused in to_params.
     user: str | None = None
     presence_penalty: float | None = None
@@ -147,14 +166,14 @@ class CompletionRequest(_OpenAIRequest):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
@@ -171,7 +190,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: _param("max_new_tokens", "(OpenAI's newer name for max_tokens)") = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -202,20 +221,20 @@ class ChatRequest(_OpenAIRequest):
 class GenerateRequest(BaseModel):
     """The tutorial's /generate body; every llmkit generation parameter is accepted too."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_BODY
 
     prompt: str
-    max_length: int | None = Field(None, description="New tokens to generate at most (llmkit's max_new_tokens).")
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    greedy: bool | None = None
-    seed: int | None = None
-    num_sequences: int | None = None
-    stop: Union[str, list[str], None] = None
+    max_length: _param("max_new_tokens", "(the tutorial's name for max_new_tokens: new tokens, not a total)") = None
+    max_new_tokens: _param("max_new_tokens") = None
+    temperature: _param("temperature") = None
+    top_k: _param("top_k") = None
+    top_p: _param("top_p") = None
+    min_p: _param("min_p") = None
+    repetition_penalty: _param("repetition_penalty") = None
+    greedy: _param("greedy") = None
+    seed: _param("seed") = None
+    num_sequences: _param("num_sequences") = None
+    stop: Stop = None
 
     def to_params(self) -> GenerationParams:
         if self.max_length is not None and self.max_new_tokens is not None:
