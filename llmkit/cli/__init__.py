@@ -64,6 +64,8 @@ def wrap_errors(command: Callable) -> Callable:
 
             render.error(f"unexpected {type(exc).__name__}: {one_line(exc)} (run with --debug for the traceback)")
             raise typer.Exit(1) from None
+        finally:
+            render.messages_to_log(None)  # serve --log-format json may have sent them to its log
 
     return run
 

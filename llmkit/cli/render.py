@@ -7,6 +7,7 @@ and never touch rich themselves, so output stays consistent and testable.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -22,12 +23,28 @@ from llmkit.errors import one_line
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# `llmkit serve --log-format json` promises JSON lines only: errors, warnings and its banner then go through
+# this logger (the server's JSON handler) instead of rich. The CLI's error boundary resets it after each command.
+_message_log: logging.Logger | None = None
+
+
+def messages_to_log(logger: logging.Logger | None) -> None:
+    """Send error(), warning() and serve's banner lines to `logger` from now on; None: back to rich."""
+    global _message_log
+    _message_log = logger
+
 
 def error(message: str) -> None:
+    if _message_log:
+        _message_log.error(message, extra={"event": "error"})
+        return
     err.print(f"[bold red]error:[/] {escape(message)}")
 
 
 def warning(message: str) -> None:
+    if _message_log:
+        _message_log.warning(message, extra={"event": "warning"})
+        return
     err.print(f"[yellow]warning:[/] {escape(message)}")
 
 
@@ -528,6 +545,12 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
 def serve_banner(url: str, model: str, *, api_key: bool, rate_limit: str | None, max_batch_size: int,
                  max_queue: int, request_timeout_s: float, engine: str = "transformers") -> None:
     """What `llmkit serve` listens on and how it is configured (stderr; never shows the API key)."""
+    if _message_log:
+        _message_log.info("llmkit serve on %s: loading %s in the background", url, model, extra={
+            "event": "starting", "url": url, "model": model, "engine": engine, "max_batch_size": max_batch_size,
+            "max_queue": max_queue, "request_timeout_s": request_timeout_s, "api_key_required": api_key,
+            "rate_limit": rate_limit})
+        return
     err.print(f"[bold]llmkit serve[/] · {escape(url)} · loading [cyan]{escape(model)}[/] in the background")
     err.print(f"[dim]  OpenAI API {escape(url)}/v1 (completions, chat/completions, models) · tutorial API "
               f"POST /generate · GET /health · GET /metrics[/]")
@@ -541,4 +564,7 @@ def serve_banner(url: str, model: str, *, api_key: bool, rate_limit: str | None,
 
 
 def serve_stopped() -> None:
+    if _message_log:
+        _message_log.info("llmkit serve stopped", extra={"event": "stopped"})
+        return
     err.print("[dim]llmkit serve stopped[/]")

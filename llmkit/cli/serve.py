@@ -3,11 +3,14 @@
 Options are checked and the model reference resolved before fastapi, uvicorn or torch
 are imported, so `--help` and a bad option answer at once (exit 2). The socket opens
 first and the model loads in the background; SIGTERM or Ctrl-C stop accepting
-connections, let in-flight requests finish for --grace-period seconds, then exit 0.
+connections, let in-flight requests finish for --grace-period seconds, end what is left with
+a 503 or a final error event, then exit 0 (server/serving.py). With --log-format json every
+line the process writes is JSON, errors at startup included.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 from typing import Annotated, Optional
@@ -18,10 +21,11 @@ from llmkit.cli import options, render
 from llmkit.engine import check_load_options
 from llmkit.errors import LlmkitError, ModelLoadError
 from llmkit.server import settings as server_settings
-from llmkit.server.settings import ServerSettings, parse_rate_limit
+from llmkit.server.settings import ServerSettings, parse_forwarded_allow_ips, parse_rate_limit
 
 SERVER_PANEL = "Server"
 LIMITS_PANEL = "Limits and security"
+CONNECTIONS_PANEL = "Connections"
 
 EPILOG = """Examples:
 
@@ -32,6 +36,8 @@ EPILOG = """Examples:
   curl -s localhost:8000/v1/completions -H 'content-type: application/json' -d '{"prompt": "The sea", "max_tokens": 20}'
 
   LLMKIT_API_KEY=secret llmkit serve --host 0.0.0.0 --rate-limit 60/minute --log-format json
+
+  llmkit serve --forwarded-allow-ips 127.0.0.1   # behind a reverse proxy on this machine
 """
 
 
@@ -72,20 +78,44 @@ def serve(
     = server_settings.DEFAULT_MAX_BODY_BYTES,
     grace_period: Annotated[float, typer.Option(
         "--grace-period", rich_help_panel=SERVER_PANEL,
-        help="Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.")] = server_settings.DEFAULT_GRACE_S,
+        help="Seconds in-flight requests get to finish after SIGTERM or Ctrl-C; then each one left is answered "
+             "503, or its stream ends with an error event and [DONE].")] = server_settings.DEFAULT_GRACE_S,
     log_format: Annotated[str, typer.Option(
-        "--log-format", rich_help_panel=SERVER_PANEL, help="text or json (one object per line on stderr).")]
+        "--log-format", rich_help_panel=SERVER_PANEL,
+        help="text or json: one JSON object per line on stderr for everything the server writes, banner and "
+             "errors included.")]
     = "text",
+    idle_timeout: Annotated[float, typer.Option(
+        "--idle-timeout", rich_help_panel=CONNECTIONS_PANEL,
+        help="Seconds a connection may stay open with no request in progress (a new one before its first byte, "
+             "a keep-alive one between requests); then it is closed.")] = server_settings.DEFAULT_IDLE_TIMEOUT_S,
+    read_timeout: Annotated[float, typer.Option(
+        "--read-timeout", rich_help_panel=CONNECTIONS_PANEL,
+        help="Seconds from a request's first byte to the last byte of its body; a request not received whole "
+             "by then has its connection closed.")] = server_settings.DEFAULT_READ_TIMEOUT_S,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", rich_help_panel=CONNECTIONS_PANEL,
+        help="Open connections at most; a new one beyond it is answered 503 (Connection: close) and closed.")]
+    = server_settings.DEFAULT_MAX_CONNECTIONS,
+    forwarded_allow_ips: Annotated[Optional[str], typer.Option(
+        "--forwarded-allow-ips", rich_help_panel=CONNECTIONS_PANEL, show_default=False,
+        help="Proxies whose X-Forwarded-For/-Proto are believed: comma-separated addresses or networks "
+             "(10.0.0.0/8), or '*'. Default: nobody, so the client address (rate limit, access log) is the "
+             "connection's own.")] = None,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     quantize: options.QuantizeOpt = "none",
     engine_name: options.EngineOpt = "transformers",
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat (continuous batching with transformers)."""
+    if log_format == "json":  # from here on every line is JSON, a bad option's error included
+        _log_as_json()
     settings = ServerSettings(
         host=host, port=port, model_name=model or "model", api_key=api_key, rate_limit=parse_rate_limit(rate_limit),
         max_queue=max_queue, max_batch_size=max_batch_size, request_timeout_s=request_timeout,
         grace_s=grace_period, max_body_bytes=max_body_bytes, log_format=log_format,
+        idle_timeout_s=idle_timeout, read_timeout_s=read_timeout, max_connections=max_connections,
+        forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     ).check()
     check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name)
     from llmkit.models import resolve
@@ -97,22 +127,21 @@ def serve(
         render.warning(f"listening on {settings.host} without an API key: anyone who can reach this machine "
                        f"can use the model; set {server_settings.API_KEY_ENV}")
 
-    import uvicorn
-
     from llmkit.server import logs
     from llmkit.server.app import build_app
+    from llmkit.server.serving import build_server
 
     logs.configure(settings.log_format)
 
     def load():
         from llmkit.engine import load_engine
 
+        if settings.log_format == "json":
+            logs.route_library_logging()
         return load_engine(model, device=device, dtype=dtype, quantize=quantize, engine=engine_name)
 
     app = build_app(load, settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.grace_s, lifespan="on", ws="none")
-    server = uvicorn.Server(config)
+    server = build_server(app, settings)
     model_host = app.state.host
     model_host.on_fatal = lambda message: setattr(server, "should_exit", True)
 
@@ -129,6 +158,13 @@ def serve(
     if model_host.state == "error":
         raise ModelLoadError(model_host.error or "the model could not be loaded")
     render.serve_stopped()
+
+
+def _log_as_json() -> None:
+    from llmkit.server import logs
+
+    logs.configure("json")
+    render.messages_to_log(logging.getLogger("llmkit.server"))
 
 
 def _check_port_free(settings: ServerSettings) -> None:

@@ -8,6 +8,8 @@
     metrics.py     Prometheus metrics in the app's own registry
     logs.py        text or JSON log lines on stderr
     app.py         build_app(engine, settings) -> FastAPI
+    connections.py uvicorn's h11 protocol with an idle timeout, a request read timeout and a connection cap
+    serving.py     the uvicorn Server and Config: those limits, trusted proxies, a shutdown that answers
 
 The schedulers themselves are in llmkit/engine: batch.py (the transformers engine, batched)
 and serial.py (llama.cpp, one request at a time), over scheduling.py. Importing this package is

@@ -20,6 +20,9 @@ DEFAULT_REQUEST_TIMEOUT_S = 300.0
 DEFAULT_GRACE_S = 30.0
 DEFAULT_MAX_BODY_BYTES = 1_000_000
 DEFAULT_STALL_AFTER_S = 60.0  # /health says "stuck" when a busy loop has not finished a step for this long
+DEFAULT_IDLE_TIMEOUT_S = 5.0  # uvicorn's keep-alive default, now also for a fresh connection that sends nothing
+DEFAULT_READ_TIMEOUT_S = 30.0  # first byte of a request to the last byte of its body
+DEFAULT_MAX_CONNECTIONS = 512  # well under the usual 1024 file descriptors per process
 LOG_FORMATS = ("text", "json")
 API_KEY_ENV = "LLMKIT_API_KEY"
 
@@ -35,6 +38,26 @@ class RateLimit:
     def __str__(self) -> str:
         names = {1.0: "second", 60.0: "minute", 3600.0: "hour"}
         return f"{self.count}/{names.get(self.period_s, f'{self.period_s:g}s')}"
+
+
+def parse_forwarded_allow_ips(text: str | None) -> tuple[str, ...]:
+    """'127.0.0.1, 10.0.0.0/8' -> ('127.0.0.1', '10.0.0.0/8'); '*' trusts every client; None or '' trusts nobody.
+
+    Checked here because uvicorn silently treats a malformed address as a literal that never matches."""
+    if not text or not text.strip():
+        return ()
+    entries = tuple(item.strip() for item in text.split(","))
+    if entries == ("*",):
+        return entries
+    normalized = []
+    for entry in entries:
+        try:
+            normalized.append(str(ipaddress.ip_network(entry, strict=False)) if "/" in entry
+                              else str(ipaddress.ip_address(entry)))
+        except ValueError:
+            raise InvalidParams(f"forwarded-allow-ips must be comma-separated IP addresses or networks "
+                                f"(10.0.0.0/8), or '*'; got {entry!r}", field="forwarded_allow_ips") from None
+    return tuple(normalized)
 
 
 def parse_rate_limit(text: str | None) -> RateLimit | None:
@@ -62,6 +85,10 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     stall_after_s: float = DEFAULT_STALL_AFTER_S
     log_format: str = "text"
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    forwarded_allow_ips: tuple[str, ...] = ()  # clients whose X-Forwarded-For / -Proto are believed; () = nobody
 
     def __repr__(self) -> str:  # keeps the API key out of any log line or traceback that prints settings
         fields = {k: ("***" if k == "api_key" and v else v) for k, v in self.__dict__.items()}
@@ -72,10 +99,12 @@ class ServerSettings:
         if not 1 <= self.port <= 65535:
             raise InvalidParams(f"port must be between 1 and 65535 (got {self.port})", field="port")
         for name, value, low in (("max_queue", self.max_queue, 0), ("max_batch_size", self.max_batch_size, 1),
-                                 ("max_body_bytes", self.max_body_bytes, 1024)):
+                                 ("max_body_bytes", self.max_body_bytes, 1024),
+                                 ("max_connections", self.max_connections, 1)):
             if value < low:
                 raise InvalidParams(f"{name.replace('_', '-')} must be at least {low} (got {value})", field=name)
-        for name, value in (("request_timeout", self.request_timeout_s), ("grace_period", self.grace_s)):
+        for name, value in (("request_timeout", self.request_timeout_s), ("grace_period", self.grace_s),
+                            ("idle_timeout", self.idle_timeout_s), ("read_timeout", self.read_timeout_s)):
             if not value > 0:
                 raise InvalidParams(f"{name.replace('_', '-')} must be more than 0 seconds (got {value})", field=name)
         if self.log_format not in LOG_FORMATS:
