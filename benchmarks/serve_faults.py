@@ -37,9 +37,10 @@ How to read the output (stdout; progress goes to stderr):
 - The summary: requests by status per phase, bad input answered 5xx, cut streams, /health
   latency p50/max per phase, wall time.
 - Resources (only when the server's PID is known: --serve, --pid, or found by the port):
-  RSS right after the server first says ok, after the warm-up (two big bodies, then a short
-  mixed load, so the tokenizer and the batch reach their working size and the big bodies'
-  transient peak has passed) and after the main phases; growth = after / after warm-up - 1.
+  RSS right after the server first says ok, after the warm-up (eight big bodies at once, then 200
+  requests of the load phase's mix, 64 with --quick: about where the batch, its KV cache and
+  the allocator reach their working size) and after the main phases; growth = after / after
+  warm-up - 1.
   The summary also shows RSS after each phase, and the load phase RSS every 100 requests: a
   leak climbs steadily, a transient peak (big bodies) falls back. Open fds after the run.
 - Checks: "must" checks gate, "should" checks are reported. Exit status: 0 every must check
@@ -248,13 +249,13 @@ class Plan:
     idle_window_s: float = 40.0  # longer than the server's default --read-timeout (30 s)
     spoof_burst: int = 60
     sigterm_streams: int = 6
-    warmup_requests: int = 64
-    warmup_big_bodies: int = 2
+    warmup_requests: int = 200  # the load's own mix: RSS reaches its working size by about its 100th request
+    warmup_big_bodies: int = 8  # as many at once as the bigbody phase: the allocator's high-water mark is reached
 
 
 QUICK_PLAN = Plan(load_requests=200, healthy_beside_poison=4, poison_endpoints=1, big_bodies=8, over_limit_bodies=1,
                   hangups=1, idle_per_kind=3, idle_window_s=15.0, spoof_burst=30, sigterm_streams=4,
-                  warmup_requests=32)
+                  warmup_requests=64)
 
 
 # --- one request's outcome ----------------------------------------------------------------------
@@ -743,7 +744,7 @@ async def probe_chat(run: Run) -> None:
 
 
 async def warm_up(run: Run, result: PhaseResult) -> None:
-    """Two big bodies, then a short mixed load, so RSS 'after warm-up' is the server's working size.
+    """The big bodies at once, then the load phase's mix, so RSS 'after warm-up' is the server's working size.
 
     The big bodies go first: they raise RSS for a while (the tokenizer's buffers), and a baseline taken at
     that peak would hide real growth later."""
