@@ -24,7 +24,12 @@ float16, int8 (--quantize int8); plus the llama.cpp engine and raw llama-cpp-pyt
 when llama-cpp-python is installed (raw gets the engine's thread count, so both run alike). Each row also shows what the engine chose (EngineInfo.choices)
 and how many greedy tokens equal the reference's.
 
-Usage: python benchmarks/generate_speed.py --model smollm2-135m --runs 5 [--configs default,int8] [--json]
+Threads: --threads N (or $LLMKIT_THREADS) sets torch's threads for the whole process before anything loads,
+so the reference and every llmkit side compute with the same count (llama.cpp's n_threads and
+n_threads_batch too); the report names it. The load average and CPU steal are read around the generation
+runs (llmkit.measure.LoadWatch); on a busy machine the report says so, as its figures are then not comparable.
+
+Usage: python benchmarks/generate_speed.py --model smollm2-135m --runs 5 [--configs default,int8] [--threads 1] [--json]
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ import transformers
 from transformers import pipeline
 from transformers.generation.streamers import BaseStreamer
 
+from llmkit.devices import requested_threads, use_threads
 from llmkit.engine import load_engine
 from llmkit.engine.llamacpp import default_threads, gguf_path_for, llamacpp_installed
-from llmkit.measure import cpu_model
+from llmkit.errors import InvalidParams
+from llmkit.measure import LoadWatch, MachineLoad, cpu_model
 from llmkit.models import local_folder, resolve
 from llmkit.params import parse_params
 
@@ -175,17 +182,19 @@ def sides_for(args, folder: str) -> dict:
                          lambda pipe: bytes_per_token(pipe.model))}
     for name in args.configs.split(","):
         label, options = CONFIGS[name]
-        sides[label] = (lambda options=options: load_engine(args.model, **options), run_llmkit,
+        sides[label] = (lambda options=options: load_engine(args.model, threads=args.threads, **options), run_llmkit,
                         lambda engine: bytes_per_token(engine.model))
     gguf = gguf_file(args.model)
     if gguf is not None and llamacpp_installed():
         from llama_cpp import Llama
 
         size = os.path.getsize(gguf)
-        sides["llmkit llama.cpp"] = (lambda: load_engine(args.model, engine="llama.cpp"), run_llmkit,
+        sides["llmkit llama.cpp"] = (lambda: load_engine(args.model, engine="llama.cpp", threads=args.threads),
+                                     run_llmkit,
                                      lambda engine: size)
         sides["raw llama-cpp-python"] = (
-            lambda: Llama(model_path=str(gguf), n_ctx=4096, n_threads=default_threads(), verbose=False),
+            lambda: Llama(model_path=str(gguf), n_ctx=4096, n_threads=default_threads(),
+                          n_threads_batch=requested_threads(args.threads)[0], verbose=False),
             run_raw_llamacpp, lambda llm: size)
     return sides
 
@@ -207,6 +216,7 @@ def gguf_file(reference: str):
 def benchmark(args) -> dict:
     transformers.logging.set_verbosity_error()  # llmkit's load does the same; keep stderr quiet
     transformers.logging.disable_progress_bar()
+    use_threads(args.threads)  # the whole process, before anything loads: every side computes alike
     source = resolve(args.model)
     folder = str(local_folder(source) or source.location)  # a Hub id loads from the HF cache on both sides
     sides = sides_for(args, folder)
@@ -221,6 +231,7 @@ def benchmark(args) -> dict:
             if i >= args.warmup:
                 samples[side]["load_s"].append(seconds)
     outputs = {}
+    watch = LoadWatch()
     for i in range(total):
         print(f"generate {i + 1}/{total}", file=sys.stderr)
         for side, (_, run, _) in sides.items():
@@ -230,12 +241,14 @@ def benchmark(args) -> dict:
             if i >= args.warmup:
                 for metric, value in result.items():
                     samples[side][metric].append(value)
+    machine_load = watch.stop(torch.get_num_threads())
     bandwidth = memory_bandwidth()
     weight_bytes = {side: weight(loaded[side]) for side, (_, _, weight) in sides.items()}
     summary = {side: {m: summarize(v) for m, v in samples[side].items()} for side in sides}
     setups = {side: loaded[side].info.setup() for side in sides if hasattr(loaded[side], "info")}
     return {
         "machine": machine(),
+        "machine_load": machine_load.to_dict(),
         "config": {"model": args.model, "folder": folder, "prompt": args.prompt, "runs": args.runs,
                    "warmup": args.warmup, "max_new_tokens": args.max_new_tokens},
         "memory_bandwidth_bytes_per_s": bandwidth,
@@ -285,6 +298,9 @@ def print_report(report: dict) -> None:
                       f"{setup['choices'].get('decode_matmul', '')}")
     for side, (same, total) in report["greedy_tokens_equal_to_reference"].items():
         console.print(f"{side}: first {same} of {total} greedy tokens equal to the reference's")
+    busy = MachineLoad(**report["machine_load"])
+    if busy.busy:
+        console.print(f"[yellow]warning:[/] {busy.warning('the generation runs')}", markup=True)
 
 
 def main() -> None:
@@ -296,8 +312,15 @@ def main() -> None:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--configs", default="default,float32,bfloat16,int8",
                         help=f"llmkit transformers configurations, comma-separated, from: {', '.join(CONFIGS)}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="compute threads for every side (default: $LLMKIT_THREADS, else torch's: one per "
+                             "physical core); on a busy machine try 1")
     parser.add_argument("--json", action="store_true", help="print everything as one JSON document")
     args = parser.parse_args()
+    try:
+        requested_threads(args.threads)
+    except InvalidParams as exc:
+        parser.error(str(exc))
     if args.runs < 1 or args.warmup < 0 or args.max_new_tokens < 2:
         parser.error("need --runs >= 1, --warmup >= 0, --max-new-tokens >= 2")
     unknown = set(args.configs.split(",")) - set(CONFIGS)

@@ -61,6 +61,7 @@ class CompareSpec:
     quantize: str = "none"
     timeout_s: float = 1800.0
     engines: tuple[str, ...] = ("transformers",)
+    threads: int | None = None  # each worker's; None: $LLMKIT_THREADS when set (workers inherit it), else default
 
     @property
     def effective_stride(self) -> int:
@@ -94,7 +95,8 @@ def check_spec(spec: CompareSpec) -> None:
     if not spec.engines:
         raise InvalidParams("give at least one engine", field="engine")
     for name in spec.engines:
-        check_load_options(device=spec.device, dtype=spec.dtype, quantize=spec.quantize, engine=name)
+        check_load_options(device=spec.device, dtype=spec.dtype, quantize=spec.quantize, engine=name,
+                           threads=spec.threads)
     parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
 
 
@@ -188,7 +190,7 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
 
     from llmkit.devices import resolve_device
     from llmkit.engine import load_engine, prepare
-    from llmkit.measure import ResourceSampler, run_latency
+    from llmkit.measure import LoadWatch, ResourceSampler, run_latency
     from llmkit.models import resolve
     from llmkit.params import parse_params
 
@@ -203,13 +205,14 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
         sampler.phase("load")
         _stage("loading")
         engine = load_engine(reference, device=device, dtype=spec.dtype, quantize=spec.quantize,
-                             engine=engine_name)
+                             engine=engine_name, threads=spec.threads)
         sampler.phase("inference")
         params = parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
         for index in range(spec.warmup):
             _stage(f"warm-up {index + 1}/{spec.warmup}")
             engine.generate(spec.prompt, params)
         latencies, sample = [], None
+        watch = LoadWatch()
         for index in range(spec.runs):
             _stage(f"run {index + 1}/{spec.runs}")
             started = time.perf_counter()
@@ -217,6 +220,7 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
             latencies.append(run_latency(result.usage.prompt_tokens, result.timings.token_times_s,
                                          time.perf_counter() - started))
             sample = result.text
+        machine_load = watch.stop(engine.info.threads)
         _stage("perplexity")
         sampler.phase("perplexity")
         scored = perplexity_of(engine, spec.text, spec.window, spec.effective_stride)
@@ -239,6 +243,8 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
         "parameters": engine.info.parameters,
         "dtype": engine.info.dtype,
         "device": engine.info.device,
+        "threads": engine.info.threads,
+        "machine_load": machine_load.to_dict(),
         "disk_bytes": disk,
         "load_s": engine.info.load_s,
         "peak_rss_bytes": max(peaks),
@@ -356,6 +362,26 @@ def add_relative_speed(rows: Sequence[dict[str, Any]]) -> None:
             row["relative_speed"] = row["tg_tokens_per_s"] / fastest if fastest and row["tg_tokens_per_s"] else None
 
 
+def busy_measurement(rows: Sequence[dict[str, Any]]):
+    """(MachineLoad of the first row measured on a busy machine, "the runs of <labels>"), or None when none was."""
+    from llmkit.measure import MachineLoad
+
+    busy = [row for row in rows if row.get("ok") and (row.get("machine_load") or {}).get("busy")]
+    if not busy:
+        return None
+    return MachineLoad(**busy[0]["machine_load"]), f"the runs of {', '.join(row['model'] for row in busy)}"
+
+
+def threads_text(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The compute threads behind the speeds: "threads: 2", or per row when they differ."""
+    counts = {row["model"]: row.get("threads") for row in rows if row.get("ok")}
+    if not counts or all(count is None for count in counts.values()):
+        return None
+    if len(set(counts.values())) == 1:
+        return f"threads: {next(iter(counts.values()))} per model"
+    return "threads: " + ", ".join(f"{model} {count}" for model, count in counts.items())
+
+
 # --- flat records for csv / markdown / json -----------------------------------------------------
 
 COLUMNS = (
@@ -390,6 +416,8 @@ def flat_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     flat = []
     for row in rows:
         record = {key: row.get(key) for key, _, _ in COLUMNS}
+        record["threads"] = row.get("threads")
+        record["busy"] = (row.get("machine_load") or {}).get("busy")
         record["ok"] = row.get("ok", False)
         record["error"] = row.get("error")
         flat.append(record)

@@ -106,3 +106,47 @@ def choose_dtype(name: str, device: str):
     if flag:
         return torch.bfloat16, f"auto: this CPU computes bfloat16 natively, flag {flag}"
     return torch.float32, "auto: this CPU has no native bfloat16 (avx512_bf16/amx_bf16)"
+
+
+# --- compute threads ---------------------------------------------------------------------------
+
+THREADS_ENV = "LLMKIT_THREADS"  # what the default means when set (e.g. 1 on a busy shared machine)
+MAX_THREADS = 1024
+TORCH_THREAD_ENVS = ("MKL_NUM_THREADS", "OMP_NUM_THREADS")  # torch's own default reads these, MKL's first
+
+
+def requested_threads(threads: int | None) -> tuple[int | None, str]:
+    """(threads asked for, where from): --threads, else $LLMKIT_THREADS, else (None, "") for the engine's
+    default. A bad value is InvalidParams (exit 2), found before anything is imported or loaded."""
+    source = "set by --threads"
+    if threads is None:
+        raw = os.environ.get(THREADS_ENV, "").strip()
+        if not raw:
+            return None, ""
+        try:
+            threads = int(raw)
+        except ValueError:
+            raise InvalidParams(f"{THREADS_ENV} must be a whole number of threads, e.g. 1 (got {raw!r})",
+                                field="threads") from None
+        source = f"{THREADS_ENV}={raw}"
+    if not 1 <= threads <= MAX_THREADS:
+        name = "--threads" if source == "set by --threads" else THREADS_ENV
+        raise InvalidParams(f"{name} must be between 1 and {MAX_THREADS} (got {threads})", field="threads")
+    return threads, source
+
+
+def use_threads(threads: int | None) -> tuple[int, str]:
+    """Set torch's intra-op threads when asked (--threads or $LLMKIT_THREADS); (threads that compute, why).
+
+    torch.set_num_threads holds for the calling thread and for threads that first run torch after it;
+    a thread that ran torch before keeps its count. So the engines call this on the thread that will run
+    the model (serve loads on its inference thread). Not asked: torch's default, unchanged."""
+    import torch
+
+    asked, source = requested_threads(threads)
+    if asked is not None:
+        torch.set_num_threads(asked)
+        return torch.get_num_threads(), source
+    env = next((f"{name}={os.environ[name]}" for name in TORCH_THREAD_ENVS if os.environ.get(name)), None)
+    why = f"torch's default, from {env}" if env else "torch's default: one per physical core"
+    return torch.get_num_threads(), why

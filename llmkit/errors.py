@@ -4,6 +4,22 @@ Every failure llmkit expects (bad parameter, unknown model, no network, bad file
 out of memory) is an LlmkitError whose message is one sentence saying what to do.
 The CLI turns them into one red line and an exit code; the server into a 4xx/5xx
 JSON body. Anything else is a bug and keeps its traceback.
+
+Exit codes, one rule (click's and POSIX's usage-error convention, as llm and uv use it):
+
+- 2: the command cannot work as typed, and llmkit could tell: an unknown option or a flag
+  given a value, a value out of range, an unusable prompt or --input-file, a model that is
+  not there (no such file or folder, a mistyped alias, an alias whose package is not
+  installed, a Hub id the Hub says does not exist), an engine whose library is not installed,
+  --chat on a model without a chat template. Nothing ran (or nothing more will); change the
+  command, or install what the message names.
+- 1: the command was valid but running it failed: the Hub cannot be reached (so a Hub id
+  cannot be checked: it may exist), a model file that will not load, out of memory, a port
+  in use, some prompts of an --input-file failed, every model in `compare` failed, a bug.
+- 0: success (`compare` with at least one model that ran; `generate | head` closing the pipe).
+- 130: interrupted (Ctrl-C).
+
+So an unknown model and a missing file are both 2; a model llmkit could not look up is 1.
 """
 
 from __future__ import annotations

@@ -470,7 +470,9 @@ def check_plot_available() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise UnsupportedFeature("--plot needs matplotlib: pip install 'llmkit[plot]'")
+        from llmkit.extras import install_hint
+
+        raise UnsupportedFeature(f"--plot needs matplotlib: {install_hint('plot')}")
 
 
 def plot_next_token(view: NextTokenView, path: str) -> None:

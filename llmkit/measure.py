@@ -9,7 +9,9 @@ Latency terms follow vLLM's benchmarks and llama-bench, and every figure says wh
   E2E    request start -> request finished                                                [vLLM]
 
 Memory and CPU come from a background sampler (psutil; NVML for GPUs when present) that a
-`with` block starts and always stops and joins. Nothing here prints.
+`with` block starts and always stops and joins. LoadWatch says whether the machine was busy while a
+measurement ran (the rule is MachineLoad's docstring), since figures from a busy machine are not
+comparable with a quiet run's. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -341,3 +343,102 @@ def timed(function: Callable[[], Any]) -> tuple[Any, float]:
     started = time.perf_counter()
     value = function()
     return value, time.perf_counter() - started
+
+
+# --- how busy the machine was ------------------------------------------------------------------
+
+LOAD_MARGIN = 0.5  # runnable tasks of others beyond the free cores still taken as noise (a shell, kernel threads)
+STEAL_BUSY_PERCENT = 5.0  # CPU time a hypervisor gave to other VMs, in % of all of this machine's CPU time
+MIN_STEAL_CPU_S = 1.0  # CPU-seconds (all cores) a window needs for steal to mean anything: 100 ticks of 10 ms
+
+
+@dataclass(frozen=True)
+class MachineLoad:
+    """How busy the machine was while a measurement ran; busy: its figures are not comparable with a quiet run.
+
+    The rule (judge_load). The 1-minute load average counts every runnable task on the machine, this
+    measurement's own threads included, so comparing it with the cores as it is would call every
+    multi-threaded run busy. While the measurement computes, its `threads` add at most `threads` to it;
+    `others_load` = load average - threads (at least 0) is what the rest of the machine asked for, at the
+    least. The measurement leaves `free_cores` = cores - threads (at least 0) to the rest. Busy when the
+    others asked for more than the free cores, by more than LOAD_MARGIN: then they took turns on the
+    measurement's cores, and each step of a multi-threaded decode waits for its slowest thread. (For
+    threads <= cores this is: load average > cores + LOAD_MARGIN.) Also busy when the hypervisor took more
+    than STEAL_BUSY_PERCENT of the CPU time during the measurement: neighbours of a VM, which no load
+    average inside it shows. `cores` are all the machine's logical CPUs, as the load average is
+    machine-wide. The load average is the higher of the readings at the start and the end, so a
+    measurement shorter than a minute is judged mostly by the minute before it; steal covers the
+    measurement itself (None when it was too short to tell, or on systems without it).
+    """
+
+    cores: int
+    threads: int
+    load_average: float | None
+    steal_percent: float | None
+    others_load: float | None
+    free_cores: int
+    busy: bool
+    reason: str  # why busy, in words ("" when not)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def warning(self, measured: str = "the measurement") -> str:
+        """One sentence for a busy machine: what was seen and what to do."""
+        fewer = "" if self.threads == 1 else ", or with fewer threads (--threads 1)"
+        return (f"the machine was busy during {measured} ({self.reason}): its figures are not comparable with a "
+                f"quiet run's; measure again when the machine is quiet{fewer}")
+
+
+def judge_load(*, cores: int, threads: int, load_average: float | None,
+               steal_percent: float | None) -> MachineLoad:
+    """The busy rule of MachineLoad on given readings (pure, so it is tested on any readings)."""
+    free = max(0, cores - threads)
+    others = None if load_average is None else max(0.0, load_average - threads)
+    reasons = []
+    if others is not None and others > free + LOAD_MARGIN:
+        reasons.append(f"load average {load_average:.1f} on {cores} cores while this measurement computed with "
+                       f"{threads} thread{'' if threads == 1 else 's'}")
+    if steal_percent is not None and steal_percent > STEAL_BUSY_PERCENT:
+        reasons.append(f"the hypervisor took {steal_percent:.0f}% of the CPU time (steal)")
+    return MachineLoad(cores=cores, threads=threads, load_average=load_average, steal_percent=steal_percent,
+                       others_load=others, free_cores=free, busy=bool(reasons), reason="; ".join(reasons))
+
+
+def steal_percent(before, after) -> float | None:
+    """CPU steal between two psutil.cpu_times() readings, in % of all CPU time (guest time is already
+    inside user time on Linux, so it is not added twice); None without a steal counter or enough time."""
+    if getattr(before, "steal", None) is None or getattr(after, "steal", None) is None:
+        return None
+    fields = [name for name in after._fields if name not in ("guest", "guest_nice")]
+    total = sum(getattr(after, name) - getattr(before, name) for name in fields)
+    if total < MIN_STEAL_CPU_S:
+        return None
+    return 100 * max(0.0, after.steal - before.steal) / total
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+class LoadWatch:
+    """Readings of the load average and CPU steal at the start and the end of a measurement.
+
+    watch = LoadWatch()            # the start
+    ...                            # the measured runs
+    machine = watch.stop(threads)  # a MachineLoad (judge_load's rule)
+    """
+
+    def __init__(self) -> None:
+        self._loads = [load_average()]
+        self._cpu = psutil.cpu_times()
+
+    def stop(self, threads: int | None) -> MachineLoad:
+        cores = os.cpu_count() or 1
+        loads = [value for value in (*self._loads, load_average()) if value is not None]
+        return judge_load(cores=cores, threads=threads or cores, load_average=max(loads) if loads else None,
+                          steal_percent=steal_percent(self._cpu, psutil.cpu_times()))

@@ -14,6 +14,7 @@ argument errors stay fast.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Literal
 
-from llmkit.errors import ModelLoadError, UnknownModel, one_line
+from llmkit.errors import ModelLoadError, UnknownModel, UnsupportedFeature, one_line
 
 DEFAULT_MODEL = "gemma3-270m"
 MODEL_ENV = "LLMKIT_MODEL"
@@ -54,6 +55,7 @@ class Alias:
     licence: str
     gguf_name: str
     chunk_packages: tuple[str, ...] = ()  # the file is split across packages and joined on first use
+    chat: bool = False  # the model has a chat template, so --chat and /v1/chat/completions work
 
 
 ALIASES: dict[str, Alias] = {
@@ -77,6 +79,7 @@ ALIASES: dict[str, Alias] = {
             description="SmolLM2 135M Instruct, Q4_1, chat",
             licence="Apache-2.0",
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            chat=True,
         ),
     )
 }
@@ -147,11 +150,51 @@ def resolve(reference: str | None) -> ModelSource:
         return ModelSource(reference, "alias", reference)
     if reference.lower().endswith(".gguf") or reference.startswith((".", "/", "~")):
         raise UnknownModel(f"no such file or folder: {reference}")
+    meant = suggest_alias(reference)
+    if meant is not None:
+        raise UnknownModel(f"unknown model '{reference}'; did you mean {meant}? (`llmkit models` lists the aliases)")
     return ModelSource(reference, "hub", reference)
+
+
+def suggest_alias(reference: str) -> str | None:
+    """The alias a mistyped reference most likely meant (smollm2 -> smollm2-135m), or None.
+
+    Only for a name without a slash: Hub repos made since 2020 are owner/name, and the few older
+    bare ids (gpt2, distilgpt2, t5-small...) are nowhere near an alias. So a bare name this close
+    to an alias is a typo, answered at once (exit 2) instead of after asking the Hub."""
+    if "/" in reference or "\\" in reference:
+        return None
+    typed = reference.lower()
+    for name in ALIASES:
+        if len(typed) >= 4 and (name.startswith(typed) or typed.startswith(name)):
+            return name
+    close = difflib.get_close_matches(typed, list(ALIASES), n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def available_aliases() -> list[str]:
     return [name for name, alias in ALIASES.items() if alias_installed(alias)]
+
+
+def no_chat_template(model: str) -> str:
+    """The sentence for --chat on a model without a chat template: which installed alias can chat, or how
+    to install one (the default model is a base model, so this is the first thing many users see)."""
+    chat = [alias for alias in ALIASES.values() if alias.chat]
+    ready = [alias.name for alias in chat if alias_installed(alias)]
+    if ready:
+        way = f"use a model that has one: -m {' or -m '.join(ready)} (installed)"
+    else:
+        way = "; or ".join(f"install {a.name}, which has one: {a.install_hint}, then add -m {a.name}" for a in chat)
+    return f"model {model} has no chat template, so --chat cannot work; drop --chat, or {way}"
+
+
+def check_model(reference: str | None, *, chat: bool = False) -> None:
+    """What can be known about a model before torch is imported: the reference names something (an unknown
+    model or a typo fails in a fraction of a second, exit 2), and with `chat`, that an alias known to have no
+    chat template (the default, a base model) is refused before it loads, not after."""
+    source = resolve(reference)
+    if chat and source.kind == "alias" and not ALIASES[source.location].chat:
+        raise UnsupportedFeature(no_chat_template(source.name))
 
 
 # --- GGUF files ---------------------------------------------------------------------------
@@ -217,7 +260,8 @@ def assemble_alias(alias: Alias, progress: Progress | None = None) -> Path:
     import importlib
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f"{STAGING_PREFIX}{uuid.uuid4().hex}-{target.name}")
+    # the pid in the name tells `llmkit cache --clean` whether the join is still running
+    staging = target.with_name(f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{target.name}")
     if progress:
         progress(f"joining {alias.name} from its packages", 0, None)
     try:
@@ -267,8 +311,8 @@ def _remove_stale_staging(parent: Path) -> None:
     import psutil
 
     for entry in parent.glob(f"{STAGING_PREFIX}*"):
-        pid_text = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit() or not psutil.pid_exists(int(pid_text)):
+        pid = staging_owner(entry)
+        if pid is None or not psutil.pid_exists(pid):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -394,6 +438,7 @@ class AliasStatus:
     cached: bool
     cache_path: str | None
     cache_bytes: int | None
+    chat: bool = False  # has a chat template (--chat)
 
 
 def alias_status(alias: Alias) -> AliasStatus:
@@ -416,6 +461,7 @@ def alias_status(alias: Alias) -> AliasStatus:
         cached=cache is not None,
         cache_path=str(cache) if cache else None,
         cache_bytes=folder_bytes(cache) if cache else None,
+        chat=alias.chat,
     )
 
 
@@ -425,3 +471,247 @@ def cached_conversions() -> list[tuple[Path, int]]:
     if not root.is_dir():
         return []
     return [(p, folder_bytes(p)) for p in sorted(root.iterdir()) if is_complete_conversion(p)]
+
+
+# --- what `llmkit cache` lists and cleans ---------------------------------------------------
+# The cache holds only what llmkit can make again: conversions (rebuilt from their GGUF file on
+# the next load) and GGUF files joined from an alias's part packages (joined again on the next
+# load). Nothing outside cache_dir() is ever removed, nor package files, nor an entry whose
+# source is gone (it could be the last copy), nor a staging entry whose process still runs.
+
+CACHE_KINDS = ("conversion", "joined-gguf", "staging", "unknown")
+STALE_STAGING_S = 3600  # a staging entry without a pid in its name counts as abandoned after an hour untouched
+REMOVING_TAG = "removing-"
+CONVERSION_NAME = re.compile(r"^.+-[0-9a-f]{16}(-v\d+)?$")  # <stem>-<fingerprint>-v<format>; v1 had no suffix
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    path: str
+    name: str  # relative to the cache folder, e.g. converted/gemma-3-270m-q4_k_m-47aae3d8bfb5f941-v2
+    kind: str  # one of CACHE_KINDS
+    bytes: int
+    used_by: str | None  # the alias or GGUF file it serves; None when nothing loads it
+    removable: bool  # `llmkit cache --clean` removes it
+    reason: str  # why it is removable or kept, for people
+
+
+@dataclass(frozen=True)
+class CacheCleaning:
+    root: str
+    dry_run: bool
+    removed: tuple[CacheEntry, ...]
+    kept: tuple[CacheEntry, ...]
+    failed: tuple[tuple[CacheEntry, str], ...] = ()
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(e.bytes for e in self.removed)
+
+
+def _entry_bytes(path: Path) -> int:
+    """Bytes on disk of a file or folder; symlinks count as links (their target is not the cache's)."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+    except OSError:
+        return 0
+    total = 0
+    for item in path.rglob("*"):
+        try:
+            if item.is_file() and not item.is_symlink():
+                total += item.stat().st_size
+        except OSError:  # removed while we looked (a conversion finishing, another clean)
+            continue
+    return total
+
+
+def staging_owner(entry: Path) -> int | None:
+    """The pid written into a staging name (`.staging-<pid>-<hex>-<name>`), or None (older names had none)."""
+    pid_text = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
+    return int(pid_text) if pid_text.isdigit() and len(pid_text) <= 10 else None
+
+
+def staging_in_progress(entry: Path) -> bool:
+    """Whether a staging entry's process may still be writing it."""
+    pid = staging_owner(entry)
+    if pid is not None:
+        import psutil
+
+        return pid == os.getpid() or psutil.pid_exists(pid)
+    try:
+        return time.time() - entry.lstat().st_mtime < STALE_STAGING_S
+    except OSError:
+        return False
+
+
+def _staging_target(entry: Path) -> str:
+    """The name a staging entry will be renamed to when complete."""
+    rest = entry.name[len(STAGING_PREFIX):]
+    parts = rest.split("-", 2) if staging_owner(entry) is not None else rest.split("-", 1)
+    return parts[-1]
+
+
+def _alias_gguf_paths() -> dict[Path, Alias]:
+    """Where each alias's GGUF file lies (joined ones in the cache), for aliases whose location is known."""
+    found = {}
+    for alias in ALIASES.values():
+        if alias.chunk_packages or _package_dir(alias.package) is not None:
+            found[alias_gguf_path(alias).resolve()] = alias
+    return found
+
+
+def _conversion_entry(folder: Path, name: str, by_path: dict[Path, Alias]) -> CacheEntry:
+    size = _entry_bytes(folder)
+    try:
+        marker = json.loads((folder / CONVERSION_MARKER).read_text(encoding="utf-8"))
+        source = Path(marker["source"]) if isinstance(marker, dict) and marker.get("source") else None
+    except (OSError, ValueError):
+        source = None
+    alias = by_path.get(source.resolve()) if source is not None else None
+    used_by = alias.name if alias is not None else (str(source) if source is not None else None)
+    if source is None:
+        return CacheEntry(str(folder), name, "conversion", size, None, False,
+                          "its source GGUF is not recorded, so it cannot be rebuilt")
+    rejoinable = alias is not None and bool(alias.chunk_packages) and alias_installed(alias)
+    if not source.is_file() and not rejoinable:
+        return CacheEntry(str(folder), name, "conversion", size, None, False,
+                          f"its source {source} is gone, so it cannot be rebuilt")
+    current = source.is_file() and conversion_dir(source).name == folder.name
+    if source.is_file() and not current:
+        return CacheEntry(str(folder), name, "conversion", size, None, True,
+                          "outdated: its source changed or the format is older, so nothing loads it")
+    return CacheEntry(str(folder), name, "conversion", size, used_by, True,
+                      "rebuilt from the GGUF file on the next load (a slow first load)")
+
+
+def _joined_entry(path: Path, name: str, by_path: dict[Path, Alias], busy_targets: dict[str, int | None]
+                  ) -> CacheEntry:
+    size = _entry_bytes(path)
+    alias = by_path.get(path.resolve())
+    if alias is None or not alias.chunk_packages:
+        return CacheEntry(str(path), name, "unknown", size, None, False, "not written by llmkit")
+    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
+    for target, pid in busy_targets.items():
+        if target.startswith(f"{stem}-"):
+            owner = f" (pid {pid})" if pid is not None else ""
+            return CacheEntry(str(path), name, "joined-gguf", size, alias.name, False,
+                              f"a conversion from it is in progress{owner}")
+    if not alias_installed(alias):
+        return CacheEntry(str(path), name, "joined-gguf", size, alias.name, False,
+                          "its packages are not installed, so it cannot be joined again")
+    return CacheEntry(str(path), name, "joined-gguf", size, alias.name, True,
+                      f"joined again from the {alias.pip_name} packages on the next load")
+
+
+def _staging_entry(path: Path, name: str) -> CacheEntry:
+    size = _entry_bytes(path)
+    if staging_in_progress(path):
+        pid = staging_owner(path)
+        owner = f" by pid {pid}" if pid is not None else ""
+        doing = "removed" if _staging_target(path).startswith(REMOVING_TAG) else "written"
+        return CacheEntry(str(path), name, "staging", size, None, False, f"being {doing}{owner}")
+    return CacheEntry(str(path), name, "staging", size, None, True,
+                      "left by an interrupted conversion, join or clean; nothing loads it")
+
+
+def cache_entries() -> list[CacheEntry]:
+    """Everything in the cache folder, with its size, what uses it and whether --clean may remove it."""
+    root = cache_dir()
+    if not root.is_dir():
+        return []
+    by_path = _alias_gguf_paths()
+    entries: list[CacheEntry] = []
+    staging = [p for sub in ("converted", "gguf") if (root / sub).is_dir()
+               for p in (root / sub).iterdir() if p.name.startswith(STAGING_PREFIX)]
+    busy_targets = {_staging_target(p): staging_owner(p) for p in staging if staging_in_progress(p)}
+    for top in sorted(root.iterdir()):
+        if top.name == "converted" and top.is_dir() and not top.is_symlink():
+            for item in sorted(top.iterdir()):
+                name = f"{top.name}/{item.name}"
+                if item.name.startswith(STAGING_PREFIX):
+                    entries.append(_staging_entry(item, name))
+                elif item.is_dir() and is_complete_conversion(item):
+                    entries.append(_conversion_entry(item, name, by_path))
+                elif item.is_dir() and not item.is_symlink() and CONVERSION_NAME.match(item.name):
+                    # a conversion's name without its marker: left unfinished (or copied by hand); never loaded
+                    entries.append(CacheEntry(str(item), name, "conversion", _entry_bytes(item), None, True,
+                                              "incomplete (no marker), so nothing loads it"))
+                else:
+                    entries.append(CacheEntry(str(item), name, "unknown", _entry_bytes(item), None, False,
+                                              "not written by llmkit"))
+        elif top.name == "gguf" and top.is_dir() and not top.is_symlink():
+            for item in sorted(top.iterdir()):
+                name = f"{top.name}/{item.name}"
+                if item.name.startswith(STAGING_PREFIX):
+                    entries.append(_staging_entry(item, name))
+                elif item.is_file() and not item.is_symlink():
+                    entries.append(_joined_entry(item, name, by_path, busy_targets))
+                else:
+                    entries.append(CacheEntry(str(item), name, "unknown", _entry_bytes(item), None, False,
+                                              "not written by llmkit"))
+        else:
+            entries.append(CacheEntry(str(top), top.name, "unknown", _entry_bytes(top), None, False,
+                                      "not written by llmkit"))
+    return entries
+
+
+def cache_total_bytes() -> int:
+    return sum(e.bytes for e in cache_entries())
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.parent.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _remove_entry(entry: CacheEntry, root: Path) -> None:
+    """Remove one entry: only inside the cache, never through a symlink, and a folder first renamed
+    to a staging name so no loader sees it half-deleted (an interrupted removal is cleaned later)."""
+    path = Path(entry.path)
+    if not _inside(path, root):
+        raise ModelLoadError(f"{path} is outside the cache {root}; not removed")
+    if entry.kind == "staging" and staging_in_progress(path):
+        raise ModelLoadError(f"{path} is being written again; not removed")
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    if path.name.startswith(STAGING_PREFIX):
+        shutil.rmtree(path)
+        return
+    doomed = path.with_name(f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{REMOVING_TAG}{path.name}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def clean_cache(*, dry_run: bool = False) -> CacheCleaning:
+    """Remove every entry that can be rebuilt or that nothing loads; dry_run only says which."""
+    root = cache_dir()
+    entries = cache_entries()
+    removed, kept, failed = [], [], []
+    for entry in entries:
+        if not entry.removable:
+            kept.append(entry)
+            continue
+        if not dry_run:
+            try:
+                _remove_entry(entry, root)
+            except FileNotFoundError:  # gone already (another clean, or a conversion replaced it)
+                pass
+            except (OSError, ModelLoadError) as exc:
+                failed.append((entry, one_line(exc)))
+                continue
+        removed.append(entry)
+    return CacheCleaning(root=str(root), dry_run=dry_run, removed=tuple(removed), kept=tuple(kept),
+                         failed=tuple(failed))
+
+
+def alias_package_bytes(alias: Alias) -> int | None:
+    """Bytes of the packages an installed alias ships in (outside the cache; `pip uninstall` removes them)."""
+    folders = [_package_dir(p) for p in (alias.package, *alias.chunk_packages)]
+    if any(folder is None for folder in folders):
+        return None
+    return sum(_entry_bytes(folder) for folder in folders if folder is not None)

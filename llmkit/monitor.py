@@ -21,6 +21,8 @@ from typing import Any, Callable
 from llmkit.errors import InvalidParams
 from llmkit.measure import (
     DEFAULT_SAMPLE_INTERVAL_S,
+    LoadWatch,
+    MachineLoad,
     ResourceSampler,
     RunLatency,
     environment,
@@ -60,6 +62,7 @@ class MonitorSpec:
     dtype: str = "auto"
     engine: str = "transformers"
     quantize: str = "none"
+    threads: int | None = None  # None: $LLMKIT_THREADS when set, else the engine's default
 
     def params(self) -> GenerationParams:
         return parse_params(greedy=True, max_new_tokens=self.max_new_tokens)
@@ -75,7 +78,8 @@ def check_spec(spec: MonitorSpec) -> GenerationParams:
         raise InvalidParams(f"warmup must be at least 0 (got {spec.warmup})", field="warmup")
     if not spec.prompt.strip():
         raise InvalidParams("the prompt is empty", field="prompt")
-    check_load_options(device=spec.device, dtype=spec.dtype, quantize=spec.quantize, engine=spec.engine)
+    check_load_options(device=spec.device, dtype=spec.dtype, quantize=spec.quantize, engine=spec.engine,
+                       threads=spec.threads)
     return spec.params()
 
 
@@ -100,6 +104,7 @@ class MonitorReport:
     rss_after_load_bytes: int
     runs: list[RunLatency]
     sampler: ResourceSampler
+    machine_load: MachineLoad | None = None  # how busy the machine was during the measured runs
 
     def phase_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -162,6 +167,7 @@ class MonitorReport:
             "runs": [run.to_dict() for run in self.runs],
             "summary": self.summary(),
             "definitions": DEFINITIONS,
+            "machine_load": self.machine_load.to_dict() if self.machine_load else None,
             "sampler": {
                 "interval_s": self.sampler.interval_s,
                 "samples": len(samples),
@@ -196,7 +202,8 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
     sampler.phase("load")
     rss_before_load = sampler.latest().rss_bytes  # the phase's first sample, so its peak is >= this
     report("load", 0, None)
-    engine = load_engine(spec.model, device=device, dtype=spec.dtype, quantize=spec.quantize, engine=spec.engine)
+    engine = load_engine(spec.model, device=device, dtype=spec.dtype, quantize=spec.quantize, engine=spec.engine,
+                         threads=spec.threads)
     prompt_tokens = len(engine.prompt_ids(spec.prompt))
 
     sampler.phase("warmup")
@@ -205,6 +212,7 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
         report("warmup", done, spec.warmup)
         engine.generate(spec.prompt, params)
     sampler.phase("inference")
+    watch = LoadWatch()
     runs = []
     for done in range(spec.runs):
         report("inference", done, spec.runs)
@@ -213,6 +221,7 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
         e2e = time.perf_counter() - started
         runs.append(run_latency(result.usage.prompt_tokens, result.timings.token_times_s, e2e))
     report("inference", spec.runs, spec.runs)
+    machine_load = watch.stop(engine.info.threads)
     sampler.stop()
     return MonitorReport(
         spec=spec,
@@ -224,6 +233,7 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
         rss_after_load_bytes=rss_after_load,
         runs=runs,
         sampler=sampler,
+        machine_load=machine_load,
     )
 
 

@@ -24,7 +24,9 @@ def _rolling_mean(values: list[float], window: int) -> list[float]:
 def require_matplotlib() -> None:
     """Call before any model loads, so a missing extra fails fast with exit code 2."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise InvalidParams("--plot needs matplotlib: pip install 'llmkit[plot]'", field="plot")
+        from llmkit.extras import install_hint
+
+        raise InvalidParams(f"--plot needs matplotlib: {install_hint('plot')}", field="plot")
 
 
 def _pyplot():

@@ -11,7 +11,7 @@ from llmkit.errors import UnsupportedFeature
 from llmkit.params import parse_params
 from tests.tiny_gguf import write_tiny_gguf
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'llmkit[llamacpp]')")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]' from the checkout)")
 
 PROMPT = "hello world"
 

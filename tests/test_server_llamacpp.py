@@ -31,7 +31,7 @@ from tests.server_helpers import (
 )
 from tests.tiny_gguf import write_tiny_gguf
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'llmkit[llamacpp]')")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]' from the checkout)")
 
 PROMPT = "hello world"
 CHAT_TEMPLATE = (

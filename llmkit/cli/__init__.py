@@ -1,19 +1,27 @@
 """The llmkit command line: one Typer app, one command per module, one error boundary.
 
 `wrap_errors` is the only place where an LlmkitError becomes a red line on stderr and
-an exit code (2 for bad input, 1 otherwise). Unexpected exceptions get one line too,
-and their traceback with --debug (or LLMKIT_DEBUG=1); the tests set RAISE_UNEXPECTED.
+an exit code (the rule is in llmkit/errors.py: 2 when the command cannot work as typed, 1 when
+running it failed). Unexpected exceptions get one line too, and their traceback with --debug
+(before or after the command's name) or LLMKIT_DEBUG=1; the tests set RAISE_UNEXPECTED.
+A command's own exit (typer.Exit, as `compare` uses when every model failed) passes through
+untouched: it is not an error of the boundary's to report.
+
+Shell completion is Typer's (`llmkit --install-completion`), with the model aliases offered for -m
+(cli/options.py); parsing.py holds the command classes (help that shows flags as flags).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from typing import Annotated, Callable
 
 import typer
 
+from llmkit.cli import cache as cache_cmd
 from llmkit.cli import compare as compare_cmd
 from llmkit.cli import explore as explore_cmd
 from llmkit.cli import generate as generate_cmd
@@ -21,18 +29,22 @@ from llmkit.cli import models as models_cmd
 from llmkit.cli import monitor as monitor_cmd
 from llmkit.cli import render
 from llmkit.cli import serve as serve_cmd
+from llmkit.cli.parsing import LlmkitTyper
 
 DEBUG_ENV = "LLMKIT_DEBUG"
 RAISE_UNEXPECTED = False  # the test suite sets this so a bug shows its traceback, not a red line
 
-app = typer.Typer(
+app = LlmkitTyper(
     name="llmkit",
     help="Work with language models on your own machine: generate, explore, monitor, compare, serve.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion, as gh, uv and Typer apps offer
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+DEBUG_HELP = "Show full tracebacks on errors (also LLMKIT_DEBUG=1)."
+DebugOpt = Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)]
 
 
 def debugging() -> bool:
@@ -40,12 +52,24 @@ def debugging() -> bool:
 
 
 def wrap_errors(command: Callable) -> Callable:
+    """The error boundary around one command; it also gives the command a --debug option, so
+    `llmkit generate ... --debug` works like `llmkit --debug generate ...` (as uv's global flags do)."""
+
+    signature = inspect.signature(command, eval_str=True)
+    own_debug = "debug" in signature.parameters
+
     @functools.wraps(command)
-    def run(*args, **kwargs):
+    def run(*args, debug: bool = False, **kwargs):
         from llmkit.errors import LlmkitError
 
+        if debug:
+            os.environ[DEBUG_ENV] = "1"  # as the root --debug does: compare's model subprocesses see it too
+        if own_debug:
+            kwargs["debug"] = debug
         try:
             return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # the command's own exit code (or a usage error): Typer reports it, not this boundary
         except LlmkitError as exc:
             if debugging():
                 raise
@@ -67,6 +91,10 @@ def wrap_errors(command: Callable) -> Callable:
         finally:
             render.messages_to_log(None)  # serve --log-format json may have sent them to its log
 
+    if not own_debug:
+        debug = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOpt)
+        run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), debug])
+        run.__annotations__ = {**{p.name: p.annotation for p in signature.parameters.values()}, "debug": DebugOpt}
     return run
 
 
@@ -80,7 +108,7 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: DebugOpt = False,
     version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
@@ -94,6 +122,7 @@ app.command(epilog=monitor_cmd.EPILOG)(wrap_errors(monitor_cmd.monitor))
 app.command(epilog=compare_cmd.EPILOG)(wrap_errors(compare_cmd.compare))
 app.command(epilog=serve_cmd.EPILOG)(wrap_errors(serve_cmd.serve))
 app.command()(wrap_errors(models_cmd.models))
+app.command(epilog=cache_cmd.EPILOG)(wrap_errors(cache_cmd.cache))
 
 
 def main() -> None:

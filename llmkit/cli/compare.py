@@ -26,7 +26,8 @@ EPILOG = """Examples:
 
 def compare(
     models: Annotated[list[str], typer.Argument(
-        show_default=False, help="Models to compare: aliases, Hub ids, save_pretrained folders, .gguf files.")],
+        show_default=False, autocompletion=options.complete_model,
+        help="Models to compare: aliases, Hub ids, save_pretrained folders, .gguf files.")],
     *,
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", show_default=False,
@@ -36,16 +37,18 @@ def compare(
         help="Text for perplexity and bits/byte (default: a few paragraphs shipped with llmkit).")] = None,
     runs: Annotated[int, typer.Option("--runs", "-r", help="Measured generation runs per model.")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", "-w", help="Unmeasured runs first.")] = 1,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per run (greedy).")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", *options.OTHER_NAMES["max_new_tokens"], help="Tokens per run (greedy).")] = 32,
     window: Annotated[int, typer.Option("--window", help="Tokens per perplexity window (capped at the model's "
                                         "context).")] = 512,
     stride: Annotated[Optional[int], typer.Option("--stride", show_default=False,
                                                   help="Window step for long texts (default: half the window).")] = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, json, csv or markdown.")] = "table",
+    wide: options.WideOpt = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", show_default=False,
                                                    help="Write the result to this file instead of stdout.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", show_default=False,
-                                                 help="Bar charts of speed, memory and bits/byte (llmkit[plot]).")] = None,
+                                                 help="Bar charts of speed, memory and bits/byte (matplotlib).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per model before its row fails.")] = 1800.0,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
@@ -53,12 +56,14 @@ def compare(
     engines: Annotated[Optional[list[str]], typer.Option(
         "--engine", show_default=False, rich_help_panel=options.MODEL_PANEL,
         help="transformers (default), llama.cpp or auto; repeat it to compare engines on the same models.")] = None,
+    threads: options.ThreadsOpt = None,
 ) -> None:
     """Run the same work on every model, each in its own subprocess, and show them side by side.
 
     Per model: parameters, dtype, size on disk, load time, peak RSS, TTFT and decode tokens/s
     (medians), perplexity and bits per byte on a reference text, and a greedy sample. Exit code 0
-    when at least one model succeeded, 1 when none did, 2 for bad arguments.
+    when at least one model succeeded, 1 when none did (then only the failures are printed, on
+    stderr), 2 for bad arguments.
     """
     from llmkit.compare import FORMATS, CompareSpec, check_spec, read_text_file, reference_text, run_compare
 
@@ -71,6 +76,7 @@ def compare(
         text_name=str(text_file) if text_file is not None else "llmkit reference text",
         runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, window=window, stride=stride,
         device=device, dtype=dtype, quantize=quantize, timeout_s=timeout, engines=tuple(engines or ("transformers",)),
+        threads=threads,
     )
     check_spec(spec)
     if plot is not None:
@@ -80,6 +86,10 @@ def compare(
 
     with render.compare_progress(len(spec.models) * len(spec.engines)) as progress:
         rows = run_compare(spec, progress)
+    if not any(row.get("ok") for row in rows):  # nothing to compare: no empty table, only what went wrong
+        for row in rows:
+            render.error(f"{row['model']}: {row.get('error', 'unknown error')}")
+        raise typer.Exit(1)
 
     text = render.compare_output(rows, spec, output_format, to_file=output is not None)
     if output is not None:
@@ -88,11 +98,14 @@ def compare(
     elif text:
         render.text(text)
     if output_format == "table" and output is None:
-        render.compare_table(rows, spec)
+        render.compare_table(rows, spec, wide=wide)
     if plot is not None:
         from llmkit.plots import plot_compare
 
         plot_compare(rows, plot)
         render.note(f"wrote {plot}")
-    if not any(row.get("ok") for row in rows):
-        raise typer.Exit(1)
+    from llmkit.compare import busy_measurement
+
+    busy = busy_measurement(rows)
+    if busy:
+        render.busy_warning(*busy)

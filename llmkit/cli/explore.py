@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from typer.core import TyperGroup
 
 from llmkit.cli import options, render
-from llmkit.cli.generate import read_prompt
+from llmkit.cli.generate import PROMPT_HELP, join_prompt, read_prompt
+from llmkit.cli.parsing import LlmkitGroup, LlmkitTyper
 from llmkit.engine import check_load_options
 from llmkit.errors import InvalidParams
 from llmkit.explore import (
@@ -72,7 +72,7 @@ PRESET_TEXT = ("greedy; temperature 0.3, 0.7, 1.0, 1.5; top-k 10, 50; top-p 0.9,
                "(each from plain sampling: temperature 1, no top-k / top-p / min-p)")
 
 
-class ExploreGroup(TyperGroup):
+class ExploreGroup(LlmkitGroup):
     """Runs `sweep` when the first argument is not a command name: `llmkit explore PROMPT` works."""
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
@@ -81,15 +81,15 @@ class ExploreGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-PromptArg = Annotated[Optional[str], typer.Argument(
-    show_default=False, help="The prompt. Use - (or leave it out) to read it from stdin.")]
+PromptArg = Annotated[Optional[list[str]], typer.Argument(show_default=False, help=PROMPT_HELP)]
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", show_default=False, help="System message for --chat.")]
 
 
 def _knob_list(name: str) -> Any:
     return Annotated[Optional[list[str]], typer.Option(
-        f"--{name.replace('_', '-')}", rich_help_panel=options.GENERATION_PANEL, show_default=False,
+        f"--{name.replace('_', '-')}", *options.OTHER_NAMES.get(name, ()), rich_help_panel=options.GENERATION_PANEL,
+        show_default=False,
         help=f"Comma-separated values ({bounds_text(name)}), or repeat the option; settings are the product "
              "of all listed values.")]
 
@@ -110,34 +110,41 @@ def sweep(
         "--seed", rich_help_panel=options.GENERATION_PANEL,
         help="Sample j of every setting uses seed + j: the same command gives the same sweep.")] = DEFAULT_SEED,
     max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", rich_help_panel=options.GENERATION_PANEL, show_default=False,
+        "--max-new-tokens", *options.OTHER_NAMES["max_new_tokens"], rich_help_panel=options.GENERATION_PANEL,
+        show_default=False,
         help=f"Tokens to generate per sample ({bounds_text('max_new_tokens')}; default {DEFAULT_MAX_NEW_TOKENS} "
              "here, as a sweep runs many generations).")] = None,
     chat: ChatOpt = False,
     system: SystemOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with every full text.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: one row per setting.")] = False,
+    wide: Annotated[bool, typer.Option(
+        "--wide", help="Show every sample's whole text, wrapped, instead of one shortened line.")] = False,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     quantize: options.QuantizeOpt = "none",
     engine_name: options.EngineOpt = "transformers",
+    threads: options.ThreadsOpt = None,
 ) -> None:
     """Generate under many sampling settings (a preset or a --param grid) and compare texts and metrics."""
     if system is not None and not chat:
         raise InvalidParams("--system needs --chat", field="system")
     if as_json and as_csv:
         raise InvalidParams("choose one of --json and --csv", field="output")
-    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name)
+    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
     knob_sets = grid_knobs(parse_grid(param)) if param else list(PRESET)
     plan = plan_sweep(knob_sets, samples=samples, seed=seed,
                       fixed={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens})
-    text = read_prompt(prompt)
+    text = read_prompt(join_prompt(prompt))
 
     from llmkit.engine import load_engine
+    from llmkit.models import check_model
+
+    check_model(model, chat=chat)  # an unknown model, or --chat on a known base model, fails before torch loads
 
     with render.loading(model or "model") as progress:
         engine = load_engine(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
-                             engine=engine_name)
+                             engine=engine_name, threads=threads)
     with render.explore_progress(plan.runs) as progress:
         result = run_sweep(engine, text, plan, chat=chat, system=system, progress=progress)
     if as_json:
@@ -145,8 +152,8 @@ def sweep(
     elif as_csv:
         render.explore_csv(result.rows())
     else:
-        render.sweep_tables(result)
-    render.sweep_summary(result)
+        render.sweep_tables(result, wide=wide)
+    render.sweep_summary(result, threads=engine.info.threads)
 
 
 def next_token(
@@ -164,11 +171,12 @@ def next_token(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", show_default=False,
-        help="Also draw the charts into this PNG file (needs the llmkit\\[plot] extra: matplotlib).")] = None,
+        help="Also draw the charts into this PNG file (needs matplotlib, the plot extra).")] = None,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     quantize: options.QuantizeOpt = "none",
     engine_name: options.EngineOpt = "transformers",
+    threads: options.ThreadsOpt = None,
 ) -> None:
     """Show the model's next-token distribution under each setting: bars, entropy, and what top-k / top-p cut.
 
@@ -180,7 +188,7 @@ def next_token(
         raise InvalidParams("--system needs --chat", field="system")
     if not 1 <= top <= MAX_TOP:
         raise InvalidParams(f"--top must be between 1 and {MAX_TOP} (got {top})", field="top")
-    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name)
+    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
     given = {name: values for name, values in
              (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)) if values}
     specs = [f"{name}={','.join(values)}" for name, values in given.items()]
@@ -190,13 +198,16 @@ def next_token(
         from llmkit.plots import require_matplotlib
 
         require_matplotlib()
-    text = read_prompt(prompt)
+    text = read_prompt(join_prompt(prompt))
 
     from llmkit.engine import load_engine
+    from llmkit.models import check_model
+
+    check_model(model, chat=chat)  # an unknown model, or --chat on a known base model, fails before torch loads
 
     with render.loading(model or "model") as progress:
         engine = load_engine(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
-                             engine=engine_name)
+                             engine=engine_name, threads=threads)
     logits = engine.next_token_logits(text, chat=chat, system=system)
     view = next_token_view(logits, settings, decode=lambda i: engine.tokenizer.decode([i]), top=top,
                            model=engine.info.model, prompt=text,
@@ -212,7 +223,7 @@ def next_token(
 
 def build_app(wrap: Callable[[Callable], Callable]) -> typer.Typer:
     """The `explore` group; `wrap` is the CLI's error boundary (cli.wrap_errors)."""
-    app = typer.Typer(cls=ExploreGroup, help=HELP, no_args_is_help=True, add_completion=False,
+    app = LlmkitTyper(cls=ExploreGroup, help=HELP, no_args_is_help=True, add_completion=False,
                       subcommand_metavar="[sweep | next-token] PROMPT [OPTIONS]",
                       pretty_exceptions_enable=False)
     app.command(DEFAULT_COMMAND, epilog=SWEEP_EPILOG)(wrap(sweep))

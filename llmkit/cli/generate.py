@@ -19,6 +19,8 @@ EPILOG = """Examples:
 
   llmkit generate "The sea at night is"
 
+  llmkit generate Tell me a story        # the words are joined: quotes are optional
+
   echo "Once upon a time" | llmkit generate --max-new-tokens 40 --seed 7
 
   llmkit generate -m smollm2-135m --chat --system "Answer briefly." "What is a GPU?"
@@ -37,9 +39,17 @@ class Job:
     extra: dict[str, Any]
 
 
+PROMPT_HELP = ("The prompt; quotes are optional, the words are joined with spaces (as `ollama run` does). "
+               "Use - (or leave it out) to read it from stdin.")
+
+
+def join_prompt(words: list[str] | None) -> str | None:
+    """`llmkit generate Tell me a story`: the words of an unquoted prompt, joined by single spaces."""
+    return " ".join(words) if words else None
+
+
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(
-        show_default=False, help="The prompt. Use - (or leave it out) to read it from stdin.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Argument(show_default=False, help=PROMPT_HELP)] = None,
     *,
     model: options.ModelOpt = None,
     input_file: Annotated[Optional[Path], typer.Option(
@@ -65,27 +75,32 @@ def generate(
     dtype: options.DtypeOpt = "auto",
     quantize: options.QuantizeOpt = "none",
     engine_name: options.EngineOpt = "transformers",
+    threads: options.ThreadsOpt = None,
 ) -> None:
     """Generate text from a prompt, streamed to the terminal; timings go to stderr."""
+    prompt = join_prompt(prompt)
     cli_values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, repetition_penalty=repetition_penalty, greedy=greedy, seed=seed,
                       num_sequences=num_sequences, stop=stop or None)
     if system is not None and not chat:
         raise InvalidParams("--system needs --chat", field="system")
-    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name)
+    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
     if input_file is not None:
         if prompt is not None:
             raise InvalidParams("give either a PROMPT or --input-file, not both", field="prompt")
         jobs = read_jobs(input_file, cli_values)
     else:
-        jobs = [Job(read_prompt(prompt), parse_params(cli_values), "prompt", {})]
+        jobs = [Job(read_prompt(prompt, input_file=True), parse_params(cli_values), "prompt", {})]
 
     from llmkit.engine import load_engine
+    from llmkit.models import check_model
+
+    check_model(model, chat=chat)  # an unknown model, or --chat on a known base model, fails before torch loads
 
     name = model or "model"
     with render.loading(name) as progress:
         engine = load_engine(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
-                             engine=engine_name)
+                             engine=engine_name, threads=threads)
 
     if input_file is not None:
         run_batch(engine, jobs, chat=chat, system=system, quiet=quiet)
@@ -93,11 +108,13 @@ def generate(
         run_one(engine, jobs[0], chat=chat, system=system, as_json=as_json, stream=stream, quiet=quiet)
 
 
-def read_prompt(prompt: str | None) -> str:
+def read_prompt(prompt: str | None, *, input_file: bool = False) -> str:
+    """The prompt from the argument or stdin; `input_file`: the command has --input-file (the hint says so)."""
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
-            raise InvalidParams("no prompt: pass one as an argument, pipe it on stdin, or use --input-file",
-                                field="prompt")
+            ways = "pass one as an argument, pipe it on stdin, or use --input-file" if input_file else \
+                "pass one as an argument or pipe it on stdin"
+            raise InvalidParams(f"no prompt: {ways}", field="prompt")
         try:
             prompt = sys.stdin.read()
         except UnicodeDecodeError as exc:
@@ -168,7 +185,7 @@ def run_one(engine, job: Job, *, chat: bool, system: str | None, as_json: bool, 
             render.text(completion.text)
             render.end_text()
     if not quiet:
-        render.timing_line(result)
+        render.timing_line(result, threads=engine.info.threads)
 
 
 def result_record(engine, job: Job, result) -> dict[str, Any]:
@@ -188,7 +205,7 @@ def run_batch(engine, jobs: list[Job], *, chat: bool, system: str | None, quiet:
             continue
         render.json_line(result_record(engine, job, result))
         if not quiet:
-            render.timing_line(result)
+            render.timing_line(result, threads=engine.info.threads)
     if failures:
         render.error(f"{failures} of {len(jobs)} prompts failed (see their \"error\" lines)")
         raise typer.Exit(1)

@@ -31,16 +31,18 @@ def monitor(
         "--prompt-file", show_default=False, help="Read the prompt from this file.")] = None,
     runs: Annotated[int, typer.Option("--runs", "-r", help="Measured runs.")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", "-w", help="Runs before measuring, not counted.")] = 1,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per run (greedy).")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", *options.OTHER_NAMES["max_new_tokens"], help="Tokens per run (greedy).")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with every figure.")] = False,
     timeline: Annotated[Optional[Path], typer.Option(
         "--timeline", show_default=False, help="Write the raw samples (time, phase, rss, cpu, gpu) as CSV.")] = None,
     plot: Annotated[Optional[Path], typer.Option(
-        "--plot", show_default=False, help="Draw memory and CPU over time, phases marked (needs llmkit[plot]).")] = None,
+        "--plot", show_default=False, help="Draw memory and CPU over time, phases marked (needs matplotlib).")] = None,
     device: options.DeviceOpt = "auto",
     dtype: options.DtypeOpt = "auto",
     quantize: options.QuantizeOpt = "none",
     engine: options.EngineOpt = "transformers",
+    threads: options.ThreadsOpt = None,
 ) -> None:
     """Measure load time, memory, CPU/GPU, TTFT and tokens/s of a model over repeated runs."""
     from llmkit.monitor import DEFAULT_PROMPT, MonitorSpec, check_spec, read_prompt_file, write_timeline
@@ -50,8 +52,11 @@ def monitor(
     text = read_prompt_file(prompt_file) if prompt_file is not None else (prompt if prompt is not None
                                                                           else DEFAULT_PROMPT)
     spec = MonitorSpec(model=model, prompt=text, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
-                       device=device, dtype=dtype, engine=engine, quantize=quantize)
+                       device=device, dtype=dtype, engine=engine, quantize=quantize, threads=threads)
     check_spec(spec)
+    from llmkit.models import check_model
+
+    check_model(model)  # an unknown model (or a typo: did you mean...) fails before torch loads
     if plot is not None:
         from llmkit.plots import require_matplotlib
 
@@ -67,6 +72,8 @@ def monitor(
         render.json_document(report.to_dict())
     else:
         render.monitor_report(report.to_dict())
+    if report.machine_load and report.machine_load.busy:
+        render.busy_warning(report.machine_load)
     if timeline is not None:
         write_timeline(sampler, timeline)
         render.note(f"wrote {len(sampler.samples)} samples to {timeline}")

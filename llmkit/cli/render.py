@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from rich.console import Console
@@ -82,12 +83,14 @@ def end_text() -> None:
     sys.stdout.flush()
 
 
-def timing_line(result) -> None:
-    """Prompt tokens, generated tokens, TTFT and decode speed, on stderr so stdout stays clean."""
+def timing_line(result, threads: int | None = None) -> None:
+    """Prompt tokens, generated tokens, TTFT, decode speed and the threads behind it, on stderr."""
     t = result.timings
     decode = f"{t.decode_tokens_per_s:.1f} tok/s decode" if t.decode_tokens_per_s else "decode n/a"
     reasons = ",".join(sorted({c.finish_reason for c in result.completions}))
     seed = f" · seed {result.seed}" if result.seed is not None else ""
+    if threads is not None:
+        decode += f" · {threads} thread{'' if threads == 1 else 's'}"
     err.print(f"[dim]{result.usage.prompt_tokens} prompt tok · {result.usage.completion_tokens} generated tok · "
               f"TTFT {t.ttft_s * 1000:.0f} ms · {decode} · finish {reasons}{seed}[/]")
 
@@ -103,27 +106,169 @@ def human_bytes(count: int | None) -> str:
     return f"{value:.1f} TB"
 
 
-def models_table(statuses, conversions, cache_root: str) -> None:
-    table = Table(title="Model aliases (work offline once installed)", title_justify="left")
-    for column in ("alias", "installed", "cached", "GGUF", "cache", "licence", "model"):
-        wraps = column in ("licence", "model")
-        table.add_column(column, no_wrap=not wraps, min_width=12 if wraps else None)
+# --- tables that fit the terminal ---
+# Every table prints whole headers and whole values, at 80 columns too: no rich squashing ("defini…",
+# "TTFT" cut to "14"). Tables are borderless and compact (docker / kubectl style). When a table is
+# wider than the terminal, its least important columns are left out, the last first, and a dim line
+# under it names them; `--wide` shows every column and lets lines run past the terminal, as
+# `kubectl get -o wide` does. A table whose always-shown columns alone are too wide runs past the
+# terminal too, rather than cut a value. Prose (descriptions, legends) may wrap between words.
+
+WIDE_NOTE = "--wide shows every column"
+
+
+@dataclass
+class Column:
+    header: str
+    cells: list[Any]  # one str (rich markup) or Text per row
+    justify: str = "right"
+    priority: int = 0  # 0: always shown; when the table is too wide, the highest number goes first
+    style: str | None = None
+
+
+def compact_table(**options: Any) -> Table:
+    from rich import box
+
+    return Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, show_edge=False, **options)
+
+
+def natural_width(table: Table, console: Console | None = None) -> int:
+    """The width a table takes when nothing in it is shortened or wrapped."""
+    from rich.measure import Measurement
+
+    console = console or out
+    return Measurement.get(console, console.options.update(max_width=100_000), table).maximum
+
+
+def fit_columns(columns: list[Column], *, wide: bool = False, width: int | None = None,
+                console: Console | None = None, **options: Any) -> tuple[Table, list[str]]:
+    """A compact table of the columns that fit `width` (the console's), and the headers left out."""
+    console = console or out
+    width = width or console.width
+    shown = list(columns)
+    while True:
+        table = compact_table(**options)
+        for column in shown:
+            table.add_column(column.header, justify=column.justify, style=column.style, no_wrap=True)
+        for cells in zip(*(column.cells for column in shown)):
+            table.add_row(*cells)
+        size = natural_width(table, console)
+        droppable = [c for c in shown if c.priority > 0]
+        if wide or size <= width or not droppable:
+            break
+        shown.remove(max(reversed(droppable), key=lambda c: c.priority))
+    if size > width:
+        table.width = size  # run past the terminal rather than squash a value
+    return table, [c.header for c in columns if c not in shown]
+
+
+def print_fitted(columns: list[Column], *, wide: bool = False, hint: str = WIDE_NOTE, title: str | None = None,
+                 console: Console | None = None, **options: Any) -> list[str]:
+    """Print a title line (wrapped between words), fit_columns' table and, when columns were left out, one dim
+    line naming them and `hint`."""
+    console = console or out
+    if title:
+        console.print(title, soft_wrap=False)
+    table, hidden = fit_columns(columns, wide=wide, console=console, **options)
+    console.print(table, crop=False)
+    if hidden:
+        console.print(f"[dim]not shown at {console.width} columns: {escape(', '.join(hidden))} ({escape(hint)})[/]",
+                      soft_wrap=False)
+    return hidden
+
+
+def models_table(statuses, conversions, cache_root: str, *, wide: bool = False,
+                 cache_bytes: int | None = None, removable_bytes: int | None = None) -> None:
+    """The aliases (columns that do not fit left out, see fit_columns), install hints, and the cache's total."""
+    hidden = print_fitted([
+        Column("alias", [escape(s.name) for s in statuses], justify="left"),
+        Column("installed", ["[green]yes[/]" if s.installed else "[red]no[/]" for s in statuses], justify="left"),
+        Column("cached", [human_bytes(s.cache_bytes) if s.cached else "no" for s in statuses]),
+        Column("GGUF", [human_bytes(s.gguf_bytes) for s in statuses], priority=2),
+        Column("licence", [escape(s.licence) for s in statuses], justify="left", priority=3),
+        Column("model", [escape(s.description) for s in statuses], justify="left", priority=1),
+    ], wide=wide, title="Model aliases (work offline once installed)")
+    gguf = "" if "GGUF" in hidden else " · GGUF: the model file's size"
+    out.print(f"[dim]cached: the safetensors conversion's size (later loads take seconds); no: the first load "
+              f"converts the GGUF file{gguf}[/]", soft_wrap=False)
     for s in statuses:
-        table.add_row(
-            s.name,
-            "[green]yes[/]" if s.installed else f"[red]no[/] ({escape(s.install_hint)})",
-            "[green]yes[/]" if s.cached else "no",
-            human_bytes(s.gguf_bytes),
-            human_bytes(s.cache_bytes),
-            escape(s.licence),
-            escape(s.description),
-        )
-    out.print(table)
-    out.print(f"Cache: {escape(cache_root)}")
-    if conversions:
-        out.print("Converted GGUF models in the cache:")
-        for path, size in conversions:
-            out.print(f"  {escape(path.name)}  {human_bytes(size)}")
+        if not s.installed:
+            out.print(f"{escape(s.name)} is not installed: {escape(s.install_hint)}", soft_wrap=False)
+    chat = [s.name for s in statuses if s.chat]
+    if chat:  # the default is a base model: say which alias --chat works with
+        out.print(f"With a chat template (for --chat): {escape(', '.join(chat))}; the others are base models.")
+    total = f" · {human_bytes(cache_bytes)} in all" if cache_bytes is not None else ""
+    out.print(f"Cache: {escape(cache_root)}{total}", soft_wrap=False)
+    if cache_bytes:
+        frees = f"; llmkit cache --clean frees {human_bytes(removable_bytes)}" if removable_bytes else ""
+        out.print(f"[dim]llmkit cache lists what is in it{frees}[/]", soft_wrap=False)
+
+
+# --- cache ---
+
+CACHE_ACTION = {True: "removes", False: "keeps"}
+CACHE_KIND_TEXT = {"conversion": "safetensors conversion", "joined-gguf": "GGUF file joined from its packages",
+                   "staging": "unfinished write", "unknown": "not llmkit's"}
+
+
+def cache_table(entries, root: str, packages: list[tuple[str, int]]) -> None:
+    """`llmkit cache`: one entry per row, stacked (its path whole, then what it is for and what --clean does),
+    so long names stay whole at 80 columns; the totals and the packages outside the cache below."""
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    out.print(f"[bold]Cache[/] {escape(root)}", soft_wrap=False)
+    if not entries:
+        out.print("[dim]empty: nothing converted or joined yet[/]")
+    else:
+        def table_for(rows: list[tuple[str, str, Any]], longest: int) -> Table:
+            table = compact_table()
+            table.add_column("size", justify="right", no_wrap=True)
+            table.add_column("--clean", no_wrap=True)
+            table.add_column("entry", overflow="fold", min_width=longest)  # a name never folds
+            for size, action, cell, last in rows:
+                table.add_row(size, action, cell, end_section=last)
+            return table
+
+        longest = max(cell_len(entry.name) for entry in entries)
+        rows = []
+        for index, entry in enumerate(entries):
+            rows.append((human_bytes(entry.bytes), CACHE_ACTION[entry.removable], escape(entry.name), False))
+            kind = CACHE_KIND_TEXT.get(entry.kind, entry.kind)
+            used = f"{kind} for {entry.used_by}; " if entry.used_by else f"{kind}; "
+            rows.append(("", "", Text(used + entry.reason, style="dim"), index < len(entries) - 1))
+        table = table_for(rows, longest)
+        needed = natural_width(table_for(rows[::2], longest))  # the names alone, each on one line
+        if needed > out.width:  # a name longer than the room beside the sizes: run past rather than fold it
+            table.width = needed
+        out.print(table, crop=False)
+    total = sum(e.bytes for e in entries)
+    removable = sum(e.bytes for e in entries if e.removable)
+    out.print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} · {human_bytes(total)} · "
+              f"llmkit cache --clean frees {human_bytes(removable)}", soft_wrap=False)
+    if packages:
+        listed = " · ".join(f"{escape(name)} {human_bytes(size)}" for name, size in packages)
+        out.print(f"[dim]Outside the cache, in the aliases' packages (pip uninstall removes them, --clean never "
+                  f"does): {listed}[/]", soft_wrap=False)
+
+
+def cache_cleaned(result) -> None:
+    """What `llmkit cache --clean` removed (or, with --dry-run, would remove), what it kept and why, what it freed."""
+    verb = "would remove" if result.dry_run else "removed"
+    for entry in result.removed:
+        out.print(f"{verb} {escape(entry.name)} ({human_bytes(entry.bytes)})", soft_wrap=False)
+    for entry in result.kept:
+        out.print(f"[dim]kept {escape(entry.name)} ({human_bytes(entry.bytes)}): {escape(entry.reason)}[/]",
+                  soft_wrap=False)
+    for entry, message in result.failed:
+        error(f"could not remove {entry.name}: {message}")
+    count = f"{len(result.removed)} entr{'y' if len(result.removed) == 1 else 'ies'}"
+    if result.dry_run:
+        out.print(f"Would remove {count} and free {human_bytes(result.freed_bytes)} in {escape(result.root)}; "
+                  "llmkit cache --clean removes them", soft_wrap=False)
+    else:
+        out.print(f"Removed {count}, freed {human_bytes(result.freed_bytes)} in {escape(result.root)}",
+                  soft_wrap=False)
 
 
 @contextmanager
@@ -199,22 +344,28 @@ def _rate(value: float | None) -> str:
 
 
 MONITOR_METRICS = (
-    # key, label, formatter, whose definition
+    # key, label (short, so the table fits 80 columns; MONITOR_LEGEND says what each is), formatter, definition
     ("ttft_s", "TTFT", _seconds, "vLLM"),
-    ("pp_tokens_per_s", "pp (prompt tok/s)", _rate, "llama-bench"),
-    ("tg_tokens_per_s", "tg (generated tok/s)", _rate, "llama-bench"),
+    ("pp_tokens_per_s", "pp tok/s", _rate, "llama-bench"),
+    ("tg_tokens_per_s", "tg tok/s", _rate, "llama-bench"),
     ("tpot_s", "TPOT", _seconds, "vLLM"),
-    ("itl_s", "ITL (pooled)", _seconds, "vLLM"),
-    ("e2e_s", "E2E latency", _seconds, "vLLM"),
-    ("generated_tokens", "generated tokens", lambda v: f"{v:.0f}", "tokenizer"),
+    ("itl_s", "ITL", _seconds, "vLLM"),
+    ("e2e_s", "E2E", _seconds, "vLLM"),
+    ("generated_tokens", "tokens", lambda v: f"{v:.0f}", "tokenizer"),
 )
+MONITOR_STATS = (("mean", 2), ("median", 0), ("p95", 1), ("stddev", 3), ("min", 2), ("max", 2))  # name, priority
+MONITOR_LEGEND = ("TTFT: time to first token · pp tok/s: prompt tokens per second · tg tok/s: generated tokens "
+                  "per second (pp and tg as llama-bench defines them) · TPOT: time per output token after the "
+                  "first · ITL: inter-token latency, pooled over all runs · E2E: end-to-end latency (TTFT, TPOT, "
+                  "ITL and E2E as vLLM defines them) · tokens: generated tokens, counted by the tokenizer")
+MONITOR_HINT = "--json has every figure"
 
 
 def monitor_report(report: dict[str, Any]) -> None:
     """The final tables of `llmkit monitor` from its JSON document."""
     model, env, config = report["model"], report["environment"], report["config"]
     out.print(f"[bold]{escape(model['model'])}[/] · {model['parameters'] / 1e6:,.0f}M parameters · "
-              f"{model['device']} {model['dtype']} · torch {env['torch_threads']} threads · "
+              f"{model['device']} {model['dtype']} · {model.get('threads') or env['torch_threads']} threads · "
               f"{escape(env['cpu_model'])}")
     out.print(f"prompt {config['prompt_tokens']} tokens · {config['max_new_tokens']} new tokens (greedy) · "
               f"{config['runs']} runs after {config['warmup']} warm-up · sampler "
@@ -223,17 +374,17 @@ def monitor_report(report: dict[str, Any]) -> None:
     for name, why in model.get("choices", {}).items():
         out.print(f"  [dim]{escape(name)}:[/] {escape(why)}")
 
-    phases = Table(title="Phases", title_justify="left")
-    for column in ("phase", "wall", "CPU", "peak RSS", "GPU util", "GPU mem peak"):
-        phases.add_column(column, justify="left" if column == "phase" else "right")
-    for row in report["phases"]:
-        cuda = row["cuda_peak_allocated_bytes"]
-        phases.add_row(row["name"], _seconds(row["wall_s"]),
-                       "-" if row["cpu_percent"] is None else f"{row['cpu_percent']:.0f}%",
-                       mib(row["rss_peak_bytes"]),
-                       "-" if row["gpu_util_percent"] is None else f"{row['gpu_util_percent']:.0f}%",
-                       mib(cuda if cuda is not None else row["gpu_memory_peak_bytes"]))
-    out.print(phases)
+    rows = report["phases"]
+    print_fitted([
+        Column("phase", [row["name"] for row in rows], justify="left"),
+        Column("wall", [_seconds(row["wall_s"]) for row in rows]),
+        Column("CPU", ["-" if row["cpu_percent"] is None else f"{row['cpu_percent']:.0f}%" for row in rows]),
+        Column("peak RSS", [mib(row["rss_peak_bytes"]) for row in rows]),
+        Column("GPU util", ["-" if row["gpu_util_percent"] is None else f"{row['gpu_util_percent']:.0f}%"
+                            for row in rows], priority=1),
+        Column("GPU mem peak", [mib(row["cuda_peak_allocated_bytes"] if row["cuda_peak_allocated_bytes"] is not None
+                                    else row["gpu_memory_peak_bytes"]) for row in rows], priority=1),
+    ], hint=MONITOR_HINT, title="Phases")
 
     memory = report["memory"]
     out.print(f"RSS before load {mib(memory['rss_before_load_bytes'])} · after load "
@@ -241,23 +392,24 @@ def monitor_report(report: dict[str, Any]) -> None:
               f"peak during inference {mib(memory['rss_peak_inference_bytes'])} · system available "
               f"{mib(memory['system_available_bytes'])}")
 
-    latency = Table(title="Latency over measured runs", title_justify="left")
-    for column in ("metric", "mean", "median", "p95", "stddev", "min", "max", "definition"):
-        latency.add_column(column, justify="left" if column in ("metric", "definition") else "right")
-    for key, label, fmt, source in MONITOR_METRICS:
-        stats = report["summary"].get(key)
-        if stats is None:
-            latency.add_row(label, *["-"] * 6, source)
-            continue
-        latency.add_row(label, *(fmt(stats[k]) for k in ("mean", "median", "p95", "stddev", "min", "max")), source)
-    out.print(latency)
+    summary = [(label, fmt, report["summary"].get(key)) for key, label, fmt, _ in MONITOR_METRICS]
+    print_fitted([Column("metric", [label for label, _, _ in summary], justify="left"),
+                  *(Column(stat, [fmt(stats[stat]) if stats else "-" for _, fmt, stats in summary], priority=priority)
+                    for stat, priority in MONITOR_STATS)],
+                 hint=MONITOR_HINT, title="Latency over measured runs")
+    out.print(f"[dim]{escape(MONITOR_LEGEND)}[/]", soft_wrap=False)  # prose: wrapped between words
+
+
+def busy_warning(machine_load, measured: str = "the measurement") -> None:
+    """One warning line on stderr when the machine was busy while figures were measured (measure.MachineLoad)."""
+    warning(machine_load.warning(measured))
 
 
 # --- explore ---
 
 EXPLORE_BAR_WIDTH = 6  # characters per probability bar (eighth blocks: 48 steps)
-EXPLORE_TOKEN_WIDTH = 14
-EXPLORE_LABEL_WIDTH = 30  # longer grid labels wrap
+EXPLORE_TEXT_HEADER = "text (shortened; --wide: whole)"
+EXPLORE_TEXT_MIN = 24  # the sweep's text column never gets narrower; setting labels break between knobs instead
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 _NEWLINE_MARK = "↵"
 
@@ -306,8 +458,42 @@ def explore_progress(total: int) -> Iterator[Any]:
         yield report
 
 
-def sweep_tables(sweep) -> None:
-    """Two tables on stdout: every sample's text (one line each), then one row of metrics per setting."""
+def pack_label(label: str, width: int) -> str:
+    """A setting label on lines of at most `width`, broken only between its knobs, never inside one:
+    "temperature 0.7, top-p 0.9" -> "temperature 0.7,\ntop-p 0.9"."""
+    from rich.cells import cell_len
+
+    lines: list[str] = []
+    line = ""
+    for piece in _label_pieces(label):
+        joined = f"{line} {piece}" if line else piece
+        if line and cell_len(joined) > width:
+            lines.append(line)
+            line = piece
+        else:
+            line = joined
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def _label_pieces(label: str) -> list[str]:
+    """A label's knobs, each with the comma that follows it: the units pack_label never breaks."""
+    parts = label.split(", ")
+    return [part + ("," if index < len(parts) - 1 else "") for index, part in enumerate(parts)]
+
+
+def _label_width(labels: list[str], budget: int) -> int:
+    """The widest a label column may be: the budget, but never narrower than one knob."""
+    from rich.cells import cell_len
+
+    longest = max((cell_len(label) for label in labels), default=0)
+    longest_piece = max((cell_len(piece) for label in labels for piece in _label_pieces(label)), default=0)
+    return max(min(longest, budget), longest_piece)
+
+
+def sweep_tables(sweep, *, wide: bool = False) -> None:
+    """Two tables on stdout: every sample's text (one shortened line each; whole and wrapped with `wide`), then
+    one row of metrics per setting. Labels break between knobs to fit the terminal, never inside one."""
     from rich import box
     from rich.text import Text
 
@@ -325,29 +511,46 @@ def sweep_tables(sweep) -> None:
     out.print(Text.assemble(f"Prompt ({sweep.prompt_tokens} tokens): ", (repr(sweep.prompt), "dim")),
               soft_wrap=False)
 
+    labels = [run.label for run in sweep.settings]
+    text_header = "text" if wide else EXPLORE_TEXT_HEADER
+    seeds_width = max([4, *(len(str(x.seed)) for s in sweep.settings for x in s.samples)])
+    # edges 2, two gaps of 3 (padding 1 + divider 1 + padding 1); the text column keeps room for its header
+    label_width = _label_width(labels, out.width - 2 - 6 - seeds_width - max(len(text_header), EXPLORE_TEXT_MIN))
     texts = Table(box=box.SIMPLE_HEAD, padding=(0, 1), expand=True, show_edge=False)
-    texts.add_column("setting", style="bold", max_width=EXPLORE_LABEL_WIDTH)
+    texts.add_column("setting", style="bold", no_wrap=True)
     texts.add_column("seed", justify="right", no_wrap=True, style="dim")
-    texts.add_column("text (one line, shortened; --json has it whole)", no_wrap=True, overflow="ellipsis",
-                     ratio=1)
+    if wide:  # the whole text, wrapped between words
+        texts.add_column(text_header, overflow="fold", ratio=1, min_width=EXPLORE_TEXT_MIN)
+    else:
+        texts.add_column(text_header, no_wrap=True, overflow="ellipsis", ratio=1, min_width=len(text_header))
     for number, run in enumerate(sweep.settings):
         for j, sample in enumerate(run.samples):
-            texts.add_row(run.label if j == 0 else "", "-" if sample.seed is None else str(sample.seed),
+            texts.add_row(pack_label(run.label, label_width) if j == 0 else "",
+                          "-" if sample.seed is None else str(sample.seed),
                           Text(_one_line(sample.text.strip()) or "(empty)"),
                           end_section=j == len(run.samples) - 1 and number < len(sweep.settings) - 1)
     out.print(texts)
 
-    metrics = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, show_edge=False)
-    metrics.add_column("setting", style="bold", max_width=EXPLORE_LABEL_WIDTH)
-    for column in ("n", "dist-1", "dist-2", "rep-3", "log p", "ppl", "tokens", "tok/s"):
-        metrics.add_column(column, justify="right", no_wrap=True)
-    for run in sweep.settings:
-        m = run.metrics
-        ppl = None if m.perplexity is None else _explore_num(m.perplexity, 1 if m.perplexity < 100 else 0)
-        metrics.add_row(run.label, str(m.samples), _explore_num(m.distinct_1), _explore_num(m.distinct_2),
-                        _explore_num(m.repetition), _explore_num(m.mean_logprob), ppl or "-",
-                        f"{m.mean_tokens:.1f}", _explore_num(m.tokens_per_s, 1))
-    out.print(metrics)
+    def metrics_table(shown_labels: list[str]) -> Table:
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, show_edge=False)
+        table.add_column("setting", style="bold", no_wrap=True)
+        for column in ("n", "dist-1", "dist-2", "rep-3", "log p", "ppl", "tokens", "tok/s"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for label, run in zip(shown_labels, sweep.settings):
+            m = run.metrics
+            ppl = None if m.perplexity is None else _explore_num(m.perplexity, 1 if m.perplexity < 100 else 0)
+            table.add_row(label, str(m.samples), _explore_num(m.distinct_1), _explore_num(m.distinct_2),
+                          _explore_num(m.repetition), _explore_num(m.mean_logprob), ppl or "-",
+                          f"{m.mean_tokens:.1f}", _explore_num(m.tokens_per_s, 1))
+        return table
+
+    numbers_width = natural_width(metrics_table([""] * len(labels))) - len("setting")
+    label_width = _label_width(labels, out.width - numbers_width)
+    metrics = metrics_table([pack_label(label, label_width) for label in labels])
+    size = natural_width(metrics)
+    if size > out.width:  # one knob wider than the room left: run past the terminal rather than cut it
+        metrics.width = size
+    out.print(metrics, crop=False)
     out.print(Text("n: samples · dist-n: distinct-n, unique / all word n-grams over the samples (higher: more "
                    "diverse) · rep-3: share of a sample's word trigrams that repeat an earlier one (higher: "
                    "loops) · log p: mean log-probability of the generated tokens under the unmodified model; "
@@ -355,14 +558,15 @@ def sweep_tables(sweep) -> None:
               soft_wrap=False)
 
 
-def sweep_summary(sweep) -> None:
+def sweep_summary(sweep, threads: int | None = None) -> None:
     runs = sum(len(s.samples) for s in sweep.settings)
     tokens = sum(len(x.token_ids) for s in sweep.settings for x in s.samples)
     def count(n: int, noun: str) -> str:
         return f"{n} {noun}{'' if n == 1 else 's'}"
 
+    threads_text = f" · {count(threads, 'thread')}" if threads is not None else ""
     err.print(f"[dim]{count(len(sweep.settings), 'setting')} · {count(runs, 'generation')} · "
-              f"{count(tokens, 'generated token')} · {sweep.elapsed_s:.1f} s · seed {sweep.seed}[/]")
+              f"{count(tokens, 'generated token')} · {sweep.elapsed_s:.1f} s{threads_text} · seed {sweep.seed}[/]")
 
 
 def explore_csv(rows: list[dict[str, Any]]) -> None:
@@ -389,18 +593,33 @@ def next_token_tables(view) -> None:
     out.print(Text(f"{view.prompt_tokens} prompt tokens · vocabulary {view.vocab_size:,} · model entropy "
                    f"{view.model_entropy_bits:.2f} bits (temperature 1, nothing cut){common}", style="dim"),
               soft_wrap=False)
+    from rich.cells import cell_len
+
     cell_width = EXPLORE_BAR_WIDTH + 1 + 6
-    gap = 2  # SIMPLE_HEAD with collapsed padding: one space of padding, one of divider
-    fixed = 3 + EXPLORE_TOKEN_WIDTH + gap
-    per_table = max(1, (out.width - fixed) // (cell_width + gap))
     settings = list(view.settings)
-    for first in range(0, len(settings), per_table):
-        group = settings[first:first + per_table]
+    # Tokens show whole: the token column takes the longest one, up to what leaves room for one setting
+    # (a longer token folds onto a second line, never cut); headers break between knobs, never inside one.
+    longest_token = max((cell_len(repr(row.token)) for s in settings for row in s.rows), default=0)
+    widths = [max(cell_width, _label_width([s.label], cell_width)) for s in settings]
+    token_width = max(len("entropy bits"), min(longest_token, out.width - 2 - 3 - 4 - max(widths, default=0)))
+
+    def build(group: list[Any]) -> Table:
         table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, show_edge=False)
         table.add_column("#", justify="right", style="dim", no_wrap=True)
-        table.add_column("token", no_wrap=True, overflow="ellipsis", max_width=EXPLORE_TOKEN_WIDTH)
+        table.add_column("token", overflow="fold", width=token_width)
         for setting in group:
-            table.add_column(setting.label, width=cell_width)
+            width = widths[settings.index(setting)]
+            table.add_column(pack_label(setting.label, width), width=width, no_wrap=True)
+        return table
+
+    groups: list[list[Any]] = []
+    for setting in settings:
+        if groups and natural_width(build([*groups[-1], setting])) <= out.width:
+            groups[-1].append(setting)
+        else:
+            groups.append([setting])
+    for group in groups:
+        table = build(group)
         for index, row in enumerate(group[0].rows):
             cells = []
             for setting in group:
@@ -472,32 +691,61 @@ def _compare_cell(key: str, value: Any) -> str:
     return COMPARE_FORMATS.get(key, str)(value)
 
 
-def compare_table(rows, spec, console: Console | None = None) -> None:
-    """The comparison as a rich table: the best value of each column in bold green; failures below."""
+# compare's columns at 80: the highest number is left out first (ties: the rightmost); 0 always shows.
+# The greedy sample is never a column: it is listed under the table.
+COMPARE_PRIORITY = {"model": 0, "tg_tokens_per_s": 0, "peak_rss_bytes": 1, "ttft_s": 1, "bits_per_byte": 1,
+                    "parameters": 2, "load_s": 3, "disk_bytes": 3, "relative_speed": 4, "perplexity": 4, "dtype": 5}
+
+
+def compare_table(rows, spec, console: Console | None = None, *, wide: bool = False) -> None:
+    """The comparison as a table that fits the terminal (the best value of each column in bold green), the
+    greedy samples and the failures below it."""
     from llmkit.compare import COLUMNS, best_values
 
     console = console or out
     best = best_values(rows)
-    table = Table(title=f"{len(rows)} models · {spec.runs} runs of {spec.max_new_tokens} greedy tokens after "
-                        f"{spec.warmup} warm-up · perplexity on {escape(spec.text_name)}",
-                  title_justify="left")
+    ok = [row for row in rows if row.get("ok")]
+    columns = []
     for key, label, _ in COLUMNS:
-        table.add_column(label, justify="left" if key in ("model", "dtype", "sample") else "right",
-                         overflow="fold", no_wrap=key != "sample")
-    for row in rows:
-        if not row.get("ok"):
+        if key == "sample":
             continue
         cells = []
-        for key, _, _ in COLUMNS:
+        for row in ok:
             cell = escape(_compare_cell(key, row.get(key)))
             cells.append(f"[bold green]{cell}[/]" if key in best and row.get(key) == best[key] else cell)
-        table.add_row(*cells)
-    console.print(table)
+        columns.append(Column(label, cells, justify="left" if key in ("model", "dtype") else "right",
+                              priority=COMPARE_PRIORITY.get(key, 3)))
+    print_fitted(columns, wide=wide, console=console,
+                 title=f"{len(rows)} models · {spec.runs} runs of {spec.max_new_tokens} greedy tokens after "
+                       f"{spec.warmup} warm-up · perplexity on {escape(spec.text_name)}")
     console.print("[dim]speed: decode tokens/s relative to the fastest; perplexity is per token and not "
-                  "comparable across tokenizers, bits/byte is.[/]")
+                  "comparable across tokenizers, bits/byte is.[/]", soft_wrap=False)
+    samples = [row for row in ok if row.get("sample") is not None]
+    if samples:
+        console.print(f"[dim]greedy samples (first {SAMPLE_CHARS} characters; --format json has them whole):[/]")
+        for row in samples:
+            console.print(f"  [bold]{escape(row['model'])}[/]: {escape(_compare_cell('sample', row['sample']))}",
+                          soft_wrap=False)
+    _compare_threads_line(rows, console)
     for row in rows:
         if not row.get("ok"):
             console.print(f"[bold red]failed:[/] {escape(row['model'])}: {escape(row.get('error', 'unknown error'))}")
+
+
+def _compare_threads_line(rows, console: Console) -> None:
+    """The compute threads behind the table's speeds, under it."""
+    from llmkit.compare import threads_text
+
+    text = threads_text(rows)
+    if text:
+        console.print(f"[dim]{escape(text)}[/]")
+
+
+def _compare_threads_markdown(rows) -> list[str]:
+    from llmkit.compare import threads_text
+
+    text = threads_text(rows)
+    return [f"\n{text}"] if text else []
 
 
 def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
@@ -511,7 +759,7 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
         return json.dumps({"spec": {"models": list(spec.models), "prompt": spec.prompt, "text": spec.text_name,
                                     "runs": spec.runs, "warmup": spec.warmup,
                                     "max_new_tokens": spec.max_new_tokens, "window": spec.window,
-                                    "stride": spec.effective_stride},
+                                    "stride": spec.effective_stride, "threads": spec.threads},
                            "rows": rows}, indent=2, ensure_ascii=False) + "\n"
     if output_format == "csv":
         buffer = io.StringIO()
@@ -528,13 +776,14 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
             if row.get("ok"):
                 cells = [_compare_cell(key, row.get(key)).replace("|", "\\|") for key, _, _ in COLUMNS]
                 lines.append("| " + " | ".join(cells) + " |")
+        lines += _compare_threads_markdown(rows)
         for row in rows:
             if not row.get("ok"):
                 lines.append(f"\nFailed: `{row['model']}`: {row.get('error', 'unknown error')}")
         return "\n".join(lines) + "\n"
     if to_file:  # the table, without colours
         plain = Console(record=True, width=160, file=io.StringIO(), color_system=None)
-        compare_table(rows, spec, plain)
+        compare_table(rows, spec, plain, wide=True)
         return plain.export_text()
     return ""
 
@@ -543,16 +792,18 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
 
 
 def serve_banner(url: str, model: str, *, api_key: bool, rate_limit: str | None, max_batch_size: int,
-                 max_queue: int, request_timeout_s: float, engine: str = "transformers") -> None:
-    """What `llmkit serve` listens on and how it is configured (stderr; never shows the API key)."""
+                 max_queue: int, request_timeout_s: float, engine: str = "transformers",
+                 threads: int | None = None) -> None:
+    """What `llmkit serve` listens on and how it is configured (stderr; never shows the API key); threads: those
+    asked for (None: the engine's default, which /health and the "ready" line report once loaded)."""
     if _message_log:
         _message_log.info("llmkit serve on %s: loading %s in the background", url, model, extra={
             "event": "starting", "url": url, "model": model, "engine": engine, "max_batch_size": max_batch_size,
             "max_queue": max_queue, "request_timeout_s": request_timeout_s, "api_key_required": api_key,
-            "rate_limit": rate_limit})
+            "rate_limit": rate_limit, "threads": threads})
         return
     err.print(f"[bold]llmkit serve[/] · {escape(url)} · loading [cyan]{escape(model)}[/] in the background")
-    err.print(f"[dim]  OpenAI API {escape(url)}/v1 (completions, chat/completions, models) · tutorial API "
+    err.print(f"[dim]  OpenAI API {escape(url)}/v1 (completions, chat/completions, models) · simple API "
               f"POST /generate · GET /health · GET /metrics[/]")
     batching = {"transformers": f"batches up to {max_batch_size} sequences",
                 "llama.cpp": "llama.cpp engine: one request at a time"}.get(
@@ -560,7 +811,7 @@ def serve_banner(url: str, model: str, *, api_key: bool, rate_limit: str | None,
                 "with llama.cpp")
     err.print(f"[dim]  {batching} · queue {max_queue} · timeout "
               f"{request_timeout_s:g} s · API key {'required' if api_key else 'off'} · rate limit "
-              f"{rate_limit or 'off'} · Ctrl-C stops gracefully[/]")
+              f"{rate_limit or 'off'} · threads {threads or 'default'} · Ctrl-C stops gracefully[/]")
 
 
 def serve_stopped() -> None:

@@ -1,4 +1,8 @@
-"""`llmkit serve`: the model over HTTP (OpenAI-compatible API, the tutorial's /generate, health, metrics).
+"""`llmkit serve`: the model over HTTP (OpenAI-compatible API, the simple /generate API, health, metrics).
+
+The simple API is `POST /generate`: {"prompt", "max_length", "temperature"} in; {"success",
+"generated_text", "inference_time_seconds", "parameters"} out: the contract of the Flask
+server llmkit serve replaces (benchmarks/flask_reference.py), kept so its clients work unchanged.
 
 Options are checked and the model reference resolved before fastapi, uvicorn or torch
 are imported, so `--help` and a bad option answer at once (exit 2). The socket opens
@@ -106,6 +110,7 @@ def serve(
     dtype: options.DtypeOpt = "auto",
     quantize: options.QuantizeOpt = "none",
     engine_name: options.EngineOpt = "transformers",
+    threads: options.ThreadsOpt = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat (continuous batching with transformers)."""
     if log_format == "json":  # from here on every line is JSON, a bad option's error included
@@ -117,7 +122,7 @@ def serve(
         idle_timeout_s=idle_timeout, read_timeout_s=read_timeout, max_connections=max_connections,
         forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     ).check()
-    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name)
+    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
     from llmkit.models import resolve
 
     source = resolve(model)  # an unknown model fails here, before anything heavy loads
@@ -138,7 +143,8 @@ def serve(
 
         if settings.log_format == "json":
             logs.route_library_logging()
-        return load_engine(model, device=device, dtype=dtype, quantize=quantize, engine=engine_name)
+        return load_engine(model, device=device, dtype=dtype, quantize=quantize, engine=engine_name,
+                           threads=threads)
 
     app = build_app(load, settings)
     server = build_server(app, settings)
@@ -149,7 +155,7 @@ def serve(
                         rate_limit=str(settings.rate_limit) if settings.rate_limit else None,
                         max_batch_size=settings.max_batch_size, engine=engine_name,
                         max_queue=settings.max_queue,
-                        request_timeout_s=settings.request_timeout_s)
+                        request_timeout_s=settings.request_timeout_s, threads=_threads_asked(threads))
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the handler that was
     # installed before it started; a no-op handler there makes a graceful stop exit 0 instead of dying by signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -158,6 +164,13 @@ def serve(
     if model_host.state == "error":
         raise ModelLoadError(model_host.error or "the model could not be loaded")
     render.serve_stopped()
+
+
+def _threads_asked(threads: int | None) -> int | None:
+    """--threads, else $LLMKIT_THREADS (None: the engine's default, known once the model has loaded)."""
+    from llmkit.devices import requested_threads
+
+    return requested_threads(threads)[0]
 
 
 def _log_as_json() -> None:

@@ -18,17 +18,35 @@ DEFAULT_ENGINE = "transformers"
 def check_engine(name: str) -> str:
     if name not in ENGINES:
         raise InvalidParams(f"engine must be one of {', '.join(ENGINES)} (got {name!r})", field="engine")
+    if name == "llama.cpp":
+        require_llamacpp()
     return name
 
 
-def check_load_options(*, device: str, dtype: str, quantize: str, engine: str) -> None:
-    """Every load option checked before anything heavy is imported (exit 2 without loading)."""
-    from llmkit.devices import check_device, check_dtype, check_quantize
+def require_llamacpp() -> None:
+    """--engine llama.cpp without llama-cpp-python: one line (exit 2) before any model loads and before
+    `serve` opens its port. find_spec looks without importing (llama_cpp loads only with a model), and
+    so does llmkit.engine.llamacpp.llamacpp_installed, which this mirrors without importing torch."""
+    from importlib.util import find_spec
+
+    if find_spec("llama_cpp") is None:
+        from llmkit.errors import UnsupportedFeature
+        from llmkit.extras import install_hint
+
+        raise UnsupportedFeature(f"the llama.cpp engine needs llama-cpp-python: {install_hint('llamacpp')} "
+                                 "(it compiles for several minutes)")
+
+
+def check_load_options(*, device: str, dtype: str, quantize: str, engine: str, threads: int | None = None) -> None:
+    """Every load option checked before anything heavy is imported (exit 2 without loading); threads: --threads,
+    or $LLMKIT_THREADS when it is None."""
+    from llmkit.devices import check_device, check_dtype, check_quantize, requested_threads
 
     check_device(device)
     check_dtype(dtype)
     check_quantize(quantize)
     check_engine(engine)
+    requested_threads(threads)
 
 
 def choose_engine(name: str, model=None, *, device="auto", dtype="auto", quantize="none") -> tuple[str, str]:
@@ -46,7 +64,9 @@ def choose_engine(name: str, model=None, *, device="auto", dtype="auto", quantiz
     from llmkit.engine.llamacpp import llamacpp_installed
 
     if not llamacpp_installed():
-        return "transformers", "auto: llama-cpp-python is not installed (pip install 'llmkit[llamacpp]')"
+        from llmkit.extras import install_hint
+
+        return "transformers", f"auto: llama-cpp-python is not installed ({install_hint('llamacpp')})"
     if device not in ("auto", "cpu"):
         return "transformers", f"auto: device {device} (the llama.cpp engine runs on the CPU)"
     if device == "auto":
@@ -71,19 +91,24 @@ def prepare(model=None, *, engine=DEFAULT_ENGINE, progress=None, device="auto", 
 
 
 def load_engine(model=None, *, device="auto", dtype="auto", quantize="none", progress=None,
-                engine=DEFAULT_ENGINE):
-    """Load `model` (alias, folder, .gguf file or Hub id) once with the named engine (or `auto`)."""
+                engine=DEFAULT_ENGINE, threads=None):
+    """Load `model` (alias, folder, .gguf file or Hub id) once with the named engine (or `auto`).
+
+    threads: CPU threads that compute (None: $LLMKIT_THREADS when set, else the engine's default); set on the
+    calling thread, so load on the thread that will generate."""
     import dataclasses
 
     engine, why = choose_engine(engine, model, device=device, dtype=dtype, quantize=quantize)
     if engine == "llama.cpp":
         from llmkit.engine.llamacpp import LlamaCppEngine
 
-        loaded = LlamaCppEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress)
+        loaded = LlamaCppEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
+                                     threads=threads)
     else:
         from llmkit.engine.engine import TransformersEngine
 
-        loaded = TransformersEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress)
+        loaded = TransformersEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
+                                         threads=threads)
     loaded.info = dataclasses.replace(loaded.info, choices={"engine": f"{engine} ({why})", **loaded.info.choices})
     return loaded
 

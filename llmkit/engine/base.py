@@ -78,8 +78,9 @@ class Engine:
         self.check_prompt_chars(len(prompt) + len(system or ""))
         if chat:
             if not self.info.has_chat_template:
-                raise UnsupportedFeature(f"model {self.info.model} has no chat template; drop --chat "
-                                         "or pick a chat model (e.g. smollm2-135m)")
+                from llmkit.models import no_chat_template
+
+                raise UnsupportedFeature(no_chat_template(self.info.model))
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
             return self.chat_ids(messages, field="prompt")[1]

@@ -51,12 +51,22 @@ class TransformersEngine(Engine):
 
     @classmethod
     def load(cls, reference: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             quantize: str = "none", progress: Progress | None = None) -> "TransformersEngine":
-        from llmkit.devices import check_device, check_dtype, check_quantize, choose_dtype, resolve_device
+             quantize: str = "none", progress: Progress | None = None,
+             threads: int | None = None) -> "TransformersEngine":
+        from llmkit.devices import (
+            check_device,
+            check_dtype,
+            check_quantize,
+            choose_dtype,
+            requested_threads,
+            resolve_device,
+            use_threads,
+        )
 
         check_device(device)
         check_dtype(dtype)
         check_quantize(quantize)
+        requested_threads(threads)
         if quantize == "int8" and dtype not in ("auto", "bfloat16"):
             raise InvalidParams(f"--quantize int8 computes in bfloat16 (its kernel takes bfloat16 activations); "
                                 f"drop --dtype {dtype} or use --dtype bfloat16", field="dtype")
@@ -65,6 +75,7 @@ class TransformersEngine(Engine):
         _quiet_transformers()
         import torch
 
+        thread_count, threads_why = use_threads(threads)
         try:
             folder = local_folder(source, progress)
             device_name = resolve_device(device)
@@ -101,7 +112,9 @@ class TransformersEngine(Engine):
             has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
             load_s=time.perf_counter() - started,
             quantize=quantize,
-            choices=_speed_choices(device_name, torch_dtype, dtype_why, replaced),
+            threads=thread_count,
+            choices={**_speed_choices(device_name, torch_dtype, dtype_why, replaced),
+                     "threads": f"{thread_count} ({threads_why})"},
         )
         return cls(model, tokenizer, info)
 

@@ -29,7 +29,13 @@ from llmkit.params import GenerationParams
 
 ENGINE_NAME = "llama.cpp"
 DEFAULT_CONTEXT = 4096  # tokens of KV cache allocated; capped at the model's training context
-INSTALL_HINT = "pip install 'llmkit[llamacpp]' (llama-cpp-python; it compiles for several minutes)"
+
+
+def install_hint() -> str:
+    """How to add llama-cpp-python where this llmkit was installed from (llmkit.extras)."""
+    from llmkit.extras import install_hint as extra_hint
+
+    return f"{extra_hint('llamacpp')} (llama-cpp-python; it compiles for several minutes)"
 
 
 def llamacpp_installed() -> bool:
@@ -152,11 +158,12 @@ class LlamaCppEngine(Engine):
     def load(cls, reference: str | None = None, *, device: str = "auto", dtype: str = "auto",
              quantize: str = "none", progress: Progress | None = None,
              threads: int | None = None) -> "LlamaCppEngine":
-        from llmkit.devices import check_device, check_dtype, check_quantize
+        from llmkit.devices import check_device, check_dtype, check_quantize, requested_threads, use_threads
 
         check_device(device)
         check_dtype(dtype)
         check_quantize(quantize)
+        asked_threads = requested_threads(threads)[0]
         if device not in ("auto", "cpu"):
             raise UnsupportedFeature("llmkit's llama.cpp engine runs on the CPU; use --device cpu or "
                                      "--engine transformers")
@@ -167,19 +174,22 @@ class LlamaCppEngine(Engine):
             raise UnsupportedFeature("the llama.cpp engine runs the GGUF file's own quantization; drop "
                                      "--quantize, or use --engine transformers")
         if not llamacpp_installed():
-            raise UnsupportedFeature(f"the llama.cpp engine needs llama-cpp-python: {INSTALL_HINT}")
+            raise UnsupportedFeature(f"the llama.cpp engine needs llama-cpp-python: {install_hint()}")
         path = gguf_path_for(reference, progress)
         check_gguf_magic(path)  # llama.cpp's own loader reports a truncated file
         started = time.perf_counter()
         from llama_cpp import Llama
 
         route_llama_logs()
+        # Asked for: torch (sampling) and llama.cpp (decode and prompt batches) get the count. Not asked: llama.cpp
+        # decodes with torch's count (see default_threads) and keeps its own default for prompt batches.
+        thread_count, threads_why = use_threads(threads)
 
         if progress:
             progress(f"loading {path.name} with llama.cpp", 0, None)
         try:
-            llm = Llama(model_path=str(path), n_ctx=DEFAULT_CONTEXT, n_threads=threads or default_threads(),
-                        verbose=False)
+            llm = Llama(model_path=str(path), n_ctx=DEFAULT_CONTEXT, n_threads=thread_count,
+                        n_threads_batch=asked_threads, verbose=False)
         except Exception as exc:  # llama.cpp reports every failure as a ValueError or RuntimeError
             raise ModelLoadError(f"llama.cpp could not load {path}: {one_line(exc)}") from None
         context = min(llm._model.n_ctx_train(), llm.n_ctx())
@@ -194,9 +204,11 @@ class LlamaCppEngine(Engine):
             context_length=context,
             has_chat_template=bool(llm.metadata.get("tokenizer.chat_template")),
             load_s=time.perf_counter() - started,
+            threads=llm.n_threads,
             choices={"dtype": "the GGUF file's own tensor types", "quantize": "as stored in the GGUF",
                      "decode_matmul": f"llama.cpp ggml kernels, {llm.n_threads} threads",
-                     "kv_cache": f"llama.cpp, {DEFAULT_CONTEXT} tokens"},
+                     "kv_cache": f"llama.cpp, {DEFAULT_CONTEXT} tokens",
+                     "threads": f"{llm.n_threads} ({threads_why}); prompt batches {llm.n_threads_batch}"},
         )
         return cls(llm, info)
 

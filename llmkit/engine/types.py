@@ -101,6 +101,7 @@ class EngineInfo:
     has_chat_template: bool
     load_s: float
     quantize: str = "none"
+    threads: int | None = None  # CPU threads that compute (torch's intra-op threads; llama.cpp's n_threads)
     # How this engine was set up to run fast, and why: {"dtype": "...", "decode_matmul": "...", ...}.
     choices: dict[str, str] = field(default_factory=dict)
 
@@ -108,6 +109,6 @@ class EngineInfo:
         return asdict(self)
 
     def setup(self) -> dict[str, Any]:
-        """The speed-relevant setup, for --json lines: engine, device, dtype, quantize and why."""
+        """The speed-relevant setup, for --json lines: engine, device, dtype, quantize, threads and why."""
         return {"engine": self.engine, "device": self.device, "dtype": self.dtype, "quantize": self.quantize,
-                "choices": dict(self.choices)}
+                "threads": self.threads, "choices": dict(self.choices)}

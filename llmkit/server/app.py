@@ -60,7 +60,7 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
         await run_in_threadpool(host.stop)
 
     app = FastAPI(title="llmkit serve", version=__version__, lifespan=lifespan,
-                  summary="OpenAI-compatible completions with continuous batching, and the tutorial's /generate.")
+                  summary="OpenAI-compatible completions with continuous batching, and a simple /generate API.")
     app.state.host = host
     app.state.metrics = metrics
     app.state.settings = settings

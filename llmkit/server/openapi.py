@@ -101,7 +101,8 @@ class GeneratedText(BaseModel):
 
 
 class Generated(BaseModel):
-    """/generate: the tutorial's fields (success, generated_text = prompt + completion, ...) and llmkit's."""
+    """/generate's answer: the simple API's fields (success, generated_text = prompt + completion, ...) and
+    llmkit's."""
 
     success: Literal[True]
     model: str

@@ -47,7 +47,7 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 class Renderer:
-    """Turns one request's Chunks and final Result into OpenAI (or tutorial) JSON."""
+    """Turns one request's Chunks and final Result into OpenAI (or /generate) JSON."""
 
     def __init__(self, kind: str, request_id: str, model: str, n: int, include_usage: bool):
         self.kind, self.model, self.n, self.include_usage = kind, model, n, include_usage
@@ -256,7 +256,9 @@ def build_router() -> APIRouter:
 
     @router.post("/generate")
     async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
-        """The tutorial's endpoint: max_length is the number of new tokens; generated_text includes the prompt."""
+        """The simple API: prompt, max_length (the number of new tokens) and temperature in (any llmkit
+        generation parameter too); success, generated_text (the prompt and its continuation),
+        inference_time_seconds and parameters out."""
         params = body.to_params()
         host = _host(request)
         if not body.prompt.strip():

@@ -108,8 +108,9 @@ class ModelHost:
         self.engine, self.scheduler = engine, scheduler
         if self.state == "loading":
             self.state = "ready"
-            log.info("model %s ready on %s (%s), loaded in %.1f s", engine.info.model, engine.info.device,
-                     engine.info.dtype, engine.info.load_s, extra={"event": "ready"})
+            log.info("model %s ready on %s (%s, threads %s), loaded in %.1f s", engine.info.model,
+                     engine.info.device, engine.info.dtype, engine.info.threads, engine.info.load_s,
+                     extra={"event": "ready", "threads": engine.info.threads})
         scheduler.run_forever()
         if self.state == "ready":
             log.error("the generation loop stopped unexpectedly")
@@ -173,7 +174,8 @@ class ModelHost:
         info = self.engine.info
         return 200, {"status": "degraded" if failures.steps_in_a_row else "ok", "model": name,
                      "engine": info.engine, "device": info.device,
-                     "dtype": info.dtype, "quantize": info.quantize, "waiting": scheduler.waiting,
+                     "dtype": info.dtype, "quantize": info.quantize, "threads": info.threads,
+                     "waiting": scheduler.waiting,
                      "running": scheduler.running_rows,
                      "max_batch_size": scheduler.max_batch_size,
                      "uptime_s": round(time.monotonic() - self.started_at, 1), **_failure_fields(failures)}

@@ -23,7 +23,7 @@ a 400 naming the field rather than silently ignored; unknown fields are a 400 to
 (extra="forbid", like GenerationParams). `model` is accepted and ignored: one server
 serves one model, and responses name it.
 
-`/generate` keeps the tutorial's contract (prompt, max_length, temperature; success,
+`/generate` keeps the contract of the Flask server it replaces (prompt, max_length, temperature; success,
 generated_text, inference_time_seconds, parameters). There `max_length` means *new*
 tokens, not the pipeline's prompt-plus-new total: clients send it to bound the output,
 and a total would make the same request fail or shrink as prompts grow. Like the
@@ -219,12 +219,13 @@ class ChatRequest(_OpenAIRequest):
 
 
 class GenerateRequest(BaseModel):
-    """The tutorial's /generate body; every llmkit generation parameter is accepted too."""
+    """The simple API's /generate body (prompt, max_length, temperature); every llmkit generation parameter
+    is accepted too."""
 
     model_config = STRICT_BODY
 
     prompt: str
-    max_length: _param("max_new_tokens", "(the tutorial's name for max_new_tokens: new tokens, not a total)") = None
+    max_length: _param("max_new_tokens", "(/generate's name for max_new_tokens: new tokens, not a total)") = None
     max_new_tokens: _param("max_new_tokens") = None
     temperature: _param("temperature") = None
     top_k: _param("top_k") = None
