@@ -148,3 +148,16 @@ def test_a_long_prompt_is_judged_by_its_head_and_its_length_before_it_is_tokeniz
     assert seen == [head_chars]  # only the head was tokenized
     _, ids = tiny_engine.chat_ids([{"role": "user", "content": "hello"}])
     assert ids  # an ordinary prompt goes through whole
+
+
+def test_a_short_prompt_does_not_pay_for_the_vocabulary_scan(tiny_model_dir):
+    """The character bound scans the whole vocabulary (0.3 s for Gemma's 262k entries, which landed in every
+    CLI command's TTFT); a prompt too short to reach any such bound must not compute it."""
+    from llmkit.engine import load_engine
+
+    engine = load_engine(str(tiny_model_dir), device="cpu")
+    engine.prompt_ids("Once upon a time")
+    engine.prompt_ids("hello", chat=True, system="be brief")
+    assert "max_prompt_chars" not in engine.__dict__  # the cached_property was never computed
+    engine.check_prompt_chars(engine.info.context_length * 10)
+    assert "max_prompt_chars" in engine.__dict__
