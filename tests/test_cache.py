@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from llmkit import models
-from tests.tiny_gguf import write_tiny_gguf
+from tests.tiny_gguf import start_conversion_held_mid_write, write_tiny_gguf
 
 ALIAS = "fake-tiny"
 
@@ -170,23 +170,8 @@ def test_staging_entries_of_live_processes_are_kept(cache_dir, chunked_alias):
 
 def test_a_conversion_in_progress_in_another_process_survives_clean(cache_dir, tiny_gguf, cli):
     """A real converting process (held mid-write) and a real `llmkit cache --clean` beside it."""
-    script = textwrap.dedent(f"""
-        import time
-        from pathlib import Path
-        from llmkit import models
-
-        def slow_write(gguf_path, staging, progress):
-            (staging / "config.json").write_text("{{}}")
-            print("writing", flush=True)
-            time.sleep(60)
-
-        models._write_conversion = slow_write
-        models.convert_gguf(Path({str(tiny_gguf)!r}))
-    """)
-    env = {**os.environ, "LLMKIT_CACHE_DIR": str(cache_dir)}
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
+    proc = start_conversion_held_mid_write(tiny_gguf, cache_dir)
     try:
-        assert proc.stdout.readline().strip() == "writing"
         staging = next((cache_dir / "converted").iterdir())
         result = cli("cache", "--clean")
         assert result.exit_code == 0, result.stderr

@@ -2,16 +2,13 @@
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from llmkit import models
 from llmkit.errors import ModelLoadError, UnknownModel
-from tests.tiny_gguf import truncate_copy, write_tiny_gguf
+from tests.tiny_gguf import start_conversion_held_mid_write, truncate_copy, write_tiny_gguf
 
 
 @pytest.fixture()
@@ -82,23 +79,8 @@ def test_truncated_gguf_is_refused_before_conversion(tiny_gguf, tmp_path, cache_
 
 def test_conversion_killed_midway_is_never_loaded(tiny_gguf, cache_dir):
     """Kill a converting process after it wrote part of its output; the cache must not trust it."""
-    script = textwrap.dedent(f"""
-        import time
-        from pathlib import Path
-        from llmkit import models
-
-        def slow_write(gguf_path, staging, progress):
-            (staging / "config.json").write_text("{{}}")  # a partial folder
-            print("writing", flush=True)
-            time.sleep(60)
-
-        models._write_conversion = slow_write
-        models.convert_gguf(Path({str(tiny_gguf)!r}))
-    """)
-    env = {**os.environ, "LLMKIT_CACHE_DIR": str(cache_dir)}
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
+    proc = start_conversion_held_mid_write(tiny_gguf, cache_dir)
     try:
-        assert proc.stdout.readline().strip() == "writing"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:

@@ -129,3 +129,30 @@ def truncate_copy(src: pathlib.Path, dst: pathlib.Path, keep_fraction: float = 0
     dst = pathlib.Path(dst)
     dst.write_bytes(data[: int(len(data) * keep_fraction)])
     return dst
+
+
+def start_conversion_held_mid_write(gguf_path, cache_dir):
+    """A real process converting `gguf_path` into `cache_dir`, stopped after writing part of its staging folder
+    (it prints "writing" then, and sleeps); the caller kills it. Returns the Popen."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from llmkit import models
+
+        def slow_write(gguf_path, staging, progress):
+            (staging / "config.json").write_text("{{}}")  # a partial folder
+            print("writing", flush=True)
+            time.sleep(60)
+
+        models._write_conversion = slow_write
+        models.convert_gguf(Path({str(gguf_path)!r}))
+    """)
+    env = {**os.environ, "LLMKIT_CACHE_DIR": str(cache_dir)}
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    return process
