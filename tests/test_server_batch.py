@@ -177,18 +177,19 @@ def test_a_request_whose_text_handling_fails_leaves_alone(tiny_engine, reference
         assert completions(sink.final.result) == completions(reference)
 
 
-def test_a_failed_forward_pass_fails_its_batch_is_counted_and_the_next_batch_works(tiny_engine, references):
+def test_a_failed_forward_pass_fails_its_batch_is_counted_and_the_next_batch_works(tiny_engine, references,
+                                                                                     monkeypatch):
     scheduler = BatchScheduler(tiny_engine)
-    real_model = scheduler.model
+    real_step = tiny_engine.forward_step
     calls = {"n": 0}
 
-    def flaky_model(**kwargs):
+    def flaky_step(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("the forward pass broke")
-        return real_model(**kwargs)
+        return real_step(*args, **kwargs)
 
-    scheduler.model = flaky_model
+    monkeypatch.setattr(tiny_engine, "forward_step", flaky_step)
     first = [scheduler_request(tiny_engine, p, s) for p, s in zip(PROMPTS[:2], SPECS[:2])]
     for req, _ in first:
         scheduler.submit(req)

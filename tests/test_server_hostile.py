@@ -117,15 +117,14 @@ def test_a_failing_forward_pass_fails_its_requests_and_health_says_so(inprocess)
     from llmkit.server.runtime import FAILING_AFTER_STEPS
 
     app, url = inprocess
-    scheduler = app.state.host.scheduler
-    real_model = scheduler.model
+    engine = app.state.host.scheduler.engine
 
-    def broken(**kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("forward pass broke")
 
     body = {"prompt": "hi", "max_tokens": 3}
     with httpx.Client(base_url=url, timeout=30) as client:
-        scheduler.model = broken
+        engine.forward_step = broken  # shadows the method on this instance only
         try:
             failed = client.post("/v1/completions", json=body)
             assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
@@ -139,7 +138,7 @@ def test_a_failing_forward_pass_fails_its_requests_and_health_says_so(inprocess)
             assert failing.status_code == 503 and failing.json()["status"] == "failing"
             assert failing.json()["failed_steps"] == FAILING_AFTER_STEPS
         finally:
-            scheduler.model = real_model
+            del engine.forward_step
         assert client.post("/v1/completions", json=body).status_code == 200
         healthy = client.get("/health").json()
         assert healthy["status"] == "ok" and healthy["failed_steps"] == FAILING_AFTER_STEPS

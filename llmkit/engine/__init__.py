@@ -1,6 +1,6 @@
 """The core engines: load a model once, then stream, generate, score.
 
-Two engines share one interface (prompt_ids, stream, generate, check_context,
+Two engines keep one contract (`Engine` in base.py: prompt_ids, stream, generate, check_context,
 next_token_logits, token_logprobs, info, tokenizer): transformers for every model, and
 llama.cpp for GGUF files (extra `llmkit[llamacpp]`). `auto` picks llama.cpp for a GGUF
 model (an alias or a .gguf file) on the CPU when it is installed and no --dtype or
@@ -105,7 +105,7 @@ def load_engine(model=None, *, device="auto", dtype="auto", quantize="none", pro
         loaded = LlamaCppEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
                                      threads=threads)
     else:
-        from llmkit.engine.engine import TransformersEngine
+        from llmkit.engine.transformers import TransformersEngine
 
         loaded = TransformersEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
                                          threads=threads)

@@ -1,40 +1,82 @@
-"""What every engine shares: prompts, the context limit, and stream/generate around its decode loop.
+"""The engine contract, and what every engine shares on top of it.
 
-An engine subclass provides `tokenizer` (the slice of the Hugging Face tokenizer interface used
-here), `info` (EngineInfo) and `_decode(...)`; everything a command or the server calls on top of
-that lives here once, so the transformers and llama.cpp engines cannot drift apart.
+Every engine (transformers.py, llamacpp.py, and any later one) subclasses `Engine` and provides:
+
+- `info`: an EngineInfo; its `capabilities` record says what the engine can do beyond this contract;
+- `tokenizer`: the `Tokenizer` slice of a Hugging Face tokenizer (prompts, chat templates, detokenizing);
+- `_decode(prompt, ids, params, seed, started)`: a generator that yields Chunks and returns the Result;
+- `next_token_logits(...)` and `token_logprobs(ids)`: the unmodified model's scores (explore, compare).
+
+From those, `Engine` gives every engine the same prompt_ids / chat_ids / encode / check_context and
+stream / stream_ids / generate, so engines cannot drift apart. A `BatchingEngine` adds what the server's
+batcher (batch.py) needs to run many requests through one forward pass: `eos_ids`, `device`,
+`new_cache()` and `forward_step(...)`, and says so with `info.capabilities.batching`, which is what the
+server reads to choose its scheduler. Nothing here imports torch or needs a model, so an engine that only
+talks to a server can keep the contract.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Generator, Mapping, Protocol, Sequence
 
 from llmkit.engine.sequence import choose_seed
 from llmkit.engine.types import Chunk, EngineInfo, Result
 from llmkit.errors import InvalidParams, UnsupportedFeature, one_line
 from llmkit.params import GenerationParams, check_text
 
+if TYPE_CHECKING:
+    import torch
+
+Decode = Generator[Chunk, None, Result]  # what _decode returns: Chunks as they come, then the Result
+
+
+class Tokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer that llmkit calls (LlamaCppTokenizer is a small complete one).
+
+    Read when present: `get_vocab()` (the prompt's character bound) and `pad_token_id` (batch padding)."""
+
+    bos_token_id: int | None  # the first token of a text scored for perplexity
+    eos_token_id: int | None  # ends a sequence; pads batch rows when there is no pad token
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Mapping[str, Sequence[int]]:
+        """{"input_ids": the token ids of `text`}."""
+        ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of `ids` (incremental detokenizing calls it on short windows)."""
+        ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            tokenize: bool = False) -> str:
+        """The prompt text the model's chat template makes of `messages`."""
+        ...
+
 
 class Generation:
-    """An iterator of Chunks; after it is exhausted, `.result` holds the Result."""
+    """An iterator of Chunks over an engine's `_decode`; once it is exhausted, `.result` holds the Result
+    that `_decode` returned."""
 
-    def __init__(self, chunks: Iterator[Chunk]):
-        self._chunks = chunks
+    def __init__(self, decode: Decode):
+        self._decode = decode
         self.result: Result | None = None
 
-    def __iter__(self) -> Iterator[Chunk]:
+    def __iter__(self) -> Generation:
         return self
 
     def __next__(self) -> Chunk:
-        return next(self._chunks)
+        try:
+            return next(self._decode)
+        except StopIteration as done:
+            if self.result is None:  # a second exhaustion (value None) must not erase it
+                self.result = done.value
+            raise
 
     def close(self) -> None:
         """Stop early (a cancelled server request): the decode loop ends where it is, with no Result."""
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        self._decode.close()
 
 
 PROMPT_CHARS_SLACK = 2  # normalizers that merge characters (NFKC, accent stripping) make tokens cover a little more
@@ -49,9 +91,11 @@ def longest_token_chars(tokenizer) -> int | None:
     return max(map(len, vocab), default=0) or None if vocab else None
 
 
-class Engine:
-    tokenizer: object
-    info: EngineInfo
+class Engine(abc.ABC):
+    """The contract every engine keeps (see the module docstring), and the code all engines share on it."""
+
+    info: EngineInfo  # what was loaded and how; `capabilities` says what it can do beyond this contract
+    tokenizer: Tokenizer  # prompts, chat templates and detokenizing
 
     # --- prompts ----------------------------------------------------------------------------
 
@@ -152,9 +196,7 @@ class Engine:
                    started: float) -> Generation:
         """stream() for ids made and checked elsewhere: the server tokenizes (and applies chat templates) on
         its own thread, and its timings count from `started`, the request's arrival."""
-        generation = Generation(iter(()))
-        generation._chunks = self._decode(generation, prompt, ids, params, seed, started)
-        return generation
+        return Generation(self._decode(prompt, ids, params, seed, started))
 
     def generate(self, prompt: str, params: GenerationParams, *, chat: bool = False,
                  system: str | None = None) -> Result:
@@ -164,7 +206,43 @@ class Engine:
         assert generation.result is not None
         return generation.result
 
-    def _decode(self, generation: Generation, prompt: str, ids: list[int], params: GenerationParams,
-                seed: int | None, started: float) -> Iterator[Chunk]:
-        """Yield Chunks for `ids`; set generation.result at the end."""
-        raise NotImplementedError
+    # --- what each engine implements ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def _decode(self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None,
+                started: float) -> Decode:
+        """Yield Chunks for the prompt `ids` (`prompt` is their text), then return the Result; sequence i samples
+        with seed + i (None: greedy), and the Result's timings count from `started` (a perf_counter value)."""
+
+    @abc.abstractmethod
+    def next_token_logits(self, prompt: str, *, chat: bool = False, system: str | None = None) -> torch.Tensor:
+        """Raw logits (1-D float32, on the CPU) for the token after the prompt, under the unmodified model."""
+
+    @abc.abstractmethod
+    def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i = 1..n-1 under the unmodified model: no sampling knob touches them."""
+
+
+class BatchingEngine(Engine):
+    """An engine whose forward pass takes many left-padded rows at once (info.capabilities.batching is True):
+    what the server's BatchScheduler calls besides the Engine contract. The batcher owns the batch state
+    (masks, positions, which rows are whose) and edits the cache between steps: it pads, concatenates and
+    drops rows and leading columns of every layer's keys and values."""
+
+    eos_ids: frozenset[int]  # token ids that end a sequence
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where the batch's tensors and seeded generators live."""
+
+    @abc.abstractmethod
+    def new_cache(self) -> Any:
+        """An empty KV cache for rows that will join the batch: `.layers`, each with `.keys` / `.values` tensors
+        [rows, heads, columns, head_dim] of one shape in every layer, and `batch_select_indices(index)`."""
+
+    @abc.abstractmethod
+    def forward_step(self, input_ids: torch.Tensor, cache: Any = None, *, attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """One forward pass of `input_ids` [rows, new columns] extending `cache` (None: the engine starts one);
+        returns (the last position's logits [rows, vocab], the cache)."""

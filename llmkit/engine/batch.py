@@ -27,7 +27,9 @@ How it batches (continuous batching with left padding, one thread):
   are finished (EOS, stop string, length), is cancelled, or passes its deadline.
   Columns that are padding for every remaining row are trimmed away.
 
-The KV cache is a `DynamicCache()` built without the model config, so every layer is
+Every forward pass is the engine's `forward_step` (the one its single-sequence loop runs
+too). The KV cache comes from `engine.new_cache()`: for transformers a `DynamicCache()` built
+without the model config, so every layer is
 a plain full-attention layer, even for models with sliding-window layers (Gemma 3):
 the model still applies its sliding-window mask from its config, while the cache
 keeps whole rows that can be padded, concatenated and trimmed uniformly. That costs
@@ -49,6 +51,7 @@ from typing import Any, Sequence
 
 import torch
 
+from llmkit.engine.base import BatchingEngine
 from llmkit.engine.sampling import pick_tokens
 from llmkit.engine.scheduling import (  # noqa: F401  (re-exported: the server and tests import them from here)
     DEFAULT_MAX_QUEUE,
@@ -99,20 +102,18 @@ def _sampling_key(params: GenerationParams) -> tuple:
 
 
 class BatchScheduler(Scheduler):
-    """Continuous batching over one loaded TransformersEngine; see the module docstring."""
+    """Continuous batching over one loaded BatchingEngine (engine/base.py); see the module docstring."""
 
-    def __init__(self, engine, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    def __init__(self, engine: BatchingEngine, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                  max_queue: int = DEFAULT_MAX_QUEUE, step_delay_s: float | None = None,
                  on_step: StepHook | None = None):
         super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
         self.engine = engine
-        self.model = engine.model
         self.tokenizer = engine.tokenizer
         self.eos_ids = engine.eos_ids
         self.max_batch_size = max_batch_size
-        self._cache_arg = getattr(engine, "_cache_arg", "past_key_values")
         self._pad_id = self._pick_pad_id()
-        self._device = self.model.device
+        self._device = engine.device
 
         # Batch state, touched only by the loop thread. Rows of one request are contiguous.
         self._active: list[_Active] = []
@@ -189,15 +190,7 @@ class BatchScheduler(Scheduler):
 
     # --- model steps --------------------------------------------------------------------------
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-        with self.engine.step_context(input_ids.numel()):
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **{self._cache_arg: cache})
-        return out.logits[:, -1, :]
-
     def _prefill(self, newcomers: list[BatchRequest]) -> None:
-        from transformers import DynamicCache
-
         started = time.perf_counter()
         actives = [active for active in (self._activate_alone(r, started) for r in newcomers) if active is not None]
         newcomers[:] = [a.request for a in actives]  # a failure from here on is the batch's, told to these
@@ -212,8 +205,8 @@ class BatchScheduler(Scheduler):
             mask[i, width - len(ids):] = 1
         input_ids, mask = input_ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self._forward(input_ids, mask, positions, cache)
+        cache = self.engine.new_cache()
+        logits, cache = self.engine.forward_step(input_ids, cache, attention_mask=mask, position_ids=positions)
 
         tokens = self._sample(actives, logits)
         self._merge(actives, cache, mask, tokens)
@@ -227,7 +220,8 @@ class BatchScheduler(Scheduler):
         ones = torch.ones((self._mask.shape[0], 1), dtype=self._mask.dtype, device=self._device)
         self._mask = torch.cat([self._mask, ones], dim=1)
         positions = (self._mask.sum(-1, keepdim=True) - 1)
-        logits = self._forward(self._pending[:, None], self._mask, positions, self._cache)
+        logits, self._cache = self.engine.forward_step(self._pending[:, None], self._cache, attention_mask=self._mask,
+                                                       position_ids=positions)
         tokens = self._sample(self._active, logits)
         self._pending = tokens
         if self.on_step:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-from llmkit.engine.base import Engine, Generation
+from llmkit.engine.base import Decode, Engine
 from llmkit.engine.sampling import pick_tokens
 from llmkit.engine.sequence import SequenceState, build_result
-from llmkit.engine.types import Chunk, EngineInfo
+from llmkit.engine.types import EngineInfo
 from llmkit.errors import ModelLoadError, UnsupportedFeature, one_line
 from llmkit.models import ALIASES, MARKER_TOKEN, Progress, assemble_alias, check_gguf_magic, resolve
 from llmkit.params import GenerationParams
@@ -145,7 +145,8 @@ class LlamaCppTokenizer:
 
 
 class LlamaCppEngine(Engine):
-    """The Engine interface over llama.cpp: its own decode loop, next_token_logits and token_logprobs."""
+    """The Engine contract over llama.cpp: its own decode loop, next_token_logits and token_logprobs. Its one
+    context holds one sequence, so it does not batch (info.capabilities.batching stays False)."""
 
     def __init__(self, llm, info: EngineInfo):
         self.llm = llm
@@ -222,8 +223,8 @@ class LlamaCppEngine(Engine):
         view = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
         return torch.from_numpy(view.copy())[None, :]
 
-    def _decode(self, generation: Generation, prompt: str, ids: list[int], params: GenerationParams,
-                seed: int | None, started: float) -> Iterator[Chunk]:
+    def _decode(self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None,
+                started: float) -> Decode:
         import torch
 
         sequences = [SequenceState.start(i, self.tokenizer, ids, params) for i in range(params.num_sequences)]
@@ -244,7 +245,7 @@ class LlamaCppEngine(Engine):
                 if seen is not None:
                     seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
                 self.llm.eval([token])
-        generation.result = build_result(prompt, ids, params, seed, sequences, token_times)
+        return build_result(prompt, ids, params, seed, sequences, token_times)
 
     # --- analysis --------------------------------------------------------------------------------
 

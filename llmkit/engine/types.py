@@ -87,6 +87,14 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do beyond the contract every engine keeps (llmkit.engine.base); callers ask this
+    record, never the engine's name."""
+
+    batching: bool = False  # a BatchingEngine: the server decodes many requests in one forward pass
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     """What was loaded and how; `choices` says why each speed-relevant setting is what it is."""
 
@@ -104,6 +112,7 @@ class EngineInfo:
     threads: int | None = None  # CPU threads that compute (torch's intra-op threads; llama.cpp's n_threads)
     # How this engine was set up to run fast, and why: {"dtype": "...", "decode_matmul": "...", ...}.
     choices: dict[str, str] = field(default_factory=dict)
+    capabilities: Capabilities = field(default_factory=Capabilities)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

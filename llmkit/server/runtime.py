@@ -116,8 +116,9 @@ class ModelHost:
             log.error("the generation loop stopped unexpectedly")
 
     def _scheduler_for(self, engine):
-        """Batching needs the transformers engine's KV caches; any other engine serves one request at a time."""
-        if engine.info.engine == "transformers":
+        """An engine that says it batches (info.capabilities.batching) gets the BatchScheduler; any other engine
+        serves one request at a time."""
+        if engine.info.capabilities.batching:
             from llmkit.engine.batch import BatchScheduler
 
             return BatchScheduler(engine, max_batch_size=self.settings.max_batch_size,

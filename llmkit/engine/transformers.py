@@ -4,6 +4,9 @@ The loop is ours rather than `model.generate` with a streamer thread because eve
 request needs its own seeded generator, exact per-token timestamps (TTFT, ITL) and
 stop strings that never leak into the stream. It runs the model's own forward pass
 with its own KV cache, so any causal LM transformers can load works here.
+
+It is a BatchingEngine (base.py): `forward_step` is the one forward call of both this
+loop and the server's batcher (batch.py).
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from llmkit.engine.base import Engine, Generation
+from llmkit.engine.base import BatchingEngine, Decode
 from llmkit.engine.sampling import pick_tokens
 from llmkit.engine.sequence import SequenceState, build_result
-from llmkit.engine.types import Chunk, EngineInfo
+from llmkit.engine.types import Capabilities, EngineInfo
 from llmkit.errors import (
     InvalidParams,
     ModelLoadError,
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(BatchingEngine):
     """Load once with `TransformersEngine.load`; then `stream()` / `generate()` any number of times."""
 
     def __init__(self, model, tokenizer, info: EngineInfo):
@@ -115,6 +118,7 @@ class TransformersEngine(Engine):
             threads=thread_count,
             choices={**_speed_choices(device_name, torch_dtype, dtype_why, replaced),
                      "threads": f"{thread_count} ({threads_why})"},
+            capabilities=Capabilities(batching=True),
         )
         return cls(model, tokenizer, info)
 
@@ -126,28 +130,47 @@ class TransformersEngine(Engine):
             return onednn_off()
         return contextlib.nullcontext()
 
-    def _decode(self, generation: Generation, prompt: str, ids: list[int], params: GenerationParams,
-                seed: int | None, started: float) -> Iterator[Chunk]:
+    # --- the forward step (BatchingEngine) -------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def new_cache(self) -> Any:
+        """A DynamicCache built without the model config: every layer a plain full-attention layer, even in
+        models with sliding-window layers (Gemma 3), whose mask still comes from the config. Rows of one shape
+        in every layer are what the batcher pads, concatenates and trims (memory beyond the window is the cost)."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def forward_step(self, input_ids: torch.Tensor, cache: Any = None, *, attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        with self.step_context(input_ids.numel()):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        return out.logits[:, -1, :], out.get("cache", out.get("past_key_values"))
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def _decode(self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None,
+                started: float) -> Decode:
         import torch
 
         n = params.num_sequences
-        device = self.model.device
+        device = self.device
         generators = None
         if seed is not None:
             generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
         sequences = [SequenceState.start(i, self.tokenizer, ids, params) for i in range(n)]
         input_ids = torch.tensor([ids] * n, device=device)
         seen = input_ids
-        past = None
+        cache = None  # the model starts its own (with sliding-window layers where the config has them)
         token_times: list[float] = []
         try:
             with torch.inference_mode():
                 for _step in range(params.max_new_tokens):
-                    with self.step_context(input_ids.numel()):
-                        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
-                                         **{self._cache_arg: past})
-                    past = out.get("cache", out.get("past_key_values"))
-                    logits = out.logits[:, -1, :]
+                    logits, cache = self.forward_step(input_ids, cache)
                     next_ids = pick_tokens(logits, params, generators,
                                            seen if params.repetition_penalty != 1.0 else None)
                     token_times.append(time.perf_counter() - started)
@@ -162,7 +185,7 @@ class TransformersEngine(Engine):
         except (MemoryError, torch.OutOfMemoryError):
             raise OutOfMemory("ran out of memory while generating; lower --max-new-tokens or "
                               "--num-sequences, or use a smaller model") from None
-        generation.result = build_result(prompt, ids, params, seed, sequences, token_times)
+        return build_result(prompt, ids, params, seed, sequences, token_times)
 
     def next_token_logits(self, prompt: str, *, chat: bool = False, system: str | None = None) -> torch.Tensor:
         """Raw logits (1-D float32, on the CPU) for the token after the prompt, under the unmodified model."""
