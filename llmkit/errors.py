@@ -1,9 +1,10 @@
-"""Errors a user can act on.
+"""Every error a user or an HTTP client sees, in one module.
 
 Every failure llmkit expects (bad parameter, unknown model, no network, bad file,
-out of memory) is an LlmkitError whose message is one sentence saying what to do.
-The CLI turns them into one red line and an exit code; the server into a 4xx/5xx
-JSON body. Anything else is a bug and keeps its traceback.
+out of memory, a full server queue) is an LlmkitError whose message is one sentence saying
+what to do. Each class carries its `exit_code` (the CLI's one red line, cli/__init__.py),
+its `http_status` and its `kind` (the server's JSON error `type`, server/app.py). Anything
+else is a bug and keeps its traceback.
 
 Exit codes, one rule (click's and POSIX's usage-error convention, as llm and uv use it):
 
@@ -79,6 +80,55 @@ class UnsupportedFeature(LlmkitError):
     exit_code = 2
     http_status = 400
     kind = "invalid_request_error"
+
+
+class PortInUse(LlmkitError):
+    """`llmkit serve` cannot listen on its address (in use, or not allowed)."""
+
+
+# --- how a served request can end, besides the errors above (the server's JSON `type` is `kind`) ---------
+
+
+class ModelNotReady(LlmkitError):
+    """The server's model is still loading, failed to load, or the server is stopping."""
+
+    http_status = 503
+    kind = "model_not_ready"
+
+
+class QueueFull(LlmkitError):
+    """Every batch row and queue place is taken (--max-batch-size, --max-queue): retry later."""
+
+    http_status = 503
+    kind = "queue_full"
+
+
+class ShuttingDown(LlmkitError):
+    """The server stopped taking requests (SIGTERM), or stopped before this one finished."""
+
+    http_status = 503
+    kind = "shutting_down"
+
+
+class RequestTimeout(LlmkitError):
+    """The request ran past the server's --request-timeout."""
+
+    http_status = 504
+    kind = "timeout"
+
+
+class Cancelled(LlmkitError):
+    """The client went away; nobody reads this error, it only closes the request."""
+
+    http_status = 499
+    kind = "cancelled"
+
+
+class GenerationFailed(LlmkitError):
+    """An unexpected error inside the model's forward pass or a request's own decoding (a bug); logged with its
+    traceback, and the server goes on."""
+
+    kind = "server_error"
 
 
 def one_line(text: object, limit: int = 300) -> str:

@@ -2,7 +2,9 @@
 
 import pytest
 
-from llmkit.engine.batch import BatchScheduler, Cancelled, Failed, Finished, QueueFull, RequestTimeout
+from llmkit.engine.batch import BatchScheduler
+from llmkit.engine.scheduling import Failed, Finished
+from llmkit.errors import Cancelled, QueueFull, RequestTimeout
 from llmkit.params import parse_params
 from tests.server_helpers import completions, run_steps, scheduler_request
 

@@ -16,7 +16,8 @@ import time
 import httpx
 import pytest
 
-from llmkit.engine.scheduling import Cancelled, Failed, Finished, QueueFull, RequestTimeout, ShuttingDown
+from llmkit.engine.scheduling import Failed, Finished
+from llmkit.errors import Cancelled, QueueFull, RequestTimeout, ShuttingDown
 from llmkit.params import parse_params
 from tests.server_helpers import (
     ServerProcess,

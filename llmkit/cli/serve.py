@@ -23,7 +23,7 @@ import typer
 
 from llmkit.cli import options, render
 from llmkit.engine import check_load_options
-from llmkit.errors import LlmkitError, ModelLoadError
+from llmkit.errors import ModelLoadError, PortInUse
 from llmkit.server import settings as server_settings
 from llmkit.server.settings import ServerSettings, parse_forwarded_allow_ips, parse_rate_limit
 
@@ -43,10 +43,6 @@ EPILOG = """Examples:
 
   llmkit serve --forwarded-allow-ips 127.0.0.1   # behind a reverse proxy on this machine
 """
-
-
-class PortInUse(LlmkitError):
-    exit_code = 1
 
 
 def serve(

@@ -53,24 +53,19 @@ import torch
 
 from llmkit.engine.base import BatchingEngine
 from llmkit.engine.sampling import pick_tokens
-from llmkit.engine.scheduling import (  # noqa: F401  (re-exported: the server and tests import them from here)
+from llmkit.engine.scheduling import (
+    DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
     BatchRequest,
-    Cancelled,
     Failed,
     Finished,
-    GenerationFailed,
-    QueueFull,
-    RequestTimeout,
     Scheduler,
-    ShuttingDown,
     StepHook,
 )
 from llmkit.engine.sequence import SequenceState, build_result
-from llmkit.errors import LlmkitError, OutOfMemory
+from llmkit.errors import GenerationFailed, LlmkitError, OutOfMemory
 from llmkit.params import GenerationParams
 
-DEFAULT_MAX_BATCH_SIZE = 16
 
 log = logging.getLogger("llmkit.server")
 

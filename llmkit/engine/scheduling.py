@@ -29,47 +29,17 @@ from typing import Callable
 
 from llmkit.engine.sequence import choose_seed
 from llmkit.engine.types import Chunk, Result
-from llmkit.errors import LlmkitError
+from llmkit.errors import Cancelled, GenerationFailed, LlmkitError, QueueFull, RequestTimeout, ShuttingDown
 from llmkit.params import GenerationParams
 
 log = logging.getLogger("llmkit.server")
 
 STEP_DELAY_ENV = "LLMKIT_TEST_STEP_DELAY"
 DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_BATCH_SIZE = 16  # rows (requests x n) one forward pass decodes at most (BatchScheduler)
 IDLE_WAKE_S = 0.5  # an idle loop still wakes this often, so its heartbeat stays fresh
 
 StepHook = Callable[[str, int, float], None]  # (kind "prefill"|"decode", rows, seconds)
-
-
-# --- errors a request can end with ------------------------------------------------------------
-
-
-class QueueFull(LlmkitError):
-    http_status = 503
-    kind = "queue_full"
-
-
-class ShuttingDown(LlmkitError):
-    http_status = 503
-    kind = "shutting_down"
-
-
-class RequestTimeout(LlmkitError):
-    http_status = 504
-    kind = "timeout"
-
-
-class Cancelled(LlmkitError):
-    """The client went away; nobody reads this error, it only closes the request."""
-
-    http_status = 499
-    kind = "cancelled"
-
-
-class GenerationFailed(LlmkitError):
-    """An unexpected error inside the model's forward pass (a bug); logged with its traceback."""
-
-    kind = "server_error"
 
 
 # --- what flows to a request's sink -----------------------------------------------------------

@@ -27,11 +27,10 @@ from llmkit.engine.scheduling import (
     BatchRequest,
     Failed,
     Finished,
-    GenerationFailed,
     Scheduler,
     StepHook,
 )
-from llmkit.errors import LlmkitError, OutOfMemory
+from llmkit.errors import GenerationFailed, LlmkitError, OutOfMemory
 
 log = logging.getLogger("llmkit.server")
 

@@ -18,9 +18,8 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from llmkit.engine.scheduling import GenerationFailed
 from llmkit.engine.types import Chunk
-from llmkit.errors import InvalidParams, LlmkitError
+from llmkit.errors import GenerationFailed, InvalidParams, LlmkitError
 from llmkit.server.runtime import Job, ModelHost
 from llmkit.server.schemas import (
     ChatRequest,

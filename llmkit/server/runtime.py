@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator, Callable
 from llmkit.engine.types import Chunk
 from starlette.concurrency import run_in_threadpool
 
-from llmkit.errors import InvalidParams, LlmkitError, UnsupportedFeature
+from llmkit.errors import InvalidParams, LlmkitError, ModelNotReady, UnsupportedFeature
 from llmkit.server.settings import ServerSettings
 
 log = logging.getLogger("llmkit.server")
@@ -46,11 +46,6 @@ def _failure_fields(failures) -> dict[str, Any]:
         at, scope, error = failures.last
         fields["last_failure"] = {"scope": scope, "error": error, "seconds_ago": round(time.monotonic() - at, 1)}
     return fields
-
-
-class ModelNotReady(LlmkitError):
-    http_status = 503
-    kind = "model_not_ready"
 
 
 @dataclass
@@ -242,7 +237,8 @@ class ModelHost:
         A client that hangs up cancels the job from outside (routes.py watches the connection), and the
         scheduler then ends it with Cancelled.
         """
-        from llmkit.engine.scheduling import Failed, Finished, RequestTimeout
+        from llmkit.engine.scheduling import Failed, Finished
+        from llmkit.errors import RequestTimeout
 
         deadline = job.request.deadline
         while True:

@@ -1,7 +1,8 @@
 """Server settings: one frozen record built by `llmkit serve` (or a test) and read by build_app.
 
-Only the standard library and llmkit.errors are imported here, so `llmkit serve` checks
-its options (and fails with exit 2) before fastapi, uvicorn or torch are imported.
+Only the standard library, llmkit.errors and the scheduler's defaults (llmkit.engine.scheduling, no torch)
+are imported here, so `llmkit serve` checks its options (and fails with exit 2) before fastapi, uvicorn or
+torch are imported.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from llmkit.engine.scheduling import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 from llmkit.errors import InvalidParams
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-DEFAULT_MAX_QUEUE = 64
-DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 DEFAULT_GRACE_S = 30.0
 DEFAULT_MAX_BODY_BYTES = 1_000_000
