@@ -26,11 +26,13 @@ import tempfile
 import threading
 import time
 import traceback
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from llmkit.engine import LoadOptions
 from llmkit.errors import InvalidParams, LlmkitError, one_line
 
 STAGE_PREFIX = "llmkit-stage\t"
@@ -56,12 +58,11 @@ class CompareSpec:
     max_new_tokens: int = 32
     window: int = DEFAULT_WINDOW
     stride: int | None = None  # default: half the window
-    device: str = "auto"
-    dtype: str = "auto"
-    quantize: str = "none"
+    # device, dtype, quantize and threads (each worker's; threads None: $LLMKIT_THREADS, which workers inherit);
+    # each model runs once per name in `engines`, which replaces load.engine
+    load: LoadOptions = field(default_factory=LoadOptions)
     timeout_s: float = 1800.0
     engines: tuple[str, ...] = ("transformers",)
-    threads: int | None = None  # each worker's; None: $LLMKIT_THREADS when set (workers inherit it), else default
 
     @property
     def effective_stride(self) -> int:
@@ -70,7 +71,6 @@ class CompareSpec:
 
 def check_spec(spec: CompareSpec) -> None:
     """Everything wrong with the arguments, found before any model loads (exit code 2)."""
-    from llmkit.engine import check_load_options
     from llmkit.params import parse_params
 
     if not spec.models:
@@ -95,8 +95,7 @@ def check_spec(spec: CompareSpec) -> None:
     if not spec.engines:
         raise InvalidParams("give at least one engine", field="engine")
     for name in spec.engines:
-        check_load_options(device=spec.device, dtype=spec.dtype, quantize=spec.quantize, engine=name,
-                           threads=spec.threads)
+        dataclasses.replace(spec.load, engine=name)  # checks the name
     parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
 
 
@@ -188,7 +187,7 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
     """Everything compare shows for one model; runs inside the worker process."""
     import statistics
 
-    from llmkit.devices import resolve_device
+    from llmkit.devices import cuda_index, resolve_device
     from llmkit.engine import load_engine, prepare
     from llmkit.measure import LoadWatch, ResourceSampler, run_latency
     from llmkit.models import resolve
@@ -196,16 +195,14 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
 
     source = resolve(reference)
     _stage("preparing")
-    device = resolve_device(spec.device)
-    prepare(reference, engine=engine_name, device=device, dtype=spec.dtype, quantize=spec.quantize,
-            progress=lambda stage, done, total: _stage(f"{stage} {done}/{total}" if total else stage))
+    load = dataclasses.replace(spec.load, engine=engine_name, device=resolve_device(spec.load.device))
+    prepare(reference, load, progress=lambda stage, done, total: _stage(f"{stage} {done}/{total}" if total else stage))
     with ResourceSampler() as sampler:
-        if device.startswith("cuda"):
-            sampler.watch_gpu(int(device.split(":")[1]) if ":" in device else 0)
+        if load.device.startswith("cuda"):
+            sampler.watch_gpu(cuda_index(load.device))
         sampler.phase("load")
         _stage("loading")
-        engine = load_engine(reference, device=device, dtype=spec.dtype, quantize=spec.quantize,
-                             engine=engine_name, threads=spec.threads)
+        engine = load_engine(reference, load)
         sampler.phase("inference")
         params = parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
         for index in range(spec.warmup):
@@ -264,7 +261,7 @@ def worker_main() -> None:
     """`python -m llmkit.compare OUT.json < spec.json`: measure one model, write its row."""
     request = json.load(sys.stdin)
     spec = CompareSpec(**{**request["spec"], "models": tuple(request["spec"]["models"]),
-                          "engines": tuple(request["spec"]["engines"])})
+                          "engines": tuple(request["spec"]["engines"]), "load": LoadOptions(**request["spec"]["load"])})
     out_path = Path(sys.argv[1])
     label = row_label(request["model"], request["engine"], spec)
     try:

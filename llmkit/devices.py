@@ -61,6 +61,11 @@ def native_bf16_flag(cpuinfo: str | None = None) -> str | None:
     return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
 
 
+def cuda_index(name: str) -> int:
+    """The GPU number of a device name: cuda -> 0, cuda:1 -> 1."""
+    return int(name.partition(":")[2] or 0)
+
+
 def resolve_device(name: str) -> str:
     import torch
 
@@ -75,7 +80,7 @@ def resolve_device(name: str) -> str:
         if not torch.cuda.is_available():
             raise InvalidParams("device cuda was asked for but torch sees no CUDA GPU; use --device cpu",
                                 field="device")
-        index = int(name.split(":")[1]) if ":" in name else 0
+        index = cuda_index(name)
         if index >= torch.cuda.device_count():
             raise InvalidParams(f"device {name} does not exist (this machine has "
                                 f"{torch.cuda.device_count()} CUDA device(s))", field="device")

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from llmkit.engine import LoadOptions
 from llmkit.errors import InvalidParams
 from llmkit.measure import (
     DEFAULT_SAMPLE_INTERVAL_S,
@@ -58,11 +60,7 @@ class MonitorSpec:
     runs: int = 5
     warmup: int = 1
     max_new_tokens: int = 64
-    device: str = "auto"
-    dtype: str = "auto"
-    engine: str = "transformers"
-    quantize: str = "none"
-    threads: int | None = None  # None: $LLMKIT_THREADS when set, else the engine's default
+    load: LoadOptions = field(default_factory=LoadOptions)  # checked when made
 
     def params(self) -> GenerationParams:
         return parse_params(greedy=True, max_new_tokens=self.max_new_tokens)
@@ -70,16 +68,12 @@ class MonitorSpec:
 
 def check_spec(spec: MonitorSpec) -> GenerationParams:
     """Everything that can be wrong with the request, found before anything loads."""
-    from llmkit.engine import check_load_options
-
     if not 1 <= spec.runs <= MAX_RUNS:
         raise InvalidParams(f"runs must be between 1 and {MAX_RUNS} (got {spec.runs})", field="runs")
     if spec.warmup < 0:
         raise InvalidParams(f"warmup must be at least 0 (got {spec.warmup})", field="warmup")
     if not spec.prompt.strip():
         raise InvalidParams("the prompt is empty", field="prompt")
-    check_load_options(device=spec.device, dtype=spec.dtype, quantize=spec.quantize, engine=spec.engine,
-                       threads=spec.threads)
     return spec.params()
 
 
@@ -187,23 +181,21 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from llmkit.devices import resolve_device
+    from llmkit.devices import cuda_index, resolve_device
     from llmkit.engine import load_engine, prepare
 
-    device = resolve_device(spec.device)
-    if device.startswith("cuda"):
-        sampler.watch_gpu(int(device.split(":")[1]) if ":" in device else 0)
+    load = dataclasses.replace(spec.load, device=resolve_device(spec.load.device))
+    if load.device.startswith("cuda"):
+        sampler.watch_gpu(cuda_index(load.device))
 
     sampler.phase("prepare")
     report("prepare", 0, None)
-    prepare(spec.model, engine=spec.engine, progress=progress, device=device, dtype=spec.dtype,
-            quantize=spec.quantize)  # first-use GGUF work: not part of `load`
+    prepare(spec.model, load, progress=progress)  # first-use GGUF work: not part of `load`
 
     sampler.phase("load")
     rss_before_load = sampler.latest().rss_bytes  # the phase's first sample, so its peak is >= this
     report("load", 0, None)
-    engine = load_engine(spec.model, device=device, dtype=spec.dtype, quantize=spec.quantize, engine=spec.engine,
-                         threads=spec.threads)
+    engine = load_engine(spec.model, load)
     prompt_tokens = len(engine.prompt_ids(spec.prompt))
 
     sampler.phase("warmup")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llmkit import devices
-from llmkit.engine import check_load_options, choose_engine, load_engine
+from llmkit.engine import LoadOptions, choose_engine, load_engine
 from llmkit.engine.fastpath import GEMV_MAX_ROWS, Int8WeightOnlyLinear, quantize_int8
 from llmkit.errors import InvalidParams, UnsupportedFeature
 from llmkit.params import GenerationParams
@@ -55,24 +55,32 @@ def test_dtype_env_sets_auto_but_not_an_explicit_dtype(monkeypatch):
 
 
 def test_auto_engine_choice(tiny_model_dir, tmp_path):
-    assert choose_engine("transformers", "anything") == ("transformers", "set by --engine; default transformers")
-    engine, why = choose_engine("auto", str(tiny_model_dir))
+    assert choose_engine("anything", LoadOptions()) == ("transformers", "set by --engine; default transformers")
+    engine, why = choose_engine(str(tiny_model_dir), LoadOptions(engine="auto"))
     assert engine == "transformers" and "folder" in why
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    assert choose_engine("auto", str(gguf), dtype="float32")[0] == "transformers"
-    assert choose_engine("auto", str(gguf), quantize="int8")[0] == "transformers"
-    engine, why = choose_engine("auto", str(gguf), device="cpu")
+    assert choose_engine(str(gguf), LoadOptions(engine="auto", dtype="float32"))[0] == "transformers"
+    assert choose_engine(str(gguf), LoadOptions(engine="auto", quantize="int8"))[0] == "transformers"
+    engine, why = choose_engine(str(gguf), LoadOptions(engine="auto", device="cpu"))
     from llmkit.engine.llamacpp import llamacpp_installed
 
     assert engine == ("llama.cpp" if llamacpp_installed() else "transformers"), why
 
 
-def test_bad_load_options_are_caught_before_loading():
+def test_bad_load_options_are_caught_when_the_record_is_made():
     with pytest.raises(InvalidParams, match="quantize must be one of none, int8"):
-        check_load_options(device="cpu", dtype="auto", quantize="int4", engine="transformers")
+        LoadOptions(device="cpu", quantize="int4")
     with pytest.raises(InvalidParams, match="engine must be one of"):
-        check_load_options(device="cpu", dtype="auto", quantize="none", engine="vllm")
+        LoadOptions(engine="vllm")
+    with pytest.raises(InvalidParams, match="device must be auto, cpu"):
+        LoadOptions(device="gpu")
+    with pytest.raises(InvalidParams, match="dtype must be one of"):
+        LoadOptions(dtype="fp8")
+    with pytest.raises(InvalidParams, match="--threads must be between 1"):
+        LoadOptions(threads=0)
+    with pytest.raises(TypeError, match="not both"):
+        load_engine("anything", LoadOptions(), dtype="float32")
 
 
 def test_int8_refuses_other_dtypes_and_devices(tiny_model_dir):

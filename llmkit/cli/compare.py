@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmkit.cli import options, render
+from llmkit.engine import LoadOptions
 from llmkit.errors import InvalidParams
 
 EPILOG = """Examples:
@@ -75,8 +76,8 @@ def compare(
         text=read_text_file(text_file) if text_file is not None else reference_text(),
         text_name=str(text_file) if text_file is not None else "llmkit reference text",
         runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, window=window, stride=stride,
-        device=device, dtype=dtype, quantize=quantize, timeout_s=timeout, engines=tuple(engines or ("transformers",)),
-        threads=threads,
+        load=LoadOptions(device=device, dtype=dtype, quantize=quantize, threads=threads), timeout_s=timeout,
+        engines=tuple(engines or ("transformers",)),
     )
     check_spec(spec)
     if plot is not None:

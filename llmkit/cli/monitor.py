@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmkit.cli import options, render
+from llmkit.engine import LoadOptions
 from llmkit.errors import InvalidParams
 
 EPILOG = """Examples:
@@ -52,7 +53,7 @@ def monitor(
     text = read_prompt_file(prompt_file) if prompt_file is not None else (prompt if prompt is not None
                                                                           else DEFAULT_PROMPT)
     spec = MonitorSpec(model=model, prompt=text, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
-                       device=device, dtype=dtype, engine=engine, quantize=quantize, threads=threads)
+                       load=LoadOptions(device=device, dtype=dtype, engine=engine, quantize=quantize, threads=threads))
     check_spec(spec)
     from llmkit.models import check_model
 

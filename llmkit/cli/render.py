@@ -759,7 +759,7 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
         return json.dumps({"spec": {"models": list(spec.models), "prompt": spec.prompt, "text": spec.text_name,
                                     "runs": spec.runs, "warmup": spec.warmup,
                                     "max_new_tokens": spec.max_new_tokens, "window": spec.window,
-                                    "stride": spec.effective_stride, "threads": spec.threads},
+                                    "stride": spec.effective_stride, "threads": spec.load.threads},
                            "rows": rows}, indent=2, ensure_ascii=False) + "\n"
     if output_format == "csv":
         buffer = io.StringIO()

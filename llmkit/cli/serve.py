@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmkit.cli import options, render
-from llmkit.engine import check_load_options
+from llmkit.engine import LoadOptions
 from llmkit.errors import ModelLoadError, PortInUse
 from llmkit.server import settings as server_settings
 from llmkit.server.settings import ServerSettings, parse_forwarded_allow_ips, parse_rate_limit
@@ -118,7 +118,7 @@ def serve(
         idle_timeout_s=idle_timeout, read_timeout_s=read_timeout, max_connections=max_connections,
         forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     ).check()
-    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
+    load_options = LoadOptions(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
     from llmkit.models import resolve
 
     source = resolve(model)  # an unknown model fails here, before anything heavy loads
@@ -139,8 +139,7 @@ def serve(
 
         if settings.log_format == "json":
             logs.route_library_logging()
-        return load_engine(model, device=device, dtype=dtype, quantize=quantize, engine=engine_name,
-                           threads=threads)
+        return load_engine(model, load_options)
 
     app = build_app(load, settings)
     server = build_server(app, settings)

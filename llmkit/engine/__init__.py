@@ -8,8 +8,18 @@ model (an alias or a .gguf file) on the CPU when it is installed and no --dtype 
 torch, transformers and llama_cpp load in `load_engine`.
 """
 
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 from llmkit.engine.types import Chunk, Completion, EngineInfo, Result, Timings, Usage
 from llmkit.errors import InvalidParams
+
+if TYPE_CHECKING:
+    from llmkit.engine.base import Engine
+    from llmkit.models import Progress
 
 ENGINES = ("transformers", "llama.cpp", "auto")
 DEFAULT_ENGINE = "transformers"
@@ -37,21 +47,40 @@ def require_llamacpp() -> None:
                                  "(it compiles for several minutes)")
 
 
-def check_load_options(*, device: str, dtype: str, quantize: str, engine: str, threads: int | None = None) -> None:
-    """Every load option checked before anything heavy is imported (exit 2 without loading); threads: --threads,
-    or $LLMKIT_THREADS when it is None."""
-    from llmkit.devices import check_device, check_dtype, check_quantize, requested_threads
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: every command's --device, --dtype, --quantize, --engine and --threads, checked
+    once, when the record is made, before anything heavy is imported (a bad value is InvalidParams, exit 2).
+    Engines take one and trust it; what depends on the machine (a CUDA index that does not exist, int8 off
+    the CPU) is found when the engine resolves the device."""
 
-    check_device(device)
-    check_dtype(dtype)
-    check_quantize(quantize)
-    check_engine(engine)
-    requested_threads(threads)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16
+    quantize: str = "none"  # none or int8
+    engine: str = DEFAULT_ENGINE  # transformers, llama.cpp or auto
+    threads: int | None = None  # CPU threads that compute; None: $LLMKIT_THREADS when set, else the engine's default
+
+    def __post_init__(self) -> None:
+        from llmkit.devices import check_device, check_dtype, check_quantize, requested_threads
+
+        check_device(self.device)
+        check_dtype(self.dtype)
+        check_quantize(self.quantize)
+        check_engine(self.engine)
+        requested_threads(self.threads)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-def choose_engine(name: str, model=None, *, device="auto", dtype="auto", quantize="none") -> tuple[str, str]:
-    """(engine, why) for an engine name; resolves `auto`, passes the others through."""
-    check_engine(name)
+def check_load_options(**settings: Any) -> LoadOptions:
+    """LoadOptions(**settings): every load option checked before anything heavy is imported (exit 2)."""
+    return LoadOptions(**settings)
+
+
+def choose_engine(model: str | None, options: LoadOptions) -> tuple[str, str]:
+    """(engine, why) for options.engine; resolves `auto`, passes the others through."""
+    name = options.engine
     if name != "auto":
         return name, "set by --engine; default transformers"
     from llmkit.models import resolve
@@ -59,7 +88,7 @@ def choose_engine(name: str, model=None, *, device="auto", dtype="auto", quantiz
     source = resolve(model)
     if source.kind not in ("alias", "gguf"):
         return "transformers", f"auto: {source.name} is a {source.kind} model, not a GGUF file"
-    if dtype != "auto" or quantize != "none":
+    if options.dtype != "auto" or options.quantize != "none":
         return "transformers", "auto: --dtype/--quantize ask for transformers"
     from llmkit.engine.llamacpp import llamacpp_installed
 
@@ -67,9 +96,9 @@ def choose_engine(name: str, model=None, *, device="auto", dtype="auto", quantiz
         from llmkit.extras import install_hint
 
         return "transformers", f"auto: llama-cpp-python is not installed ({install_hint('llamacpp')})"
-    if device not in ("auto", "cpu"):
-        return "transformers", f"auto: device {device} (the llama.cpp engine runs on the CPU)"
-    if device == "auto":
+    if options.device not in ("auto", "cpu"):
+        return "transformers", f"auto: device {options.device} (the llama.cpp engine runs on the CPU)"
+    if options.device == "auto":
         from llmkit.devices import resolve_device
 
         if resolve_device("auto") != "cpu":
@@ -77,11 +106,18 @@ def choose_engine(name: str, model=None, *, device="auto", dtype="auto", quantiz
     return "llama.cpp", "auto: a GGUF model on the CPU with llama-cpp-python installed"
 
 
-def prepare(model=None, *, engine=DEFAULT_ENGINE, progress=None, device="auto", dtype="auto", quantize="none"):
+def _options(options: LoadOptions | None, settings: dict[str, Any]) -> LoadOptions:
+    if options is not None and settings:
+        raise TypeError(f"give LoadOptions or keyword settings, not both (got {', '.join(settings)})")
+    return options if options is not None else LoadOptions(**settings)
+
+
+def prepare(model: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None,
+            **settings: Any) -> Any:
     """One-time work before a load (a GGUF conversion for transformers, joining a chunked alias),
-    so that measurements of the load itself exclude it."""
-    engine = choose_engine(engine, model, device=device, dtype=dtype, quantize=quantize)[0]
-    if engine == "llama.cpp":
+    so that measurements of the load itself exclude it. settings: LoadOptions fields, when no options."""
+    options = _options(options, settings)
+    if choose_engine(model, options)[0] == "llama.cpp":
         from llmkit.engine.llamacpp import gguf_path_for
 
         return gguf_path_for(model, progress)
@@ -90,28 +126,26 @@ def prepare(model=None, *, engine=DEFAULT_ENGINE, progress=None, device="auto", 
     return local_folder(resolve(model), progress)
 
 
-def load_engine(model=None, *, device="auto", dtype="auto", quantize="none", progress=None,
-                engine=DEFAULT_ENGINE, threads=None):
-    """Load `model` (alias, folder, .gguf file or Hub id) once with the named engine (or `auto`).
+def load_engine(model: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None,
+                **settings: Any) -> Engine:
+    """Load `model` (alias, folder, .gguf file or Hub id) once, as `options` say; or with LoadOptions fields
+    as keywords: load_engine("smollm2-135m", dtype="float32", threads=2).
 
-    threads: CPU threads that compute (None: $LLMKIT_THREADS when set, else the engine's default); set on the
-    calling thread, so load on the thread that will generate."""
-    import dataclasses
-
-    engine, why = choose_engine(engine, model, device=device, dtype=dtype, quantize=quantize)
+    The threads are set on the calling thread, so load on the thread that will generate."""
+    options = _options(options, settings)
+    engine, why = choose_engine(model, options)
+    loaded: Engine
     if engine == "llama.cpp":
         from llmkit.engine.llamacpp import LlamaCppEngine
 
-        loaded = LlamaCppEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
-                                     threads=threads)
+        loaded = LlamaCppEngine.load(model, options, progress=progress)
     else:
         from llmkit.engine.transformers import TransformersEngine
 
-        loaded = TransformersEngine.load(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
-                                         threads=threads)
+        loaded = TransformersEngine.load(model, options, progress=progress)
     loaded.info = dataclasses.replace(loaded.info, choices={"engine": f"{engine} ({why})", **loaded.info.choices})
     return loaded
 
 
-__all__ = ["Chunk", "Completion", "ENGINES", "EngineInfo", "Result", "Timings", "Usage", "check_engine",
+__all__ = ["Chunk", "Completion", "ENGINES", "EngineInfo", "LoadOptions", "Result", "Timings", "Usage", "check_engine",
            "check_load_options", "choose_engine", "load_engine", "prepare"]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from llmkit.engine import LoadOptions
 from llmkit.engine.base import Decode, Engine
 from llmkit.engine.sampling import pick_tokens
 from llmkit.engine.sequence import SequenceState, build_result
@@ -156,14 +157,11 @@ class LlamaCppEngine(Engine):
         self.eos_ids = frozenset(t for t in (llm.token_eos(), llm._model.token_eot()) if t >= 0)
 
     @classmethod
-    def load(cls, reference: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             quantize: str = "none", progress: Progress | None = None,
-             threads: int | None = None) -> "LlamaCppEngine":
-        from llmkit.devices import check_device, check_dtype, check_quantize, requested_threads, use_threads
-
-        check_device(device)
-        check_dtype(dtype)
-        check_quantize(quantize)
+    def load(cls, reference: str | None = None, options: LoadOptions | None = None, *,
+             progress: Progress | None = None) -> "LlamaCppEngine":
+        from llmkit.devices import requested_threads, use_threads
+        options = options or LoadOptions(engine=ENGINE_NAME)
+        device, dtype, quantize, threads = options.device, options.dtype, options.quantize, options.threads
         asked_threads = requested_threads(threads)[0]
         if device not in ("auto", "cpu"):
             raise UnsupportedFeature("llmkit's llama.cpp engine runs on the CPU; use --device cpu or "

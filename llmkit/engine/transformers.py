@@ -16,6 +16,7 @@ import inspect
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from llmkit.engine import LoadOptions
 from llmkit.engine.base import BatchingEngine, Decode
 from llmkit.engine.sampling import pick_tokens
 from llmkit.engine.sequence import SequenceState, build_result
@@ -53,40 +54,28 @@ class TransformersEngine(BatchingEngine):
     # --- loading ----------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, reference: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             quantize: str = "none", progress: Progress | None = None,
-             threads: int | None = None) -> "TransformersEngine":
-        from llmkit.devices import (
-            check_device,
-            check_dtype,
-            check_quantize,
-            choose_dtype,
-            requested_threads,
-            resolve_device,
-            use_threads,
-        )
-
-        check_device(device)
-        check_dtype(dtype)
-        check_quantize(quantize)
-        requested_threads(threads)
-        if quantize == "int8" and dtype not in ("auto", "bfloat16"):
+    def load(cls, reference: str | None = None, options: LoadOptions | None = None, *,
+             progress: Progress | None = None) -> "TransformersEngine":
+        from llmkit.devices import choose_dtype, resolve_device, use_threads
+        options = options or LoadOptions()
+        quantize = options.quantize
+        if quantize == "int8" and options.dtype not in ("auto", "bfloat16"):
             raise InvalidParams(f"--quantize int8 computes in bfloat16 (its kernel takes bfloat16 activations); "
-                                f"drop --dtype {dtype} or use --dtype bfloat16", field="dtype")
+                                f"drop --dtype {options.dtype} or use --dtype bfloat16", field="dtype")
         source = resolve(reference)
         started = time.perf_counter()
         _quiet_transformers()
         import torch
 
-        thread_count, threads_why = use_threads(threads)
+        thread_count, threads_why = use_threads(options.threads)
         try:
             folder = local_folder(source, progress)
-            device_name = resolve_device(device)
+            device_name = resolve_device(options.device)
             if quantize == "int8" and device_name != "cpu":
                 raise InvalidParams(f"--quantize int8 runs on the CPU only (device {device_name}); use "
                                     "--dtype bfloat16 on a GPU, or --device cpu", field="quantize")
             torch_dtype, dtype_why = (torch.bfloat16, "int8 weight-only computes in bfloat16") \
-                if quantize == "int8" else choose_dtype(dtype, device_name)
+                if quantize == "int8" else choose_dtype(options.dtype, device_name)
             if progress:
                 progress(f"loading {source.name}", 0, None)
             if folder is not None:
