@@ -180,7 +180,12 @@ def _disk_bytes(source) -> int | None:
         return alias_gguf_path(ALIASES[source.location]).stat().st_size
     if source.kind in ("gguf", "folder"):
         return folder_bytes(Path(source.location))
-    return None  # a Hub id: measured from the folder it loaded from, below
+    try:  # a Hub id: the snapshot folder it loaded from, in the local Hugging Face cache
+        from huggingface_hub import snapshot_download
+
+        return folder_bytes(Path(snapshot_download(source.location, local_files_only=True)))
+    except Exception:  # not cached as a snapshot (or no longer): the size is unknown, not an error
+        return None
 
 
 def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transformers") -> dict[str, Any]:
@@ -225,11 +230,6 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
     gpu = [p.cuda_peak_allocated_bytes for p in sampler.phases if p.cuda_peak_allocated_bytes is not None]
     tg = [lat.tg_tokens_per_s for lat in latencies if lat.tg_tokens_per_s is not None]
     disk = _disk_bytes(source)
-    if disk is None and source.kind == "hub":
-        from llmkit.models import folder_bytes
-
-        disk = folder_bytes(Path(engine.model.config.name_or_path)) if Path(
-            engine.model.config.name_or_path).is_dir() else None
     return {
         "model": row_label(reference, engine_name, spec),
         "reference": reference,
@@ -303,9 +303,10 @@ def run_worker(spec: CompareSpec, reference: str, on_stage: Callable[[str], None
         process.stdin.write(payload)
         process.stdin.close()
         other_lines: list[str] = []
+        stderr = process.stderr
 
         def read_stderr() -> None:
-            for line in process.stderr:
+            for line in stderr:
                 if line.startswith(STAGE_PREFIX):
                     on_stage(line[len(STAGE_PREFIX):].strip())
                 elif line.strip():

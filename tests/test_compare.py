@@ -178,3 +178,25 @@ def test_empty_text_file(cli, tmp_path):
     empty.write_text("  \n")
     result = cli("compare", "gemma3-270m", "--text-file", str(empty))
     assert result.exit_code == 2 and "is empty" in result.stderr
+
+
+def test_a_hub_models_disk_size_is_its_cached_snapshot(tmp_path, monkeypatch):
+    """compare's disk column for a Hub id: the snapshot folder in the local Hugging Face cache (files behind
+    symlinks counted), and unknown (None) when the id is not cached."""
+    import huggingface_hub.constants
+
+    from llmkit.compare import _disk_bytes
+    from llmkit.models import resolve
+
+    repo = tmp_path / "models--someone--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "weights").write_bytes(b"x" * 1000)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(repo / "blobs" / "weights")
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert _disk_bytes(resolve("someone/tiny")) == 1002
+    assert _disk_bytes(resolve("someone/absent")) is None
