@@ -337,7 +337,7 @@ def _write_conversion(gguf_path: Path, staging: Path, progress: Progress | None)
     if progress:
         progress("saving safetensors", 0, None)
     # The GGUF quantizer marks the model unserializable; its weights are plain float32 tensors now.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(staging)

@@ -93,7 +93,8 @@ def wrap_errors(command: Callable) -> Callable:
 
     if not own_debug:
         debug = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOpt)
-        run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), debug])
+        run.__signature__ = signature.replace(  # type: ignore[attr-defined]  # read by Typer
+            parameters=[*signature.parameters.values(), debug])
         run.__annotations__ = {**{p.name: p.annotation for p in signature.parameters.values()}, "debug": DebugOpt}
     return run
 

@@ -25,12 +25,6 @@ def _blank_flag_types(params: list[Any]) -> None:
             param.metavar = ""  # Typer's rich help prints the metavar in the type column when one is set
 
 
-class _FlagHelp:
-    def format_help(self, ctx, formatter) -> None:
-        _blank_flag_types(self.get_params(ctx))
-        return super().format_help(ctx, formatter)
-
-
 def refuse_flag_values(command, ctx, args: list[str]) -> None:
     """`--greedy true`: a flag given a value as the next word is a usage error (exit 2), not a prompt word."""
     flags: dict[str, Any] = {}
@@ -59,14 +53,22 @@ def refuse_flag_values(command, ctx, args: list[str]) -> None:
         position += 1
 
 
-class LlmkitCommand(_FlagHelp, TyperCommand):
+class LlmkitCommand(TyperCommand):
+    def format_help(self, ctx, formatter) -> None:
+        _blank_flag_types(self.get_params(ctx))
+        super().format_help(ctx, formatter)
+
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         refuse_flag_values(self, ctx, args)
         return super().parse_args(ctx, args)
 
 
-class LlmkitGroup(_FlagHelp, TyperGroup):
+class LlmkitGroup(TyperGroup):
     """The root app and `explore`: the same flag help as the commands."""
+
+    def format_help(self, ctx, formatter) -> None:
+        _blank_flag_types(self.get_params(ctx))
+        super().format_help(ctx, formatter)
 
 
 class LlmkitTyper(typer.Typer):

@@ -12,7 +12,7 @@ import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from rich.console import Console
 from rich.markup import escape
@@ -121,7 +121,7 @@ WIDE_NOTE = "--wide shows every column"
 class Column:
     header: str
     cells: list[Any]  # one str (rich markup) or Text per row
-    justify: str = "right"
+    justify: Literal["default", "left", "center", "right", "full"] = "right"
     priority: int = 0  # 0: always shown; when the table is too wide, the highest number goes first
     style: str | None = None
 
@@ -221,7 +221,7 @@ def cache_table(entries, root: str, packages: list[tuple[str, int]]) -> None:
     if not entries:
         out.print("[dim]empty: nothing converted or joined yet[/]")
     else:
-        def table_for(rows: list[tuple[str, str, Any]], longest: int) -> Table:
+        def table_for(rows: list[tuple[str, str, str | Text, bool]], longest: int) -> Table:
             table = compact_table()
             table.add_column("size", justify="right", no_wrap=True)
             table.add_column("--clean", no_wrap=True)
@@ -231,7 +231,7 @@ def cache_table(entries, root: str, packages: list[tuple[str, int]]) -> None:
             return table
 
         longest = max(cell_len(entry.name) for entry in entries)
-        rows = []
+        rows: list[tuple[str, str, str | Text, bool]] = []
         for index, entry in enumerate(entries):
             rows.append((human_bytes(entry.bytes), CACHE_ACTION[entry.removable], escape(entry.name), False))
             kind = CACHE_KIND_TEXT.get(entry.kind, entry.kind)

@@ -64,7 +64,7 @@ from llmkit.engine.scheduling import (
 )
 from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.errors import GenerationFailed, LlmkitError, OutOfMemory
-from llmkit.params import GenerationParams
+from llmkit.params import GenerationParams, sampling_key
 
 
 log = logging.getLogger("llmkit.server")
@@ -90,10 +90,9 @@ class _Active:
 
 
 def _sampling_key(params: GenerationParams) -> tuple:
-    """Rows whose requests share this key can be sampled in one pick_tokens call."""
-    if params.is_greedy:
-        return ("greedy",)
-    return (params.temperature, params.top_k, params.top_p, params.min_p)
+    """Rows whose requests share this key can be sampled in one pick_tokens call: the value of every sampling
+    knob in llmkit/params.py's table (derived there, so a knob added later cannot be left out of it)."""
+    return sampling_key(params)
 
 
 class BatchScheduler(Scheduler):
@@ -113,7 +112,7 @@ class BatchScheduler(Scheduler):
         # Batch state, touched only by the loop thread. Rows of one request are contiguous.
         self._active: list[_Active] = []
         self._admitting: list[BatchRequest] = []  # left the queue, not yet in _active (read by submit)
-        self._cache = None
+        self._cache: Any = None  # the engine's KV cache of the running rows (new_cache())
         self._mask: torch.Tensor | None = None  # [rows, columns] 1 = real token in the cache
         self._pending: torch.Tensor | None = None  # [rows] sampled, not yet fed to the model
 
@@ -340,6 +339,7 @@ class BatchScheduler(Scheduler):
         if not self._active:
             self._active, self._cache, self._mask, self._pending = list(actives), cache, mask, tokens
             return
+        assert self._cache is not None and self._mask is not None and self._pending is not None  # rows are running
         width = max(self._mask.shape[1], mask.shape[1])
         for old, new in zip(_layers(self._cache), _layers(cache)):
             old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)], dim=0)
@@ -356,6 +356,7 @@ class BatchScheduler(Scheduler):
         if not kept_actives:
             self._active, self._cache, self._mask, self._pending = [], None, None, None
             return
+        assert self._cache is not None and self._mask is not None and self._pending is not None  # rows are running
         rows = [k for a, k in zip(self._active, keep_requests) for _ in range(a.request.rows)]
         index = torch.tensor([i for i, k in enumerate(rows) if k], device=self._device)
         self._cache.batch_select_indices(index)

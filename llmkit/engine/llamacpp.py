@@ -95,7 +95,7 @@ def _file_type_name(code: str | None) -> str:
     from gguf import LlamaFileType
 
     try:
-        return LlamaFileType(int(code)).name.removeprefix("MOSTLY_")
+        return LlamaFileType(int(code)).name.removeprefix("MOSTLY_")  # type: ignore[arg-type]  # None: TypeError
     except (TypeError, ValueError):
         return "gguf"
 

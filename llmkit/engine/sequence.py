@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 from llmkit.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llmkit.engine.types import Chunk, Completion, Result, Timings, Usage
@@ -35,7 +35,7 @@ class SequenceState:
     max_new_tokens: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: Literal["stop", "length"] | None = None
 
     @classmethod
     def start(cls, index: int, tokenizer, prompt_ids: Sequence[int], params: GenerationParams) -> "SequenceState":
@@ -48,6 +48,7 @@ class SequenceState:
         if self.finish_reason:
             return None
         self.token_ids.append(token)
+        finish: Literal["stop", "length"] | None
         if token in eos_ids:
             text, finish = self.stops.flush(self.detokenizer.flush()), "stop"
         else:

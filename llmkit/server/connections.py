@@ -16,6 +16,8 @@ descriptors. This subclass adds:
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import time
 
@@ -45,7 +47,7 @@ class BoundedH11Protocol(H11Protocol):
     _last_refusal_log = 0.0  # shared by all connections
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        self._read_timer = None
+        self._read_timer: asyncio.TimerHandle | None = None
         self._refused = len(self.connections) >= self.max_connections
         if self._refused:
             self._refuse(transport)

@@ -340,7 +340,8 @@ class JsonBody:
 
 async def _read_body(receive) -> tuple[bytes | None, list[dict]]:
     """The whole body (BodyLimit, outside this, bounds its size) and the messages it came in."""
-    messages, chunks = [], []
+    messages: list[dict] = []
+    chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

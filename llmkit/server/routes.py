@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -138,7 +138,7 @@ async def _run(request: Request, *, kind: str, prompt: str, ids: list[int], para
     except LlmkitError as exc:
         request.app.state.metrics.ended.labels(exc.kind).inc()
         raise
-    renderer = Renderer(kind, request.state.request_id, host.engine.info.model, params.num_sequences, include_usage)
+    renderer = Renderer(kind, request.state.request_id, host.require_engine().info.model, params.num_sequences, include_usage)
     events = host.events(job)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
@@ -175,7 +175,7 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
             return
 
 
-async def _stream(request: Request, job: Job, renderer: Renderer, first, events: AsyncIterator) -> AsyncIterator[bytes]:
+async def _stream(request: Request, job: Job, renderer: Renderer, first, events: AsyncGenerator) -> AsyncIterator[bytes]:
     """SSE body. The chunk that finishes the last open sequence is held back a moment, until the Result
     arrives (it follows at once), so that it can carry the timings."""
     open_sequences = renderer.n
@@ -234,7 +234,7 @@ def build_router() -> APIRouter:
     @router.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         host = _host(request)
-        name = host.engine.info.model if host.engine else host.settings.model_name
+        name = host.require_engine().info.model if host.engine else host.settings.model_name
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(host.created),
                                             "owned_by": "llmkit"}]}
 
@@ -268,7 +268,7 @@ def build_router() -> APIRouter:
         result = finished.result
         return {
             "success": True,
-            "model": host.engine.info.model,
+            "model": host.require_engine().info.model,
             "prompt": body.prompt,
             "generated_text": body.prompt + result.text,
             "completion": result.text,

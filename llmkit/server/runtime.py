@@ -24,13 +24,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable
 
 from llmkit.engine.types import Chunk
 from starlette.concurrency import run_in_threadpool
 
 from llmkit.errors import InvalidParams, LlmkitError, ModelNotReady, UnsupportedFeature
 from llmkit.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from llmkit.engine.base import Engine
+    from llmkit.engine.scheduling import Scheduler
 
 log = logging.getLogger("llmkit.server")
 
@@ -73,8 +77,8 @@ class ModelHost:
         self.on_step = on_step
         self.state = "loading"  # loading -> ready -> stopping; or error
         self.error: str | None = None
-        self.engine = None
-        self.scheduler = None
+        self.engine: Engine | None = None  # set once loaded: every route runs after /health says ready
+        self.scheduler: Scheduler | None = None
         self.started_at = time.monotonic()
         self.created = time.time()
         self.on_fatal: Callable[[str], None] | None = None  # the CLI stops uvicorn when the model cannot load
@@ -167,7 +171,7 @@ class ModelHost:
         failures = scheduler.failures
         if failures.steps_in_a_row >= FAILING_AFTER_STEPS:
             return 503, {"status": "failing", "model": name, **_failure_fields(failures)}
-        info = self.engine.info
+        info = self.require_engine().info
         return 200, {"status": "degraded" if failures.steps_in_a_row else "ok", "model": name,
                      "engine": info.engine, "device": info.device,
                      "dtype": info.dtype, "quantize": info.quantize, "threads": info.threads,
@@ -180,12 +184,15 @@ class ModelHost:
     def ready(self) -> bool:
         return self.state == "ready" and self.scheduler is not None and self.scheduler.alive
 
-    def require_engine(self):
+    def require_engine(self) -> Engine:
+        return self._require_ready()[0]
+
+    def _require_ready(self) -> tuple[Engine, Scheduler]:
         if self.state == "loading":
             raise ModelNotReady("the model is still loading; retry in a few seconds (GET /health says when)")
-        if not self.ready:
+        if not self.ready or self.engine is None or self.scheduler is None:
             raise ModelNotReady("the model is not available: " + (self.error or "the server is shutting down"))
-        return self.engine
+        return self.engine, self.scheduler
 
     # --- prompts -------------------------------------------------------------------------------
     # Templating and tokenizing a big body takes a second of CPU: it runs on a worker thread so the event loop
@@ -215,7 +222,7 @@ class ModelHost:
     def submit(self, prompt: str, ids: list[int], params, *, request_id: str, arrived: float) -> Job:
         from llmkit.engine.scheduling import BatchRequest
 
-        self.require_engine()
+        scheduler = self._require_ready()[1]
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -228,10 +235,10 @@ class ModelHost:
         request = BatchRequest(prompt, ids, params, sink, started=arrived,
                                deadline=arrived + self.settings.request_timeout_s, request_id=request_id)
         job = Job(request, queue)
-        self.scheduler.submit(request)  # QueueFull / ShuttingDown propagate as 503
+        scheduler.submit(request)  # QueueFull / ShuttingDown propagate as 503
         return job
 
-    async def events(self, job: Job) -> AsyncIterator[Any]:
+    async def events(self, job: Job) -> AsyncGenerator[Any, None]:
         """Chunks, then one Finished; raises the request's LlmkitError (timeout, shutdown, OOM, Cancelled...).
 
         A client that hangs up cancels the job from outside (routes.py watches the connection), and the

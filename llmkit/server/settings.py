@@ -103,10 +103,10 @@ class ServerSettings:
                                  ("max_connections", self.max_connections, 1)):
             if value < low:
                 raise InvalidParams(f"{name.replace('_', '-')} must be at least {low} (got {value})", field=name)
-        for name, value in (("request_timeout", self.request_timeout_s), ("grace_period", self.grace_s),
-                            ("idle_timeout", self.idle_timeout_s), ("read_timeout", self.read_timeout_s)):
-            if not value > 0:
-                raise InvalidParams(f"{name.replace('_', '-')} must be more than 0 seconds (got {value})", field=name)
+        for name, seconds in (("request_timeout", self.request_timeout_s), ("grace_period", self.grace_s),
+                              ("idle_timeout", self.idle_timeout_s), ("read_timeout", self.read_timeout_s)):
+            if not seconds > 0:
+                raise InvalidParams(f"{name.replace('_', '-')} must be more than 0 seconds (got {seconds})", field=name)
         if self.log_format not in LOG_FORMATS:
             raise InvalidParams(f"log-format must be one of {', '.join(LOG_FORMATS)} (got {self.log_format!r})",
                                 field="log_format")
