@@ -1,6 +1,6 @@
 """The faster configurations: what `auto` picks, and that each one computes what float32 computes.
 
-Tolerances (tiny random model, weights N(0, 0.02)), as the README states them:
+Tolerances (tiny random model, weights N(0, 0.02)), as docs/performance.md states them:
 - float32 (any path): identical greedy tokens and logits.
 - float16 / bfloat16 / int8: the log-softmax over a whole teacher-forced sequence stays within
   MAX_LOGPROB_ERROR of float32's; greedy tokens are identical to float32's up to the first step

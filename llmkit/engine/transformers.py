@@ -237,7 +237,7 @@ def _speed_choices(device: str, torch_dtype, dtype_why: str, int8_layers: int) -
             f"torch gemv for steps of <= {GEMV_MAX_ROWS} token rows (oneDNN off), oneDNN for prefill and larger "
             "batches" if uses_gemv_switch(device, torch_dtype)
             else f"torch default ({'oneDNN/MKL' if device == 'cpu' else device})")
-    choices["kv_cache"] = "dynamic (static cache + torch.compile did not pay off on the CPU; see README)"
+    choices["kv_cache"] = "dynamic (static cache + torch.compile did not pay off on the CPU; see docs/performance.md)"
     return choices
 
 
