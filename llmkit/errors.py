@@ -35,15 +35,27 @@ class LlmkitError(Exception):
 
 
 class InvalidParams(LlmkitError):
-    """A value the user gave is out of range or inconsistent; raised before any model loads."""
+    """A value the user gave is out of range or inconsistent; raised before any model loads.
+
+    `errors` holds every bad field as (field, sentence); with several, the message joins the sentences
+    with "; " and `field` is the first one's (the CLI prints the message, the server names `field` as its
+    `param` and lists `errors`)."""
 
     exit_code = 2
     http_status = 400
     kind = "invalid_request_error"
 
-    def __init__(self, message: str, field: str | None = None):
+    def __init__(self, message: str, field: str | None = None, *,
+                 errors: list[tuple[str | None, str]] | None = None):
         super().__init__(message)
         self.field = field
+        self.errors = list(errors) if errors else [(field, message)]
+
+    @classmethod
+    def from_errors(cls, errors) -> "InvalidParams":
+        """One InvalidParams for several (field, sentence) pairs, in the order given (at least one)."""
+        errors = list(errors)
+        return cls("; ".join(message for _, message in errors), errors[0][0], errors=errors)
 
 
 class UnknownModel(LlmkitError):

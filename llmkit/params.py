@@ -1,14 +1,60 @@
-"""The one definition of generation parameters: defaults, bounds, consistency.
+"""The one definition of generation parameters: defaults, bounds, consistency, and where each one appears.
 
 The CLI, the HTTP server and explore's grids all build a GenerationParams through
 `parse_params`, so a bound changes in one place and every entry point reports a bad
 value with the same sentence ("temperature must be between 0.0 and 2.0 (got 5.0)").
-Only pydantic is imported here, so validation costs nothing before a model loads.
+Every bad field is reported, not only the first: InvalidParams carries them all in
+`errors` and its message joins their sentences with "; " (as simonw/llm reports each
+field of its Options). Only pydantic is imported here, so validation costs nothing
+before a model loads.
+
+The table. Beside its type and its Field() (default, bounds, description: what is valid),
+every field carries one `Param` in its Annotated metadata: where the field appears.
+
+    field               kind      CLI (beside --field-name)   OpenAI bodies (/v1/*)        /generate
+    max_new_tokens      stopping  --max-tokens                max_tokens; chat also        max_length, max_new_tokens
+                                                              max_completion_tokens
+    temperature         sampling  --temp, -t                  temperature                  temperature
+    top_k               sampling                              top_k (extension)            top_k
+    top_p               sampling                              top_p                        top_p
+    min_p               sampling                              min_p (extension)            min_p
+    repetition_penalty  sampling                              repetition_penalty (ext.)    repetition_penalty
+    greedy              sampling                              -  (OpenAI: temperature 0)   greedy
+    seed                draws                                 seed                         seed
+    num_sequences       draws     -n                          n                            num_sequences
+    stop                stopping                              stop (a string or a list)    stop
+
+Derived from it, so a new parameter is one field here and nothing else:
+
+- `llmkit generate`'s options, with their aliases, panel and help (cli/options.py `generation_options`),
+  and the other spellings monitor, compare and explore accept (`OTHER_NAMES` there);
+- the parameter fields of the HTTP bodies (server/schemas.py: CompletionRequest, ChatRequest,
+  GenerateRequest), with the bounds and descriptions /openapi.json shows, which body name maps onto
+  which field, and error messages renamed to the name the client sent;
+- explore's grid names (every field that is not a draw) and its plain-sampling base (each sampling
+  knob at its `neutral` value);
+- the batch key (`sampling_key`, engine/batch.py): every sampling knob's value, so two requests with
+  different settings are never sampled in one call, whatever knob is added later.
+
+`kind` is the one cut that changes behaviour; every field must choose one:
+
+- sampling: how the next token is picked from the logits. In the batch key, a grid axis in explore.
+  `greedy_ignores`: greedy decoding does not read it (the batch key of greedy rows leaves it out).
+- stopping: where the output ends. Each row checks its own, so not in the batch key; a grid axis.
+- draws: which and how many random draws. Each row has its own generator, so not in the batch key;
+  explore sets them itself (--seed, --samples), so not a grid axis.
+
+HTTP names are per API, the name the API documents first: `openai` is the name in both /v1 bodies
+(None: not offered there; `extension` says OpenAI's API has no such field), `chat` adds names only
+/v1/chat/completions takes, `generate` lists /generate's names (default: the field's own). A body that
+gets two names of one field refuses it ("give max_tokens or max_completion_tokens, not both").
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Annotated, Any, Iterable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -18,43 +64,200 @@ MAX_NEW_TOKENS_LIMIT = 4096
 MAX_SEQUENCES = 16
 MAX_STOP_SEQUENCES = 8
 
+Kind = Literal["sampling", "stopping", "draws"]
+API = Literal["completions", "chat", "generate"]
+APIS: tuple[str, ...] = ("completions", "chat", "generate")
+EXTENSION_NOTE = "(llmkit extension)"
+
+
+@dataclass(frozen=True)
+class Name:
+    """One name a request body takes for a field, and what that body's /openapi.json description adds."""
+
+    name: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Param:
+    """Where a GenerationParams field appears (its row of the table in the module docstring)."""
+
+    kind: Kind
+    cli_aliases: tuple[str, ...] = ()  # long flags beside --field-name: other tools' spellings
+    short: str | None = None  # the one-letter flag
+    cli_help: str | None = None  # CLI help instead of "description (bounds; default)"
+    cli_note: str = ""  # appended to the CLI help
+    openai: str | None = None  # its name in /v1/completions and /v1/chat/completions; None: not offered
+    extension: bool = False  # in the /v1 bodies but not in OpenAI's API (as vLLM and llama-server add them)
+    chat: tuple[Name, ...] = ()  # more names /v1/chat/completions alone takes, after `openai`
+    generate: tuple[Name | str, ...] = ()  # /generate's names, its own first; () = the field's name
+    greedy_ignores: bool = False  # sampling: greedy decoding does not read it
+    neutral: Any = None  # sampling: the value that leaves the model's distribution alone (None: the default)
+
 
 class GenerationParams(BaseModel):
     """How to pick tokens. `greedy` (or temperature 0) ignores the sampling knobs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # "yes" is not a bool, "0.7" not a number
 
-    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Tokens to generate at most.")
-    temperature: float = Field(0.8, ge=0.0, le=2.0, description="Divides the logits; 0 means greedy.")
-    top_k: int = Field(50, ge=0, le=100_000, description="Keep the k most likely tokens; 0 disables.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Keep the smallest set of tokens whose mass reaches p.")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p times the top probability.")
-    repetition_penalty: float = Field(1.0, ge=0.5, le=2.0, description="Above 1 discourages tokens already seen.")
-    greedy: bool = Field(False, description="Always take the most likely token (deterministic).")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling; same seed, same text.")
-    num_sequences: int = Field(1, ge=1, le=MAX_SEQUENCES, description="Independent completions per prompt.")
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES,
-                            description="Cut the output before the first of these strings.")
+    max_new_tokens: Annotated[int, Param(
+        "stopping", cli_aliases=("--max-tokens",), openai="max_tokens",
+        chat=(Name("max_completion_tokens", "(OpenAI's newer name for max_tokens)"),),
+        generate=(Name("max_length", "(/generate's name for max_new_tokens: new tokens, not a total)"),
+                  "max_new_tokens"),
+    )] = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Tokens to generate at most.")
+    temperature: Annotated[float, Param(
+        "sampling", cli_aliases=("--temp",), short="-t", openai="temperature", greedy_ignores=True, neutral=1.0,
+    )] = Field(0.8, ge=0.0, le=2.0, description="Divides the logits; 0 means greedy.")
+    top_k: Annotated[int, Param(
+        "sampling", openai="top_k", extension=True, greedy_ignores=True, neutral=0,
+    )] = Field(50, ge=0, le=100_000, description="Keep the k most likely tokens; 0 disables.")
+    top_p: Annotated[float, Param(
+        "sampling", openai="top_p", greedy_ignores=True,
+    )] = Field(1.0, gt=0.0, le=1.0, description="Keep the smallest set of tokens whose mass reaches p.")
+    min_p: Annotated[float, Param(
+        "sampling", openai="min_p", extension=True, greedy_ignores=True,
+    )] = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p times the top probability.")
+    repetition_penalty: Annotated[float, Param(
+        "sampling", openai="repetition_penalty", extension=True,
+    )] = Field(1.0, ge=0.5, le=2.0, description="Above 1 discourages tokens already seen.")
+    greedy: Annotated[bool, Param(
+        "sampling", greedy_ignores=True,  # not in the /v1 bodies: OpenAI's greedy is temperature 0
+        cli_help="Always take the most likely token (deterministic; ignores the sampling options).",
+    )] = Field(False, description="Always take the most likely token (deterministic).")
+    seed: Annotated[int | None, Param(
+        "draws", openai="seed",
+        cli_help="Seed for sampling: same seed and parameters, same text (default: random, reported).",
+    )] = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling; same seed, same text.")
+    num_sequences: Annotated[int, Param(
+        "draws", short="-n", openai="n",
+        cli_note=" Like the OpenAI API's n; llama.cpp's -n (tokens to generate) is --max-tokens here.",
+    )] = Field(1, ge=1, le=MAX_SEQUENCES, description="Independent completions per prompt.")
+    stop: Annotated[list[str], Param(
+        "stopping", openai="stop", cli_help="Cut the output before this text (repeatable).",
+    )] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES,
+               description="Cut the output before the first of these strings.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "GenerationParams":
+        problems = []  # "field: sentence" each; _messages splits them, so every one is reported
         if any(s == "" for s in self.stop):
-            raise ValueError("stop: stop sequences must not be empty strings")
+            problems.append("stop: stop sequences must not be empty strings")
         for text in self.stop:
             position = surrogate_position(text)
             if position is not None:
-                raise ValueError(f"stop: {SURROGATE_MESSAGE.format(what='a stop sequence', at=position)}")
+                problems.append(f"stop: {SURROGATE_MESSAGE.format(what='a stop sequence', at=position)}")
+                break
         if self.is_greedy and self.num_sequences > 1:
-            raise ValueError("num_sequences: num_sequences must be 1 with greedy decoding, which gives "
-                             "identical sequences; sample (temperature > 0) for several")
+            problems.append("num_sequences: num_sequences must be 1 with greedy decoding, which gives "
+                            "identical sequences; sample (temperature > 0) for several")
+        if problems:
+            raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
 
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0.0
 
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]):
+        """Validate user values (None means 'not given') into this model, or raise InvalidParams naming every
+        bad field (`errors`: one (field, sentence) per field)."""
+        merged = {k: v for k, v in values.items() if v is not None}
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise InvalidParams.from_errors(_messages(exc.errors(), cls)) from None
 
+
+PROBLEM_SEPARATOR = "\n"
 PARAM_NAMES = tuple(GenerationParams.model_fields)
+
+
+# --- the table, read ---------------------------------------------------------------------------------
+
+
+@cache
+def param_table(model: type[GenerationParams] = GenerationParams) -> dict[str, Param]:
+    """Field name -> its Param, in field order; a field without one, or a name two fields claim, is a bug here."""
+    table = {}
+    for name, info in model.model_fields.items():
+        found = [item for item in info.metadata if isinstance(item, Param)]
+        if len(found) != 1:
+            raise TypeError(f"{model.__name__}.{name} needs exactly one Param in its Annotated metadata "
+                            f"(kind, CLI flags, HTTP names): llmkit/params.py")
+        table[name] = found[0]
+    for api in APIS:
+        claimed: dict[str, str] = {}
+        for field, body_names_of_field in _api_names(table, api).items():
+            for body_name in body_names_of_field:
+                if claimed.setdefault(body_name.name, field) != field:
+                    raise TypeError(f"the {api} body name {body_name.name!r} is claimed by {claimed[body_name.name]} "
+                                    f"and {field}")
+    return table
+
+
+def _api_names(table: Mapping[str, Param], api: str) -> dict[str, tuple[Name, ...]]:
+    names = {}
+    for field, spec in table.items():
+        if api == "generate":
+            found = tuple(Name(n) if isinstance(n, str) else n for n in spec.generate) or (Name(field),)
+        elif spec.openai is None:
+            continue
+        else:
+            found = (Name(spec.openai, EXTENSION_NOTE if spec.extension else ""),)
+            if api == "chat":
+                found += spec.chat
+        names[field] = found
+    return names
+
+
+def body_names(api: str, model: type[GenerationParams] = GenerationParams) -> dict[str, tuple[Name, ...]]:
+    """Field -> the names `api`'s body takes for it ("completions", "chat", "generate"), the API's own first.
+    Fields an API does not offer are left out."""
+    if api not in APIS:
+        raise ValueError(f"unknown API {api!r} (known: {', '.join(APIS)})")
+    return _api_names(param_table(model), api)
+
+
+def cli_flags(name: str, model: type[GenerationParams] = GenerationParams) -> tuple[str, ...]:
+    """The long flags of a field: --field-name, then the other spellings."""
+    return (f"--{name.replace('_', '-')}", *param_table(model)[name].cli_aliases)
+
+
+def names_of(kind: str, model: type[GenerationParams] = GenerationParams) -> tuple[str, ...]:
+    return tuple(name for name, spec in param_table(model).items() if spec.kind == kind)
+
+
+SAMPLING_KNOBS = names_of("sampling")
+
+
+def neutral_values(model: type[GenerationParams] = GenerationParams) -> dict[str, Any]:
+    """Every sampling knob at the value that leaves the model's distribution alone: plain sampling."""
+    fields = model.model_fields
+    return {name: fields[name].get_default(call_default_factory=True) if spec.neutral is None else spec.neutral
+            for name, spec in param_table(model).items() if spec.kind == "sampling"}
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def sampling_key(params: GenerationParams) -> tuple:
+    """Equal keys pick tokens by the same rule: the value of every sampling knob of the params' table (only
+    those greedy decoding reads, for greedy params). The batcher samples rows with equal keys in one call."""
+    table = param_table(type(params))
+    if params.is_greedy:
+        return ("greedy", *(_hashable(getattr(params, n)) for n, s in table.items()
+                            if s.kind == "sampling" and not s.greedy_ignores))
+    return ("sample", *(_hashable(getattr(params, n)) for n, s in table.items() if s.kind == "sampling"))
+
+
+# --- messages ----------------------------------------------------------------------------------------
 
 SURROGATE_MESSAGE = ("{what} is not valid Unicode at character {at}: a lone UTF-16 surrogate (a JSON "
                      "\\ud800-\\udfff escape without its pair, or bytes that are not UTF-8); send valid text")
@@ -77,11 +280,11 @@ def surrogate_position(text: str) -> int | None:
         return exc.start
 
 
-def bounds_text(name: str) -> str:
+def bounds_text(name: str, model: type[BaseModel] = GenerationParams) -> str:
     """'between 0.0 and 2.0' from the Field metadata, so messages never drift from the bounds."""
     lower = upper = None
     lower_open = upper_open = False
-    for item in GenerationParams.model_fields[name].metadata:
+    for item in model.model_fields[name].metadata:
         for attr, is_open, is_lower in (("ge", False, True), ("gt", True, True),
                                         ("le", False, False), ("lt", True, False)):
             value = getattr(item, attr, None)
@@ -121,32 +324,41 @@ def type_sentence(name: str, error: Mapping[str, Any]) -> str | None:
     return f"{name} must be {word} (got {shown(error.get('input'))})" if word else None
 
 
-def _message(error: Mapping[str, Any]) -> tuple[str, str | None]:
+def _message(error: Mapping[str, Any], model: type[BaseModel] = GenerationParams) -> tuple[str, str | None]:
     loc = error.get("loc") or ()
     name = str(loc[0]) if loc else None
     kind = error.get("type", "")
     got = error.get("input")
     if kind == "extra_forbidden":
-        return f"unknown parameter '{name}' (known: {', '.join(PARAM_NAMES)})", name
-    if kind == "value_error":  # from _consistent: "field: sentence naming the field"
-        text = str(error.get("ctx", {}).get("error", error.get("msg", "")))
-        field, _, sentence = text.partition(": ")
-        return (sentence, field) if sentence else (text, None)
-    if name in GenerationParams.model_fields and kind.startswith(("greater", "less")):
-        return f"{name} must be {bounds_text(name)} (got {shown(got)})", name
+        return f"unknown parameter '{name}' (known: {', '.join(model.model_fields)})", name
+    if name in model.model_fields and kind.startswith(("greater", "less")):
+        return f"{name} must be {bounds_text(name, model)} (got {shown(got)})", name
     if kind == "too_long" and name == "stop":
-        return f"stop takes at most {MAX_STOP_SEQUENCES} sequences (got {len(got)})", name
+        return f"stop takes at most {MAX_STOP_SEQUENCES} sequences (got {len(got or ())})", name
     if len(loc) > 1 and name == "stop":  # one of the sequences is not a string
         return f"stop must be a list of strings (got {shown(got)} in it)", name
     sentence = type_sentence(str(name), error)
     return sentence or f"{name}: {error.get('msg', 'invalid value')} (got {shown(got)})", name
 
 
+def _messages(errors: Iterable[Mapping[str, Any]],
+              model: type[BaseModel] = GenerationParams) -> list[tuple[str | None, str]]:
+    """pydantic's errors -> one (field, sentence) per bad field, in field order (a field's first error speaks
+    for it: a stop list with two bad items is one sentence)."""
+    found: dict[str | None, str] = {}
+    for error in errors:
+        if error.get("type") == "value_error":  # from _consistent: "field: sentence" lines, each naming its field
+            text = str(error.get("ctx", {}).get("error", error.get("msg", "")))
+            for line in text.split(PROBLEM_SEPARATOR):
+                named, _, sentence = line.partition(": ")
+                found.setdefault(named if sentence else None, sentence or line)
+            continue
+        message, field = _message(error, model)
+        found.setdefault(field, message)
+    return list((field, message) for field, message in found.items())
+
+
 def parse_params(values: Mapping[str, Any] | None = None, **more: Any) -> GenerationParams:
-    """Validate user values (None means 'not given') into GenerationParams or raise InvalidParams."""
-    merged = {k: v for k, v in {**(values or {}), **more}.items() if v is not None}
-    try:
-        return GenerationParams.model_validate(merged)
-    except ValidationError as exc:
-        message, field = _message(exc.errors()[0])
-        raise InvalidParams(message, field=field) from None
+    """Validate user values (None means 'not given') into GenerationParams or raise InvalidParams (every bad
+    field in its `errors`, the first in `field`)."""
+    return GenerationParams.from_values({**(values or {}), **more})

@@ -43,3 +43,32 @@ def test_bad_values_name_the_parameter_and_range(values, field, message):
 def test_temperature_zero_is_greedy():
     assert parse_params(temperature=0).is_greedy
     assert not parse_params(temperature=0.5).is_greedy
+
+
+def test_every_bad_field_is_reported_in_field_order():
+    with pytest.raises(InvalidParams) as caught:
+        parse_params({"top_k": -1, "temperature": 5.0, "stop": ["a", 1, 2], "colour": "red"})
+    assert caught.value.errors == [
+        ("temperature", "temperature must be between 0.0 and 2.0 (got 5.0)"),
+        ("top_k", "top_k must be between 0 and 100000 (got -1)"),
+        ("stop", "stop must be a list of strings (got 1 in it)"),  # one sentence per field, its first error
+        ("colour", "unknown parameter 'colour' (known: " + ", ".join(GenerationParams.model_fields) + ")"),
+    ]
+    assert caught.value.field == "temperature"
+    assert str(caught.value) == "; ".join(message for _, message in caught.value.errors)
+    assert "\n" not in str(caught.value)
+
+
+def test_every_inconsistency_is_reported():
+    with pytest.raises(InvalidParams) as caught:
+        parse_params({"greedy": True, "num_sequences": 2, "stop": [""]})
+    assert [field for field, _ in caught.value.errors] == ["stop", "num_sequences"]
+    assert str(caught.value).startswith("stop sequences must not be empty strings; num_sequences must be 1 with greedy")
+    assert "\n" not in str(caught.value)
+
+
+def test_one_bad_field_is_one_error():
+    with pytest.raises(InvalidParams) as caught:
+        parse_params(temperature=5.0)
+    assert caught.value.errors == [("temperature", str(caught.value))]
+    assert InvalidParams("x", field="y").errors == [("y", "x")]

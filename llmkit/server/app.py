@@ -21,20 +21,21 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit import __version__
-from llmkit.errors import InvalidParams, LlmkitError
-from llmkit.params import TYPE_WORDS, parse_params, shown
+from llmkit.errors import LlmkitError
+from llmkit.params import TYPE_WORDS, shown
 from llmkit.server import openapi
 from llmkit.server.metrics import Metrics
 from llmkit.server.middleware import AccessLog, ApiKeyAuth, BodyLimit, JsonBody, RateLimiter
 from llmkit.server.routes import build_router
 from llmkit.server.runtime import ModelHost
-from llmkit.server.schemas import PARAM_FIELDS, error_body, rename_error
+from llmkit.server.schemas import error_body, param_sentence
 from llmkit.server.settings import ServerSettings
 
 log = logging.getLogger("llmkit.server")
@@ -69,13 +70,14 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     _install_error_handlers(app)
     openapi.install(app)
 
-    known_paths = {route.path for route in router.routes}
+    routes = [route for route in router.routes if isinstance(route, APIRoute)]
+    known_paths = {route.path for route in routes}
 
     def route_label(scope: dict[str, Any]) -> str:
         return scope["path"] if scope["path"] in known_paths else "other"
 
     # add_middleware wraps: the last added runs first. Order of a request: log -> size -> key -> rate -> JSON.
-    app.add_middleware(JsonBody, paths={route.path for route in router.routes if "POST" in route.methods})
+    app.add_middleware(JsonBody, paths={route.path for route in routes if "POST" in (route.methods or ())})
     if settings.rate_limit:
         app.add_middleware(RateLimiter, limit=settings.rate_limit, metrics=metrics)
     if settings.api_key:
@@ -86,9 +88,9 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
 
 
 def _error(request: Request, status: int, message: str, *, kind: str, param: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(request.url.path, message, kind=kind, param=param), status_code=status,
-                        headers=headers)
+           headers: dict[str, str] | None = None, errors: list[tuple[str | None, str]] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(request.url.path, message, kind=kind, param=param, errors=errors),
+                        status_code=status, headers=headers)
 
 
 def _field_path(loc) -> list[str | int]:
@@ -104,8 +106,21 @@ def _path_text(path: list[str | int]) -> str:
     return text
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """pydantic's errors for a request body -> (one sentence, field), worded like parse_params.
+def _validation_errors(errors: list[dict[str, Any]]) -> list[tuple[str | None, str]]:
+    """pydantic's errors for a request body -> one (field, sentence) per bad field, worded like parse_params,
+    in the body's field order. A field's errors are read together (`_field_message`)."""
+    fields: dict[str | None, list[dict[str, Any]]] = {}
+    for error in errors:
+        path = _field_path(error.get("loc", ()))
+        if error.get("type") == "json_invalid" or not path:  # the body as a whole: nothing else can be said
+            message, field = _field_message([error])
+            return [(field, message)]
+        fields.setdefault(str(path[0]), []).append(error)
+    return [(field, message) for message, field in (_field_message(group) for group in fields.values())]
+
+
+def _field_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The errors of one body field (or of the whole body) -> (one sentence, field).
 
     A value that matches no member of a union (a prompt that is neither a string nor a list) gives one
     error per member; they are read together as "must be a string or a list".
@@ -123,11 +138,10 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         return f"missing required parameter '{where}'", where
     if kind == "extra_forbidden":
         return f"unknown parameter '{where}'", where
-    if field in PARAM_FIELDS and len(path) <= 2:  # a generation parameter: parse_params' sentence
-        try:
-            parse_params({PARAM_FIELDS[field]: error.get("input")})
-        except InvalidParams as exc:
-            return str(rename_error(exc, {PARAM_FIELDS[field]: field})), field
+    if len(path) <= 2:  # a generation parameter (under any of its body names): parse_params' sentence
+        sentence = param_sentence(field, error.get("input"))
+        if sentence is not None:
+            return sentence, field
     same_place = [e for e in errors if _field_path(e.get("loc", ())) == path]
     words = [TYPE_WORDS[e["type"]] for e in same_place if e.get("type") in TYPE_WORDS]
     if words and len(words) == len(same_place):
@@ -140,12 +154,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def llmkit_error(request: Request, exc: LlmkitError) -> JSONResponse:
         retry = RETRY_AFTER_S.get(exc.kind)
         return _error(request, exc.http_status, str(exc), kind=exc.kind, param=getattr(exc, "field", None),
-                      headers={"retry-after": str(retry)} if retry else None)
+                      headers={"retry-after": str(retry)} if retry else None, errors=getattr(exc, "errors", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, field = _validation_message(list(exc.errors()))
-        return _error(request, 400, message, kind="invalid_request_error", param=field)
+        errors = _validation_errors(list(exc.errors()))
+        return _error(request, 400, "; ".join(message for _, message in errors), kind="invalid_request_error",
+                      param=errors[0][0], errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -46,7 +46,7 @@ class BoundedH11Protocol(H11Protocol):
     max_connections: int
     _last_refusal_log = 0.0  # shared by all connections
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         self._read_timer: asyncio.TimerHandle | None = None
         self._refused = len(self.connections) >= self.max_connections
         if self._refused:

@@ -184,6 +184,12 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": REF.format(model=model.__name__)}
 
 
+# One server-sent event, as a client's SSE parser sees it: `data` is a JSON chunk in the endpoint's shape,
+# or the literal [DONE] that ends the stream.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
+
+
 def _ok(path: str, body: Any) -> dict[str, Any]:
     if body == "text/plain":
         content = {"text/plain": {"schema": {"type": "string"}}}
@@ -192,7 +198,7 @@ def _ok(path: str, body: Any) -> dict[str, Any]:
         content = {"application/json": {"schema": _ref(body)}}
         description = "OK"
     if path in STREAMING:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+        content["text/event-stream"] = {"schema": SSE_EVENT}
         description = "The completion as one JSON body. " + STREAM_DESCRIPTION
     return {"description": description, "headers": REQUEST_ID, "content": content}
 

@@ -234,7 +234,7 @@ def build_router() -> APIRouter:
     @router.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         host = _host(request)
-        name = host.require_engine().info.model if host.engine else host.settings.model_name
+        name = host.engine.info.model if host.engine is not None else host.settings.model_name
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(host.created),
                                             "owned_by": "llmkit"}]}
 
@@ -263,7 +263,7 @@ def build_router() -> APIRouter:
         if not body.prompt.strip():
             raise InvalidParams("prompt must not be empty", field="prompt")
         ids = await host.completion_ids(body.prompt)
-        _check_context(host, ids, params, {"max_new_tokens": "max_length"} if body.max_length else {})
+        _check_context(host, ids, params, body._renames())
         _, finished = await _run(request, kind="generate", prompt=body.prompt, ids=ids, params=params)
         result = finished.result
         return {

@@ -1,9 +1,13 @@
 """HTTP request bodies, response records and error bodies.
 
-Request bodies only declare names and types. Every bound, default and consistency rule
-comes from llmkit.params: `to_params()` maps the body onto GenerationParams names and
-calls `parse_params`, so a bad value gets the same sentence as on the command line,
-with the field renamed to the name the client sent:
+Request bodies only declare names and types, and their generation parameters are not written
+here at all: `request_models` builds each body's parameter fields from the table in
+llmkit/params.py (which name each API gives a field, whether OpenAI's API has it), with
+GenerationParams' type, bounds and description, so /openapi.json shows the real ranges and a new
+parameter reaches every body without an edit here. Every bound, default and consistency rule
+comes from llmkit.params: `to_params()` maps the body onto GenerationParams names and calls
+`GenerationParams.from_values`, so a bad value gets the same sentence as on the command line,
+with the field renamed to the name the client sent. The table gives, today:
 
     OpenAI name            llmkit name
     max_tokens             max_new_tokens   (also max_completion_tokens on chat)
@@ -12,9 +16,11 @@ with the field renamed to the name the client sent:
     temperature, top_p, seed
     top_k, min_p, repetition_penalty  (extensions, as in vLLM and llama-server)
 
-Each generation field declares GenerationParams' bounds and description (`_param`), so
-/openapi.json shows the real ranges, and bodies are strict: `"stream": "yes"`, `"greedy": 1`
-or `"presence_penalty": false` are 400s naming the field, not quietly converted.
+and /generate takes every field by its llmkit name, max_new_tokens also as max_length.
+
+Bodies are strict: `"stream": "yes"`, `"greedy": 1` or `"presence_penalty": false` are 400s naming
+the field, not quietly converted. Every bad field is reported: the message joins their sentences
+and, with more than one, the error body lists them (`errors`, below).
 
 Defaults are llmkit's (temperature 0.8, top_k 50, 64 new tokens), not OpenAI's; temperature
 0 means greedy. OpenAI fields llmkit cannot honour (logprobs, echo, suffix, best_of > 1,
@@ -31,20 +37,22 @@ pipeline's default (return_full_text=True), `generated_text` is the prompt follo
 the continuation; `completion` holds the continuation alone.
 
 Errors: /v1/* answer in OpenAI's shape {"error": {"message", "type", "param", "code"}};
-other paths answer {"error": message, "field": name, "type": kind}.
+other paths answer {"error": message, "field": name, "type": kind}. When several fields are bad,
+`param` / `field` names the first, the message joins every sentence with "; ", and `errors` lists
+them: [{"param": ..., "message": ...}] on /v1/*, [{"field": ..., "message": ...}] elsewhere.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args, get_origin
 
-from annotated_types import MaxLen
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
 from llmkit.engine.types import Result
 from llmkit.errors import InvalidParams
-from llmkit.params import MAX_STOP_SEQUENCES, GenerationParams, parse_params
+from llmkit.params import APIS, GenerationParams, Param, body_names, param_table
 
 OPENAI_PREFIX = "/v1/"
 
@@ -52,20 +60,33 @@ OPENAI_PREFIX = "/v1/"
 # --- errors ----------------------------------------------------------------------------------
 
 
-def error_body(path: str, message: str, *, kind: str, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(path: str, message: str, *, kind: str, param: str | None = None, code: str | None = None,
+               errors: list[tuple[str | None, str]] | None = None) -> dict[str, Any]:
+    """The JSON error in the path's shape; `errors` (field, sentence) are listed when there are several."""
+    errors = errors or []
+    several = len(errors) > 1
     if path.startswith(OPENAI_PREFIX):
-        return {"error": {"message": message, "type": kind, "param": param, "code": code or kind}}
-    return {"error": message, "field": param, "type": kind}
+        detail: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": code or kind}
+        if several:
+            detail["errors"] = [{"param": field, "message": sentence} for field, sentence in errors]
+        return {"error": detail}
+    body: dict[str, Any] = {"error": message, "field": param, "type": kind}
+    if several:
+        body["errors"] = [{"field": field, "message": sentence} for field, sentence in errors]
+    return body
 
 
 def rename_error(exc: InvalidParams, names: dict[str, str]) -> InvalidParams:
-    """The same InvalidParams with llmkit field names replaced by the names the client used."""
-    if exc.field not in names:
+    """The same InvalidParams with llmkit field names replaced by the names the client used, in every error."""
+    if not any(field in names for field, _ in exc.errors):
         return exc
-    public = names[exc.field]
-    message = re.sub(rf"\b{re.escape(exc.field)}\b", public, str(exc))
-    return InvalidParams(message, field=public)
+    renamed = []
+    for field, message in exc.errors:
+        if field in names:
+            message = re.sub(rf"\b{re.escape(field)}\b", names[field], message)
+            field = names[field]
+        renamed.append((field, message))
+    return InvalidParams.from_errors(renamed)
 
 
 # --- request bodies ----------------------------------------------------------------------------
@@ -73,16 +94,51 @@ def rename_error(exc: InvalidParams, names: dict[str, str]) -> InvalidParams:
 STRICT_BODY = ConfigDict(extra="forbid", strict=True)
 
 
-def _param(name: str, note: str = "") -> Any:
-    """The optional type of a request field that sets GenerationParams' `name`: the same type, bounds and
-    description, so validation and /openapi.json show one range. Omitted (null) means llmkit's default."""
-    field = GenerationParams.model_fields[name]
+def _body_type(field: FieldInfo, note: str = "") -> Any:
+    """The optional type of a body field that sets a GenerationParams field: the same type, bounds and
+    description, so validation and /openapi.json show one range. Omitted (null) means llmkit's default.
+    A list field also takes one item alone (`"stop": "###"`)."""
     described = Field(description=" ".join(filter(None, [field.description, note])))
-    return Annotated[(field.annotation | None, *field.metadata, described)]  # type: ignore[operator]
+    metadata = [item for item in field.metadata if not isinstance(item, Param)]
+    annotation = field.annotation
+    if get_origin(annotation) is list:
+        bounded_list = (annotation, *metadata)  # a tuple subscript: Annotated[list[str], MaxLen(8)]
+        return Annotated[Union[get_args(annotation)[0], Annotated[bounded_list], None], described]
+    optional = (Optional[annotation], *metadata, described)
+    return Annotated[optional]
 
 
-Stop = Annotated[Union[str, Annotated[list[str], MaxLen(MAX_STOP_SEQUENCES)], None],
-                 Field(description=GenerationParams.model_fields["stop"].description)]
+def _param_fields(api: str, params: type[GenerationParams], *, extension: bool | None = None) -> dict[str, Any]:
+    """create_model's fields for the generation parameters `api`'s body takes (`extension`: only those)."""
+    table = param_table(params)
+    fields: dict[str, Any] = {}
+    for field, names in body_names(api, params).items():
+        if extension is None or table[field].extension == extension:
+            for name in names:
+                fields[name.name] = (_body_type(params.model_fields[field], name.note), None)
+    return fields
+
+
+def param_fields(params: type[GenerationParams] = GenerationParams) -> dict[str, str]:
+    """Every body name of a generation parameter, in any API -> its GenerationParams field."""
+    return {name.name: field for api in APIS for field, names in body_names(api, params).items() for name in names}
+
+
+# Body field -> the GenerationParams field whose message a bad value of it should get.
+PARAM_FIELDS = param_fields()
+
+
+def param_sentence(name: str, value: Any, params: type[GenerationParams] = GenerationParams) -> str | None:
+    """GenerationParams' sentence for `value` in body field `name`, with the field renamed to `name` (None when
+    `name` is no generation parameter, or the value is fine there)."""
+    field = param_fields(params).get(name)
+    if field is None:
+        return None
+    try:
+        params.from_values({field: value})
+    except InvalidParams as exc:
+        return str(rename_error(exc, {field: name}))
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -91,66 +147,90 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAIRequest(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class RequestBody(BaseModel):
+    """What every body does with its generation parameters; its fields are built by `request_models`."""
 
     model_config = STRICT_BODY
+    API: ClassVar[str]  # its column of the table: "completions", "chat" or "generate"
+    PARAMS: ClassVar[type[GenerationParams]] = GenerationParams
 
-    model: str | None = Field(None, description="Accepted and ignored: the server serves one model.")
-    max_tokens: _param("max_new_tokens") = None
-    temperature: _param("temperature") = None
-    top_p: _param("top_p") = None
-    n: _param("num_sequences") = None
-    stop: Stop = None
-    seed: _param("seed") = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    top_k: _param("top_k", "(llmkit extension)") = None
-    min_p: _param("min_p", "(llmkit extension)") = None
-    repetition_penalty: _param("repetition_penalty", "(llmkit extension)") = None
-    # Accepted so that clients sending their defaults work; other values are refused in to_params.
-    user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
+    def _given(self) -> tuple[dict[str, Any], dict[str, str], list[tuple[str | None, str]]]:
+        """(GenerationParams values, {field: the name used for it here, where that is another}, errors)."""
+        values: dict[str, Any] = {}
+        renames: dict[str, str] = {}
+        errors: list[tuple[str | None, str]] = []
+        for field, names in body_names(self.API, self.PARAMS).items():
+            known = [name.name for name in names]
+            sent = [name for name in known if getattr(self, name) is not None]
+            if len(sent) > 1:
+                errors.append((known[0], f"give {' or '.join(known)}, not both"))
+                continue
+            used = sent[0] if sent else (field if field in known else known[0])
+            if used != field:
+                renames[field] = used
+            value = getattr(self, sent[0]) if sent else None
+            if isinstance(value, str) and get_origin(self.PARAMS.model_fields[field].annotation) is list:
+                value = [value]
+            values[field] = value
+        return values, renames, errors
 
     def _renames(self) -> dict[str, str]:
-        """llmkit name -> the name this endpoint uses, for error messages."""
-        return {"max_new_tokens": "max_tokens", "num_sequences": "n"}
+        """llmkit name -> the name this body uses, for error messages."""
+        return self._given()[1]
 
-    def _values(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "num_sequences": self.n, "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
-                "seed": self.seed, "top_k": self.top_k, "min_p": self.min_p,
-                "repetition_penalty": self.repetition_penalty}
+    def _refused(self) -> list[tuple[str | None, str]]:
+        """(field, sentence) for each field sent that llmkit cannot honour."""
+        return []
+
+    def to_params(self) -> GenerationParams:
+        values, renames, errors = self._given()
+        errors = self._refused() + errors
+        params = None
+        try:
+            params = self.PARAMS.from_values(values)
+        except InvalidParams as exc:
+            errors += rename_error(exc, renames).errors
+        if errors:
+            raise InvalidParams.from_errors(errors)
+        assert params is not None  # from_values either returned or raised
+        return params
+
+
+class _OpenAIBody(RequestBody):
+    """Fields shared by /v1/completions and /v1/chat/completions (the generation parameters come after these)."""
+
+    model: Optional[str] = Field(None, description="Accepted and ignored: the server serves one model.")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    # Accepted so that clients sending their defaults work; other values are refused in to_params.
+    user: Optional[str] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    logprobs: Any = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return [("presence_penalty", bool(self.presence_penalty)), ("frequency_penalty", bool(self.frequency_penalty)),
                 ("logit_bias", bool(self.logit_bias)), ("logprobs", self.logprobs not in (None, False, 0)),
                 ("stream_options", self.stream_options is not None and not self.stream)]
 
-    def to_params(self) -> GenerationParams:
-        for name, refused in self._unsupported():
-            if refused:
-                message = ("stream_options is only allowed with stream: true" if name == "stream_options"
-                           else f"{name} is not supported by llmkit serve; leave it out")
-                raise InvalidParams(message, field=name)
-        try:
-            return parse_params(self._values())
-        except InvalidParams as exc:
-            raise rename_error(exc, self._renames()) from None
+    def _refused(self) -> list[tuple[str | None, str]]:
+        return [(name, "stream_options is only allowed with stream: true" if name == "stream_options"
+                 else f"{name} is not supported by llmkit serve; leave it out")
+                for name, refused in self._unsupported() if refused]
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_OpenAIRequest):
+class _CompletionBody(_OpenAIBody):
+    API = "completions"
+
     prompt: Union[str, list[str]]
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
+    echo: Optional[bool] = None
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return super()._unsupported() + [("echo", bool(self.echo)), ("suffix", self.suffix is not None),
@@ -188,25 +268,13 @@ class ChatMessage(BaseModel):
         return "".join(part.text or "" for part in self.content)
 
 
-class ChatRequest(_OpenAIRequest):
+class _ChatBody(_OpenAIBody):
+    API = "chat"
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: _param("max_new_tokens", "(OpenAI's newer name for max_tokens)") = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
     tool_choice: Any = None
-
-    def _values(self) -> dict[str, Any]:
-        values = super()._values()
-        if self.max_completion_tokens is not None:
-            if self.max_tokens is not None:
-                raise InvalidParams("give max_tokens or max_completion_tokens, not both", field="max_tokens")
-            values["max_new_tokens"] = self.max_completion_tokens
-        return values
-
-    def _renames(self) -> dict[str, str]:
-        if self.max_completion_tokens is not None:
-            return {**super()._renames(), "max_new_tokens": "max_completion_tokens"}
-        return super()._renames()
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         text_format = self.response_format is None or self.response_format.get("type") == "text"
@@ -218,42 +286,46 @@ class ChatRequest(_OpenAIRequest):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
-class GenerateRequest(BaseModel):
-    """The simple API's /generate body (prompt, max_length, temperature); every llmkit generation parameter
-    is accepted too."""
-
-    model_config = STRICT_BODY
+class _GenerateBody(RequestBody):
+    API = "generate"
 
     prompt: str
-    max_length: _param("max_new_tokens", "(/generate's name for max_new_tokens: new tokens, not a total)") = None
-    max_new_tokens: _param("max_new_tokens") = None
-    temperature: _param("temperature") = None
-    top_k: _param("top_k") = None
-    top_p: _param("top_p") = None
-    min_p: _param("min_p") = None
-    repetition_penalty: _param("repetition_penalty") = None
-    greedy: _param("greedy") = None
-    seed: _param("seed") = None
-    num_sequences: _param("num_sequences") = None
-    stop: Stop = None
-
-    def to_params(self) -> GenerationParams:
-        if self.max_length is not None and self.max_new_tokens is not None:
-            raise InvalidParams("give max_length or max_new_tokens, not both", field="max_length")
-        values = self.model_dump(exclude={"prompt", "max_length"})
-        if self.max_length is not None:
-            values["max_new_tokens"] = self.max_length
-        if isinstance(self.stop, str):
-            values["stop"] = [self.stop]
-        try:
-            return parse_params(values)
-        except InvalidParams as exc:
-            raise rename_error(exc, {"max_new_tokens": "max_length"} if self.max_length is not None else {}) from None
 
 
-# Request field -> the GenerationParams field whose message a bad value of it should get.
-PARAM_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "max_length": "max_new_tokens",
-                "n": "num_sequences", **{name: name for name in GenerationParams.model_fields}}
+GENERATE_DOC = ("The simple API's /generate body (prompt, max_length, temperature); every llmkit generation "
+                "parameter\nis accepted too.")
+
+
+class RequestModels(NamedTuple):
+    completions: type[_CompletionBody]
+    chat: type[_ChatBody]
+    generate: type[_GenerateBody]
+
+
+def request_models(params: type[GenerationParams] = GenerationParams) -> RequestModels:
+    """The three request bodies, their generation parameters from `params`' table (a test passes a model with
+    one more field). Each body's own fields (the base classes above) come first, then the generation parameters:
+    OpenAI's, then llmkit's extensions."""
+
+    def openai(name: str, base: type[_OpenAIBody]) -> Any:
+        built = create_model(name, __base__=base, __module__=__name__,
+                             **_param_fields(base.API, params, extension=False),
+                             **_param_fields(base.API, params, extension=True))
+        built.PARAMS = params
+        return built
+
+    generate = create_model("GenerateRequest", __base__=_GenerateBody, __module__=__name__, __doc__=GENERATE_DOC,
+                            **_param_fields("generate", params))
+    generate.PARAMS = params
+    return RequestModels(openai("CompletionRequest", _CompletionBody), openai("ChatRequest", _ChatBody), generate)
+
+
+if TYPE_CHECKING:  # the built classes add only generation parameters, read through to_params()
+    CompletionRequest = _CompletionBody
+    ChatRequest = _ChatBody
+    GenerateRequest = _GenerateBody
+else:
+    CompletionRequest, ChatRequest, GenerateRequest = request_models()
 
 
 # --- responses ---------------------------------------------------------------------------------
