@@ -7,13 +7,14 @@ The public API is small and light to import; torch loads only in `load_engine`:
     result = engine.generate("The sea is", GenerationParams(max_new_tokens=20, seed=1))
 """
 
-from llmkit.engine import Chunk, Completion, EngineInfo, Result, Timings, Usage, load_engine
+from llmkit.engine import Chunk, Completion, EngineInfo, LoadOptions, Result, Timings, Usage, load_engine
+from llmkit.engine.base import Engine, Generation
 from llmkit.errors import LlmkitError
 from llmkit.params import GenerationParams, parse_params
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Chunk", "Completion", "EngineInfo", "GenerationParams", "LlmkitError", "Result", "Timings",
-    "Usage", "load_engine", "parse_params", "__version__",
+    "Chunk", "Completion", "Engine", "EngineInfo", "Generation", "GenerationParams", "LlmkitError", "LoadOptions",
+    "Result", "Timings", "Usage", "load_engine", "parse_params", "__version__",
 ]

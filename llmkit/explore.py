@@ -45,14 +45,15 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, get_origin
 
-from llmkit.errors import InvalidParams, UnsupportedFeature
-from llmkit.params import MAX_SEQUENCES, PARAM_NAMES, GenerationParams, parse_params
+from llmkit.errors import InvalidParams
+from llmkit.params import MAX_SEQUENCES, PARAM_NAMES, GenerationParams, names_of, neutral_values, parse_params
 
 if TYPE_CHECKING:
     import torch
 
-# The base every setting starts from: sampling with no knob turned.
-PLAIN_SAMPLING: dict[str, Any] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+# The base every setting starts from: sampling with no knob turned (each sampling knob of llmkit/params.py's
+# table at its neutral value: temperature 1.0, top-k 0, top-p 1.0, min-p 0.0, ...).
+PLAIN_SAMPLING: dict[str, Any] = neutral_values()
 
 # The default sweep: one knob at a time, from the plain-sampling base.
 PRESET: tuple[dict[str, Any], ...] = (
@@ -66,7 +67,7 @@ PRESET: tuple[dict[str, Any], ...] = (
 NEXT_TOKEN_PRESET: tuple[dict[str, Any], ...] = (
     {"temperature": 1.0}, {"temperature": 0.5}, {"temperature": 1.5}, {"top_k": 5}, {"top_p": 0.9},
 )
-NEXT_TOKEN_KNOBS = ("temperature", "top_k", "top_p", "min_p")
+NEXT_TOKEN_KNOBS = ("temperature", "top_k", "top_p", "min_p")  # the filters `stages` shows, in their order
 
 DEFAULT_SAMPLES = 3
 DEFAULT_MAX_NEW_TOKENS = 32  # explore runs ~30 generations by default: keep each short
@@ -77,9 +78,17 @@ MAX_SETTINGS = 64
 MAX_SAMPLES = MAX_SEQUENCES
 DISTINCT_N = (1, 2)
 REPETITION_N = 3
-# Set by their own options, not by --param.
+# Set by their own options, not by --param: the draws of llmkit/params.py's table.
 RESERVED = {"seed": "--seed (sample j of every setting uses seed + j)",
             "num_sequences": "--samples"}
+
+
+def grid_names(model: type[GenerationParams] = GenerationParams) -> tuple[str, ...]:
+    """What --param takes: every parameter of the table but the draws (seed, num_sequences), set by explore."""
+    return tuple(name for name in model.model_fields if name not in names_of("draws", model))
+
+
+GRID_NAMES = grid_names()
 
 Progress = Callable[[int, int, str], None]  # (runs done, runs in all, what runs now)
 
@@ -98,7 +107,7 @@ def parse_value(name: str, raw: str) -> Any:
         value: Any = [raw]
     else:
         try:
-            value = TypeAdapter(annotation).validate_strings(raw.strip())
+            value = TypeAdapter(Any if annotation is None else annotation).validate_strings(raw.strip())
         except ValidationError:
             parse_params({name: raw})  # raises "top_k must be an integer (got '0.5')"
             raise InvalidParams(f"{name}: cannot read {raw!r}", field=name) from None
@@ -115,8 +124,9 @@ def parse_grid(specs: Iterable[str]) -> dict[str, list[Any]]:
         if not sep or not name:
             raise InvalidParams(f"--param takes NAME=VALUE[,VALUE...], e.g. temperature=0.2,0.7 (got {spec!r})",
                                 field="param")
-        if name in RESERVED:
-            raise InvalidParams(f"{name} is not a grid parameter; use {RESERVED[name]}", field=name)
+        if name in PARAM_NAMES and name not in GRID_NAMES:
+            own = RESERVED.get(name, "the option of explore that sets it")
+            raise InvalidParams(f"{name} is not a grid parameter; use {own}", field=name)
         if name in axes:
             raise InvalidParams(f"--param {name} is given twice; list all its values once: {name}=A,B",
                                 field=name)
@@ -339,8 +349,8 @@ def run_sweep(engine, prompt: str, plan: SweepPlan, *, chat: bool = False, syste
                 logprobs=tuple(scored[len(prompt_ids) - 1:]),
                 decode_s=result.timings.decode_s, total_s=result.timings.total_s))
             done += 1
-        params = setting.runs[0].model_dump(exclude={"seed"})
-        results.append(SettingRun(setting.label, setting.knobs, params, tuple(samples), setting_metrics(samples)))
+        shared = setting.runs[0].model_dump(exclude={"seed"})  # what every run of the setting has in common
+        results.append(SettingRun(setting.label, setting.knobs, shared, tuple(samples), setting_metrics(samples)))
     if progress:
         progress(done, total, "done")
     return Sweep(model=engine.info.model, prompt=prompt, prompt_tokens=len(prompt_ids),
@@ -428,6 +438,11 @@ class NextTokenView:
         return asdict(self)
 
 
+def _cut_by(token: int, cuts: Sequence[tuple[str, torch.Tensor]]) -> str | None:
+    """The first filter whose mask removed `token`, or None when it survived them all."""
+    return next((name for name, mask in cuts if mask[token]), None)
+
+
 def next_token_view(logits: torch.Tensor, settings: Sequence[tuple[str, dict[str, Any], GenerationParams]], *,
                     decode: Callable[[int], str], top: int = DEFAULT_TOP, model: str = "", prompt: str = "",
                     prompt_tokens: int = 0) -> NextTokenView:
@@ -444,15 +459,10 @@ def next_token_view(logits: torch.Tensor, settings: Sequence[tuple[str, dict[str
         cut_k = (s.tempered > 0) & (s.after_top_k == 0)
         cut_p = (s.after_top_k > 0) & (s.after_top_p == 0)
         cut_min = (s.after_top_p > 0) & (s.final == 0)
-
-        def cut_by(i: int) -> str | None:
-            for name, mask in (("top-k", cut_k), ("top-p", cut_p), ("min-p", cut_min)):
-                if mask[i]:
-                    return name
-            return None
+        cuts = (("top-k", cut_k), ("top-p", cut_p), ("min-p", cut_min))
 
         rows = tuple(TokenRow(rank=r + 1, token_id=i, token=names[i], model_prob=float(model_probs[i]),
-                              tempered_prob=float(s.tempered[i]), prob=float(s.final[i]), cut_by=cut_by(i))
+                              tempered_prob=float(s.tempered[i]), prob=float(s.final[i]), cut_by=_cut_by(i, cuts))
                      for r, i in enumerate(top_ids))
         views.append(SettingView(
             label=label, knobs=knobs,
@@ -463,55 +473,3 @@ def next_token_view(logits: torch.Tensor, settings: Sequence[tuple[str, dict[str
     return NextTokenView(model=model, prompt=prompt, prompt_tokens=prompt_tokens, vocab_size=int(logits.shape[0]),
                          model_entropy_bits=entropy_bits(model_probs),
                          common=common_knobs([knobs for _, knobs, _ in settings]), settings=tuple(views))
-
-
-def check_plot_available() -> None:
-    """--plot needs matplotlib (the llmkit[plot] extra); say so before the model loads."""
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        from llmkit.extras import install_hint
-
-        raise UnsupportedFeature(f"--plot needs matplotlib: {install_hint('plot')}")
-
-
-def plot_next_token(view: NextTokenView, path: str) -> None:
-    """A PNG: one horizontal bar chart per setting, the top tokens in the model's order, cut ones grey."""
-    import logging
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-    count = len(view.settings)
-    columns = min(count, 3)
-    lines = math.ceil(count / columns)
-    rows_per_chart = len(view.settings[0].rows) if view.settings else 0
-    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 0.9 + 0.32 * rows_per_chart * lines + 0.6),
-                             squeeze=False, sharey=True)
-    labels = [repr(row.token) for row in view.settings[0].rows] if view.settings else []
-    for ax in axes.flat[count:]:
-        ax.set_visible(False)
-    for ax, setting in zip(axes.flat, view.settings):
-        ax.barh(range(len(setting.rows)), [row.tempered_prob if row.cut_by else 0.0 for row in setting.rows],
-                color="#dddddd", hatch="//", edgecolor="#aaaaaa", linewidth=0)  # what a filter took away
-        ax.barh(range(len(setting.rows)), [row.prob for row in setting.rows], color="#3b75af")
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_ylim(len(labels) - 0.5, -0.5)  # most likely on top (idempotent on shared axes, unlike invert)
-        ax.set_xlim(0, 1)
-        ax.set_title(f"{setting.label}\nentropy {setting.entropy_bits:.2f} bits · {setting.kept_tokens} kept",
-                     fontsize=9)
-        for y, row in enumerate(setting.rows):
-            note = f"cut by {row.cut_by}" if row.cut_by else f"{row.prob:.3f}"
-            ax.text(min(max(row.prob, row.tempered_prob if row.cut_by else 0.0), 1) + 0.01, y, note,
-                    va="center", fontsize=7)
-    fig.suptitle(f"Next token after {view.prompt!r} · {view.model} "
-                 "(blue: probability under the setting; hatched grey: cut by a filter)", fontsize=10)
-    fig.tight_layout()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # glyphs the font lacks (CJK, emoji) draw as boxes; no need to warn
-        fig.savefig(path, dpi=120)
-    plt.close(fig)

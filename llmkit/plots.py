@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmkit.errors import InvalidParams
+
+if TYPE_CHECKING:
+    from llmkit.explore import NextTokenView
 
 MIB = 1024 * 1024
 SMOOTHING_SAMPLES = 10  # CPU per sample is quantised by 10 ms kernel ticks; a short mean shows the level
@@ -30,11 +35,14 @@ def require_matplotlib() -> None:
 
 
 def _pyplot():
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # a missing glyph is not the user's problem
     return plt
 
 
@@ -87,3 +95,39 @@ def plot_compare(rows, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_next_token(view: NextTokenView, path: str) -> None:
+    """A PNG: one horizontal bar chart per setting, the top tokens in the model's order, cut ones grey."""
+    import warnings
+
+    plt = _pyplot()
+    count = len(view.settings)
+    columns = min(count, 3)
+    lines = math.ceil(count / columns)
+    rows_per_chart = len(view.settings[0].rows) if view.settings else 0
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 0.9 + 0.32 * rows_per_chart * lines + 0.6),
+                             squeeze=False, sharey=True)
+    labels = [repr(row.token) for row in view.settings[0].rows] if view.settings else []
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    for ax, setting in zip(axes.flat, view.settings):
+        ax.barh(range(len(setting.rows)), [row.tempered_prob if row.cut_by else 0.0 for row in setting.rows],
+                color="#dddddd", hatch="//", edgecolor="#aaaaaa", linewidth=0)  # what a filter took away
+        ax.barh(range(len(setting.rows)), [row.prob for row in setting.rows], color="#3b75af")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # most likely on top (idempotent on shared axes, unlike invert)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{setting.label}\nentropy {setting.entropy_bits:.2f} bits · {setting.kept_tokens} kept",
+                     fontsize=9)
+        for y, row in enumerate(setting.rows):
+            note = f"cut by {row.cut_by}" if row.cut_by else f"{row.prob:.3f}"
+            ax.text(min(max(row.prob, row.tempered_prob if row.cut_by else 0.0), 1) + 0.01, y, note,
+                    va="center", fontsize=7)
+    fig.suptitle(f"Next token after {view.prompt!r} · {view.model} "
+                 "(blue: probability under the setting; hatched grey: cut by a filter)", fontsize=10)
+    fig.tight_layout()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # glyphs the font lacks (CJK, emoji) draw as boxes; no need to warn
+        fig.savefig(path, dpi=120)
+    plt.close(fig)

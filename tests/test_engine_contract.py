@@ -87,9 +87,11 @@ def test_a_third_engine_streams_and_generates_from_the_contract_alone():
     engine = NextLetterEngine()
     params = GenerationParams(greedy=True, max_new_tokens=4)
     generation = engine.stream("abc", params)
+    with pytest.raises(RuntimeError, match="not finished"):
+        _ = generation.result
     text = "".join(chunk.text for chunk in generation)
     assert text == "defg"
-    assert generation.result is not None and generation.result.completions[0].text == "defg"
+    assert generation.done and generation.result.completions[0].text == "defg"
     assert generation.result.usage.prompt_tokens == 3 and generation.result.usage.completion_tokens == 4
     assert engine.generate("xy", params).completions[0].text == "z .a"
     assert engine.generate("a", GenerationParams(max_new_tokens=3, stop=["c"], greedy=True)).text == "b"

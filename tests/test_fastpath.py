@@ -206,7 +206,8 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
             body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
             alone = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                batched = list(pool.map(lambda _: client.post("/v1/completions", json=body).json(), range(4)))
+                batched = list(pool.map(lambda _, body=body: client.post("/v1/completions", json=body).json(),
+                                        range(4)))
         assert (health["dtype"], health["quantize"]) == (
             "bfloat16" if options else auto_dtype, options.get("quantize", "none"))
         engine = load_engine(str(tiny_model_dir), device="cpu", **options)

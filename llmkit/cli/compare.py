@@ -25,6 +25,7 @@ EPILOG = """Examples:
 """
 
 
+@options.load_options("load", engine=False)
 def compare(
     models: Annotated[list[str], typer.Argument(
         show_default=False, autocompletion=options.complete_model,
@@ -51,13 +52,10 @@ def compare(
     plot: Annotated[Optional[Path], typer.Option("--plot", show_default=False,
                                                  help="Bar charts of speed, memory and bits/byte (matplotlib).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per model before its row fails.")] = 1800.0,
-    device: options.DeviceOpt = "auto",
-    dtype: options.DtypeOpt = "auto",
-    quantize: options.QuantizeOpt = "none",
+    load: LoadOptions,  # --device, --dtype, --quantize, --threads: from the decorator
     engines: Annotated[Optional[list[str]], typer.Option(
         "--engine", show_default=False, rich_help_panel=options.MODEL_PANEL,
         help="transformers (default), llama.cpp or auto; repeat it to compare engines on the same models.")] = None,
-    threads: options.ThreadsOpt = None,
 ) -> None:
     """Run the same work on every model, each in its own subprocess, and show them side by side.
 
@@ -76,7 +74,7 @@ def compare(
         text=read_text_file(text_file) if text_file is not None else reference_text(),
         text_name=str(text_file) if text_file is not None else "llmkit reference text",
         runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, window=window, stride=stride,
-        load=LoadOptions(device=device, dtype=dtype, quantize=quantize, threads=threads), timeout_s=timeout,
+        load=load, timeout_s=timeout,
         engines=tuple(engines or ("transformers",)),
     )
     check_spec(spec)

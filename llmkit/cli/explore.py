@@ -16,9 +16,9 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from llmkit.cli import options, render
-from llmkit.cli.generate import PROMPT_HELP, join_prompt, read_prompt
+from llmkit.cli.inputs import ChatOpt, PromptArg, SystemOpt, check_system, join_prompt, load_model, read_prompt
 from llmkit.cli.parsing import LlmkitGroup, LlmkitTyper
-from llmkit.engine import check_load_options
+from llmkit.engine import LoadOptions
 from llmkit.errors import InvalidParams
 from llmkit.explore import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -27,6 +27,7 @@ from llmkit.explore import (
     DEFAULT_TOP,
     MAX_SAMPLES,
     MAX_TOP,
+    NEXT_TOKEN_KNOBS,
     NEXT_TOKEN_PRESET,
     PRESET,
     grid_knobs,
@@ -34,10 +35,9 @@ from llmkit.explore import (
     next_token_view,
     parse_grid,
     plan_sweep,
-    plot_next_token,
     run_sweep,
 )
-from llmkit.params import bounds_text
+from llmkit.params import GenerationParams, bounds_text, cli_flags
 
 DEFAULT_COMMAND = "sweep"
 
@@ -81,19 +81,16 @@ class ExploreGroup(LlmkitGroup):
         return super().parse_args(ctx, args)
 
 
-PromptArg = Annotated[Optional[list[str]], typer.Argument(show_default=False, help=PROMPT_HELP)]
-ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", show_default=False, help="System message for --chat.")]
-
-
-def _knob_list(name: str) -> Any:
+def _knob_list(name: str, model: type[GenerationParams] = GenerationParams) -> Any:
+    """next-token's option for a knob: its long flags from the table (llmkit/params.py), a list of values."""
     return Annotated[Optional[list[str]], typer.Option(
-        f"--{name.replace('_', '-')}", *options.OTHER_NAMES.get(name, ()), rich_help_panel=options.GENERATION_PANEL,
+        *cli_flags(name, model), rich_help_panel=options.GENERATION_PANEL,
         show_default=False,
-        help=f"Comma-separated values ({bounds_text(name)}), or repeat the option; settings are the product "
+        help=f"Comma-separated values ({bounds_text(name, model)}), or repeat the option; settings are the product "
              "of all listed values.")]
 
 
+@options.load_options("load")
 def sweep(
     prompt: PromptArg = None,
     *,
@@ -120,31 +117,18 @@ def sweep(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: one row per setting.")] = False,
     wide: Annotated[bool, typer.Option(
         "--wide", help="Show every sample's whole text, wrapped, instead of one shortened line.")] = False,
-    device: options.DeviceOpt = "auto",
-    dtype: options.DtypeOpt = "auto",
-    quantize: options.QuantizeOpt = "none",
-    engine_name: options.EngineOpt = "transformers",
-    threads: options.ThreadsOpt = None,
+    load: LoadOptions,  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Generate under many sampling settings (a preset or a --param grid) and compare texts and metrics."""
-    if system is not None and not chat:
-        raise InvalidParams("--system needs --chat", field="system")
+    check_system(system, chat)
     if as_json and as_csv:
         raise InvalidParams("choose one of --json and --csv", field="output")
-    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
     knob_sets = grid_knobs(parse_grid(param)) if param else list(PRESET)
     plan = plan_sweep(knob_sets, samples=samples, seed=seed,
                       fixed={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens})
     text = read_prompt(join_prompt(prompt))
 
-    from llmkit.engine import load_engine
-    from llmkit.models import check_model
-
-    check_model(model, chat=chat)  # an unknown model, or --chat on a known base model, fails before torch loads
-
-    with render.loading(model or "model") as progress:
-        engine = load_engine(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
-                             engine=engine_name, threads=threads)
+    engine = load_model(model, load, chat=chat)
     with render.explore_progress(plan.runs) as progress:
         result = run_sweep(engine, text, plan, chat=chat, system=system, progress=progress)
     if as_json:
@@ -156,27 +140,22 @@ def sweep(
     render.sweep_summary(result, threads=engine.info.threads)
 
 
+@options.load_options("load")
+@options.generation_options("knobs", names=NEXT_TOKEN_KNOBS, option=_knob_list)  # --temperature ... --min-p
 def next_token(
     prompt: PromptArg = None,
     *,
     model: options.ModelOpt = None,
     top: Annotated[int, typer.Option("--top", help=f"How many of the most likely tokens to show (1 to {MAX_TOP}).")]
     = DEFAULT_TOP,
-    temperature: _knob_list("temperature") = None,
-    top_k: _knob_list("top_k") = None,
-    top_p: _knob_list("top_p") = None,
-    min_p: _knob_list("min_p") = None,
+    knobs: dict[str, Any],  # {knob: the values typed, or None}, from the decorator
     chat: ChatOpt = False,
     system: SystemOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", show_default=False,
         help="Also draw the charts into this PNG file (needs matplotlib, the plot extra).")] = None,
-    device: options.DeviceOpt = "auto",
-    dtype: options.DtypeOpt = "auto",
-    quantize: options.QuantizeOpt = "none",
-    engine_name: options.EngineOpt = "transformers",
-    threads: options.ThreadsOpt = None,
+    load: LoadOptions,  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Show the model's next-token distribution under each setting: bars, entropy, and what top-k / top-p cut.
 
@@ -184,13 +163,10 @@ def next_token(
 
     Every setting starts from plain sampling (temperature 1, nothing cut) and changes only the knobs it names.
     """
-    if system is not None and not chat:
-        raise InvalidParams("--system needs --chat", field="system")
+    check_system(system, chat)
     if not 1 <= top <= MAX_TOP:
         raise InvalidParams(f"--top must be between 1 and {MAX_TOP} (got {top})", field="top")
-    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
-    given = {name: values for name, values in
-             (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)) if values}
+    given = {name: values for name, values in knobs.items() if values}
     specs = [f"{name}={','.join(values)}" for name, values in given.items()]
     knob_sets = grid_knobs(parse_grid(specs)) if specs else list(NEXT_TOKEN_PRESET)
     settings = next_token_settings(knob_sets)
@@ -200,14 +176,7 @@ def next_token(
         require_matplotlib()
     text = read_prompt(join_prompt(prompt))
 
-    from llmkit.engine import load_engine
-    from llmkit.models import check_model
-
-    check_model(model, chat=chat)  # an unknown model, or --chat on a known base model, fails before torch loads
-
-    with render.loading(model or "model") as progress:
-        engine = load_engine(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
-                             engine=engine_name, threads=threads)
+    engine = load_model(model, load, chat=chat)
     logits = engine.next_token_logits(text, chat=chat, system=system)
     view = next_token_view(logits, settings, decode=lambda i: engine.tokenizer.decode([i]), top=top,
                            model=engine.info.model, prompt=text,
@@ -217,6 +186,8 @@ def next_token(
     else:
         render.next_token_tables(view)
     if plot is not None:
+        from llmkit.plots import plot_next_token
+
         plot_next_token(view, str(plot))
         render.note(f"wrote {plot}")
 

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llmkit.cli import options, render
-from llmkit.engine import check_load_options
+from llmkit.cli.inputs import ChatOpt, PromptArg, SystemOpt, check_system, join_prompt, load_model, read_prompt
+from llmkit.engine import LoadOptions
 from llmkit.errors import InvalidParams, LlmkitError
 from llmkit.params import PARAM_NAMES, GenerationParams, check_text, parse_params
 
@@ -39,91 +40,38 @@ class Job:
     extra: dict[str, Any]
 
 
-PROMPT_HELP = ("The prompt; quotes are optional, the words are joined with spaces (as `ollama run` does). "
-               "Use - (or leave it out) to read it from stdin.")
-
-
-def join_prompt(words: list[str] | None) -> str | None:
-    """`llmkit generate Tell me a story`: the words of an unquoted prompt, joined by single spaces."""
-    return " ".join(words) if words else None
-
-
+@options.load_options("load")
+@options.generation_options("generation")  # one option per GenerationParams field (llmkit/params.py's table)
 def generate(
-    prompt: Annotated[Optional[list[str]], typer.Argument(show_default=False, help=PROMPT_HELP)] = None,
+    prompt: PromptArg = None,
     *,
     model: options.ModelOpt = None,
     input_file: Annotated[Optional[Path], typer.Option(
         "--input-file", "-f", help="JSONL file, one {\"prompt\": ...} object per line (other keys: any "
         "generation parameter, and an id echoed back); - for stdin. Writes one JSON line per result.")] = None,
-    max_new_tokens: options.MaxNewTokensOpt = None,
-    temperature: options.TemperatureOpt = None,
-    top_k: options.TopKOpt = None,
-    top_p: options.TopPOpt = None,
-    min_p: options.MinPOpt = None,
-    repetition_penalty: options.RepetitionPenaltyOpt = None,
-    greedy: options.GreedyOpt = None,
-    seed: options.SeedOpt = None,
-    num_sequences: options.NumSequencesOpt = None,
-    stop: options.StopOpt = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
-    system: Annotated[Optional[str], typer.Option(
-        "--system", help="System message for --chat.", show_default=False)] = None,
+    generation: dict[str, Any],  # {field: value typed, or None}: the generation options, from the decorator
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per result.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are produced.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
-    device: options.DeviceOpt = "auto",
-    dtype: options.DtypeOpt = "auto",
-    quantize: options.QuantizeOpt = "none",
-    engine_name: options.EngineOpt = "transformers",
-    threads: options.ThreadsOpt = None,
+    load: LoadOptions,  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Generate text from a prompt, streamed to the terminal; timings go to stderr."""
-    prompt = join_prompt(prompt)
-    cli_values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      min_p=min_p, repetition_penalty=repetition_penalty, greedy=greedy, seed=seed,
-                      num_sequences=num_sequences, stop=stop or None)
-    if system is not None and not chat:
-        raise InvalidParams("--system needs --chat", field="system")
-    check_load_options(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
+    typed = join_prompt(prompt)
+    check_system(system, chat)
     if input_file is not None:
-        if prompt is not None:
+        if typed is not None:
             raise InvalidParams("give either a PROMPT or --input-file, not both", field="prompt")
-        jobs = read_jobs(input_file, cli_values)
+        jobs = read_jobs(input_file, generation)
     else:
-        jobs = [Job(read_prompt(prompt, input_file=True), parse_params(cli_values), "prompt", {})]
+        jobs = [Job(read_prompt(typed, input_file=True), parse_params(generation), "prompt", {})]
 
-    from llmkit.engine import load_engine
-    from llmkit.models import check_model
-
-    check_model(model, chat=chat)  # an unknown model, or --chat on a known base model, fails before torch loads
-
-    name = model or "model"
-    with render.loading(name) as progress:
-        engine = load_engine(model, device=device, dtype=dtype, quantize=quantize, progress=progress,
-                             engine=engine_name, threads=threads)
-
+    engine = load_model(model, load, chat=chat)
     if input_file is not None:
         run_batch(engine, jobs, chat=chat, system=system, quiet=quiet)
     else:
         run_one(engine, jobs[0], chat=chat, system=system, as_json=as_json, stream=stream, quiet=quiet)
-
-
-def read_prompt(prompt: str | None, *, input_file: bool = False) -> str:
-    """The prompt from the argument or stdin; `input_file`: the command has --input-file (the hint says so)."""
-    if prompt is None or prompt == "-":
-        if prompt is None and sys.stdin.isatty():
-            ways = "pass one as an argument, pipe it on stdin, or use --input-file" if input_file else \
-                "pass one as an argument or pipe it on stdin"
-            raise InvalidParams(f"no prompt: {ways}", field="prompt")
-        try:
-            prompt = sys.stdin.read()
-        except UnicodeDecodeError as exc:
-            raise InvalidParams(f"stdin is not UTF-8 text (byte {exc.start}); convert it, e.g. with iconv",
-                                field="prompt") from None
-        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo` adds one newline
-    if not prompt.strip():
-        raise InvalidParams("the prompt is empty", field="prompt")
-    return check_text(prompt, "the prompt", "prompt")
 
 
 def read_jobs(path: Path, cli_values: dict[str, Any]) -> list[Job]:

@@ -23,6 +23,7 @@ EPILOG = """Examples:
 """
 
 
+@options.load_options("load")
 def monitor(
     *,
     model: options.ModelOpt = None,
@@ -39,11 +40,7 @@ def monitor(
         "--timeline", show_default=False, help="Write the raw samples (time, phase, rss, cpu, gpu) as CSV.")] = None,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", show_default=False, help="Draw memory and CPU over time, phases marked (needs matplotlib).")] = None,
-    device: options.DeviceOpt = "auto",
-    dtype: options.DtypeOpt = "auto",
-    quantize: options.QuantizeOpt = "none",
-    engine: options.EngineOpt = "transformers",
-    threads: options.ThreadsOpt = None,
+    load: LoadOptions,  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Measure load time, memory, CPU/GPU, TTFT and tokens/s of a model over repeated runs."""
     from llmkit.monitor import DEFAULT_PROMPT, MonitorSpec, check_spec, read_prompt_file, write_timeline
@@ -53,7 +50,7 @@ def monitor(
     text = read_prompt_file(prompt_file) if prompt_file is not None else (prompt if prompt is not None
                                                                           else DEFAULT_PROMPT)
     spec = MonitorSpec(model=model, prompt=text, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
-                       load=LoadOptions(device=device, dtype=dtype, engine=engine, quantize=quantize, threads=threads))
+                       load=load)
     check_spec(spec)
     from llmkit.models import check_model
 

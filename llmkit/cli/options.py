@@ -3,24 +3,32 @@
 Generation options default to None: only what the user typed reaches parse_params,
 and the defaults and bounds stay in llmkit/params.py (quoted in the help text).
 
-OTHER_NAMES are the spellings people bring from other tools, accepted beside ours: --max-tokens (the
-OpenAI API's max_tokens, which `llmkit serve` speaks) and --temp (llama.cpp's). -n stays the number of
+The generation options are not written here one by one: `generation_options` reads the table in
+llmkit/params.py (each field's flags, aliases and help) and adds one option per field to a command, so a
+new parameter reaches `llmkit generate` without an edit here. `param_option` is one field's option, for a
+command that takes a single knob.
+
+OTHER_NAMES are the spellings people bring from other tools, accepted beside ours (from the table): --max-tokens
+(the OpenAI API's max_tokens, which `llmkit serve` speaks) and --temp (llama.cpp's). -n stays the number of
 sequences (the OpenAI API's n), and its help says that llama.cpp's -n is --max-tokens here.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import functools
+import inspect
+import types
+from typing import Annotated, Any, Callable, Optional, Sequence, Union, get_args, get_origin
 
 import typer
 
 from llmkit.devices import THREADS_ENV
 from llmkit.models import DEFAULT_MODEL, MODEL_ENV
-from llmkit.params import GenerationParams, bounds_text
+from llmkit.params import GenerationParams, bounds_text, param_table
 
 GENERATION_PANEL = "Generation parameters"
 MODEL_PANEL = "Model"
-OTHER_NAMES = {"max_new_tokens": ("--max-tokens",), "temperature": ("--temp",)}
+OTHER_NAMES = {name: spec.cli_aliases for name, spec in param_table().items() if spec.cli_aliases}
 
 
 def complete_model(incomplete: str) -> list[tuple[str, str]]:
@@ -32,11 +40,93 @@ def complete_model(incomplete: str) -> list[tuple[str, str]]:
              f"{alias.install_hint})") for name, alias in ALIASES.items() if name.startswith(incomplete)]
 
 
-def _param_help(name: str) -> str:
-    field = GenerationParams.model_fields[name]
+def _param_help(name: str, model: type[GenerationParams] = GenerationParams) -> str:
+    spec = param_table(model)[name]
+    if spec.cli_help is not None:
+        return spec.cli_help + spec.cli_note
+    field = model.model_fields[name]
     default = field.get_default(call_default_factory=True)
-    bounds = bounds_text(name)
-    return f"{field.description} ({bounds + '; ' if bounds else ''}default {default})"
+    bounds = bounds_text(name, model)
+    return f"{field.description} ({bounds + '; ' if bounds else ''}default {default})" + spec.cli_note
+
+
+def _cli_type(annotation: Any) -> Any:
+    """Optional[the field's type], None meaning 'not typed': `int | None` -> Optional[int], list[str] stays."""
+    if get_origin(annotation) is Union or isinstance(annotation, types.UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        annotation = members[0] if len(members) == 1 else Union[tuple(members)]
+    return Optional[annotation]
+
+
+def param_option(name: str, model: type[GenerationParams] = GenerationParams) -> Any:
+    """The Annotated type of the option that sets field `name`: its flags, short flag and help from the table."""
+    spec = param_table(model)[name]
+    flags = (f"--{name.replace('_', '-')}", *spec.cli_aliases, *((spec.short,) if spec.short else ()))
+    return Annotated[_cli_type(model.model_fields[name].annotation), typer.Option(
+        *flags, rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help(name, model))]
+
+
+def _typed(value: Any) -> Any:
+    """An option's value as parse_params takes it: None when not typed (an empty repeatable option too)."""
+    if isinstance(value, (list, tuple)):
+        return list(value) or None
+    return value
+
+
+def _expand(command: Callable, into: str, added: list[inspect.Parameter],
+            build: Callable[[dict[str, Any]], Any]) -> Callable:
+    """`command` with its parameter `into` replaced by the keyword-only options `added`; when it runs, it gets
+    `into` = build({option name: value}). Typer reads the new signature, so the options appear where `into`
+    stands in --help."""
+    signature = inspect.signature(command, eval_str=True)
+    names = [parameter.name for parameter in added]
+    taken = set(signature.parameters) & set(names)
+    if into not in signature.parameters or taken:
+        raise TypeError(f"{command.__name__} needs a parameter {into!r} and no parameter named like one of its "
+                        f"options (clashes: {', '.join(sorted(taken)) or 'none'})")
+    parameters = []
+    for parameter in signature.parameters.values():
+        parameters.extend(added if parameter.name == into else [parameter])
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        built = build({name: kwargs.pop(name, None) for name in names})  # before kwargs is passed on
+        return command(*args, **kwargs, **{into: built})
+
+    run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in parameters}
+    return run
+
+
+def generation_options(into: str = "generation", *, names: Sequence[str] | None = None,
+                       option: Callable[[str, type[GenerationParams]], Any] = param_option,
+                       model: type[GenerationParams] = GenerationParams) -> Callable[[Callable], Callable]:
+    """Decorator: the command's parameter `into` becomes one keyword-only option per field of the table
+    (`names`: only these), each declared by `option(name, model)`; the command gets `into` as a dict
+    {field: value or None}, ready for parse_params, with the options in field order."""
+    fields = tuple(names or model.model_fields)
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option(name, model))
+             for name in fields]
+    return lambda command: _expand(command, into, added,
+                                   lambda values: {name: _typed(value) for name, value in values.items()})
+
+
+def load_options(into: str = "load", *, engine: bool = True, deferred: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: the command's parameter `into` becomes --device, --dtype, --quantize, --engine (unless
+    `engine` is False: compare takes several) and --threads; the command gets one LoadOptions, checked
+    (a bad value exits 2 before anything loads). `deferred`: it gets a function that makes the LoadOptions
+    instead, for a command that must set up its error output first (serve --log-format json)."""
+    from llmkit.engine import DEFAULT_ENGINE, LoadOptions
+
+    declared = {"device": (DeviceOpt, "auto"), "dtype": (DtypeOpt, "auto"), "quantize": (QuantizeOpt, "none"),
+                "engine": (EngineOpt, DEFAULT_ENGINE), "threads": (ThreadsOpt, None)}
+    if not engine:
+        del declared["engine"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, (annotation, default) in declared.items()]
+    if deferred:
+        return lambda command: _expand(command, into, added, lambda values: functools.partial(LoadOptions, **values))
+    return lambda command: _expand(command, into, added, lambda values: LoadOptions(**values))
 
 
 ModelOpt = Annotated[Optional[str], typer.Option(
@@ -67,35 +157,6 @@ EngineOpt = Annotated[str, typer.Option(
     "--engine", rich_help_panel=MODEL_PANEL,
     help="transformers (any model), llama.cpp (GGUF files and aliases; needs llama-cpp-python, the llamacpp "
          "extra) or auto (llama.cpp for a GGUF model on the CPU when installed).")]
-
-MaxNewTokensOpt = Annotated[Optional[int], typer.Option(
-    "--max-new-tokens", *OTHER_NAMES["max_new_tokens"], rich_help_panel=GENERATION_PANEL, show_default=False,
-    help=_param_help("max_new_tokens"))]
-TemperatureOpt = Annotated[Optional[float], typer.Option(
-    "--temperature", *OTHER_NAMES["temperature"], "-t", rich_help_panel=GENERATION_PANEL, show_default=False,
-    help=_param_help("temperature"))]
-TopKOpt = Annotated[Optional[int], typer.Option(
-    "--top-k", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("top_k"))]
-TopPOpt = Annotated[Optional[float], typer.Option(
-    "--top-p", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("top_p"))]
-MinPOpt = Annotated[Optional[float], typer.Option(
-    "--min-p", rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help("min_p"))]
-RepetitionPenaltyOpt = Annotated[Optional[float], typer.Option(
-    "--repetition-penalty", rich_help_panel=GENERATION_PANEL, show_default=False,
-    help=_param_help("repetition_penalty"))]
-GreedyOpt = Annotated[Optional[bool], typer.Option(
-    "--greedy", rich_help_panel=GENERATION_PANEL, show_default=False,
-    help="Always take the most likely token (deterministic; ignores the sampling options).")]
-SeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", rich_help_panel=GENERATION_PANEL, show_default=False,
-    help="Seed for sampling: same seed and parameters, same text (default: random, reported).")]
-NumSequencesOpt = Annotated[Optional[int], typer.Option(
-    "--num-sequences", "-n", rich_help_panel=GENERATION_PANEL, show_default=False,
-    help=_param_help("num_sequences") + " Like the OpenAI API's n; llama.cpp's -n (tokens to generate) is "
-    "--max-tokens here.")]
-StopOpt = Annotated[Optional[list[str]], typer.Option(
-    "--stop", rich_help_panel=GENERATION_PANEL, show_default=False,
-    help="Cut the output before this text (repeatable).")]
 
 WideOpt = Annotated[bool, typer.Option(
     "--wide", help="Show every column of the table, even past the terminal's width (by default a table leaves "

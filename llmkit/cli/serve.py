@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -45,6 +45,7 @@ EPILOG = """Examples:
 """
 
 
+@options.load_options("make_load_options", deferred=True)
 def serve(
     *,
     model: options.ModelOpt = None,
@@ -102,11 +103,7 @@ def serve(
         help="Proxies whose X-Forwarded-For/-Proto are believed: comma-separated addresses or networks "
              "(10.0.0.0/8), or '*'. Default: nobody, so the client address (rate limit, access log) is the "
              "connection's own.")] = None,
-    device: options.DeviceOpt = "auto",
-    dtype: options.DtypeOpt = "auto",
-    quantize: options.QuantizeOpt = "none",
-    engine_name: options.EngineOpt = "transformers",
-    threads: options.ThreadsOpt = None,
+    make_load_options: Callable[[], LoadOptions],  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat (continuous batching with transformers)."""
     if log_format == "json":  # from here on every line is JSON, a bad option's error included
@@ -118,7 +115,7 @@ def serve(
         idle_timeout_s=idle_timeout, read_timeout_s=read_timeout, max_connections=max_connections,
         forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     ).check()
-    load_options = LoadOptions(device=device, dtype=dtype, quantize=quantize, engine=engine_name, threads=threads)
+    load_options = make_load_options()
     from llmkit.models import resolve
 
     source = resolve(model)  # an unknown model fails here, before anything heavy loads
@@ -148,9 +145,9 @@ def serve(
 
     render.serve_banner(settings.url, settings.model_name, api_key=bool(settings.api_key),
                         rate_limit=str(settings.rate_limit) if settings.rate_limit else None,
-                        max_batch_size=settings.max_batch_size, engine=engine_name,
+                        max_batch_size=settings.max_batch_size, engine=load_options.engine,
                         max_queue=settings.max_queue,
-                        request_timeout_s=settings.request_timeout_s, threads=_threads_asked(threads))
+                        request_timeout_s=settings.request_timeout_s, threads=_threads_asked(load_options.threads))
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the handler that was
     # installed before it started; a no-op handler there makes a graceful stop exit 0 instead of dying by signal.
     for sig in (signal.SIGINT, signal.SIGTERM):

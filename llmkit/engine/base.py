@@ -56,12 +56,12 @@ class Tokenizer(Protocol):
 
 
 class Generation:
-    """An iterator of Chunks over an engine's `_decode`; once it is exhausted, `.result` holds the Result
-    that `_decode` returned."""
+    """An iterator of Chunks over an engine's `_decode`; once it is exhausted, `.result` is the Result
+    that `_decode` returned (typed as a Result, so callers need no None check)."""
 
     def __init__(self, decode: Decode):
         self._decode = decode
-        self.result: Result | None = None
+        self._result: Result | None = None
 
     def __iter__(self) -> Generation:
         return self
@@ -70,9 +70,20 @@ class Generation:
         try:
             return next(self._decode)
         except StopIteration as done:
-            if self.result is None:  # a second exhaustion (value None) must not erase it
-                self.result = done.value
+            if self._result is None:  # a second exhaustion (value None) must not erase it
+                self._result = done.value
             raise
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    @property
+    def result(self) -> Result:
+        """The Result; a RuntimeError before the stream is exhausted (or after close())."""
+        if self._result is None:
+            raise RuntimeError("the generation has not finished: iterate it to the end first")
+        return self._result
 
     def close(self) -> None:
         """Stop early (a cancelled server request): the decode loop ends where it is, with no Result."""
@@ -203,7 +214,6 @@ class Engine(abc.ABC):
         generation = self.stream(prompt, params, chat=chat, system=system)
         for _ in generation:
             pass
-        assert generation.result is not None
         return generation.result
 
     # --- what each engine implements ----------------------------------------------------------

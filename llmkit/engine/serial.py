@@ -122,7 +122,6 @@ class SerialScheduler(Scheduler):
             if not (chunk.finish_reason and chunk.index == request.rows - 1):
                 return
         result = running.generation.result
-        assert result is not None
         queue_s = running.admitted - request.started
         self._running = None
         request.sink(Finished(result, queue_s=queue_s, prefill_s=result.timings.ttft_s - queue_s))
