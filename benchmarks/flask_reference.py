@@ -72,13 +72,15 @@ def generate():
         start_time = time.time()
         result = generator(prompt, max_new_tokens=max_length, **sampling)
         inference_time = time.time() - start_time
-        return jsonify({
-            "success": True,
-            "prompt": prompt,
-            "generated_text": result[0]["generated_text"],
-            "inference_time_seconds": round(inference_time, 3),
-            "parameters": {"max_length": max_length, "temperature": temperature},
-        }), 200
+        return jsonify(
+            {
+                "success": True,
+                "prompt": prompt,
+                "generated_text": result[0]["generated_text"],
+                "inference_time_seconds": round(inference_time, 3),
+                "parameters": {"max_length": max_length, "temperature": temperature},
+            }
+        ), 200
     except Exception as exc:  # the tutorial's catch-all
         logger.error("Error during generation: %s", exc, exc_info=True)
         return jsonify({"error": "Internal server error"}), 500
@@ -88,8 +90,9 @@ def generate():
 def health():
     if generator is None:
         return jsonify({"status": "unhealthy", "error": "Model not loaded"}), 503
-    return jsonify({"status": "healthy", "model": MODEL_NAME, "device": "CPU",
-                    "cuda_available": torch.cuda.is_available()}), 200
+    return jsonify(
+        {"status": "healthy", "model": MODEL_NAME, "device": "CPU", "cuda_available": torch.cuda.is_available()}
+    ), 200
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ read "> 1 means llmkit is better": reference/llmkit for times, llmkit/reference 
 
 Configurations (--configs): default (what `llmkit generate` uses: dtype auto), float32, bfloat16,
 float16, int8 (--quantize int8); plus the llama.cpp engine and raw llama-cpp-python for GGUF models
-when llama-cpp-python is installed (raw gets the engine's thread count, so both run alike). Each row also shows what the engine chose (EngineInfo.choices)
-and how many greedy tokens equal the reference's.
+when llama-cpp-python is installed (raw gets the engine's thread count, so both run alike). Each row
+also shows what the engine chose (EngineInfo.choices) and how many greedy tokens equal the reference's.
 
 Threads: --threads N (or $LLMKIT_THREADS) sets torch's threads for the whole process before anything loads,
 so the reference and every llmkit side compute with the same count (llama.cpp's n_threads and
@@ -60,8 +60,12 @@ DEFAULT_PROMPT = "The history of the printing press begins in"
 REFERENCE = "reference"
 BANDWIDTH_BYTES = 1 << 30  # 1 GiB read per bandwidth sample
 # metric -> (label, higher_is_better)
-METRICS = {"load_s": ("load (s)", False), "ttft_s": ("TTFT (s)", False),
-           "decode_tok_s": ("decode (tok/s)", True), "generated": ("generated tokens", None)}
+METRICS = {
+    "load_s": ("load (s)", False),
+    "ttft_s": ("TTFT (s)", False),
+    "decode_tok_s": ("decode (tok/s)", True),
+    "generated": ("generated tokens", None),
+}
 
 
 class TokenClock(BaseStreamer):
@@ -87,9 +91,13 @@ class TokenClock(BaseStreamer):
 
 def run_llmkit(engine, prompt: str, max_new_tokens: int) -> dict:
     result = engine.generate(prompt, parse_params(greedy=True, max_new_tokens=max_new_tokens))
-    return {"ttft_s": result.timings.ttft_s, "decode_tok_s": result.timings.decode_tokens_per_s,
-            "generated": result.usage.completion_tokens, "prompt_tokens": result.usage.prompt_tokens,
-            "token_ids": list(result.completions[0].token_ids)}
+    return {
+        "ttft_s": result.timings.ttft_s,
+        "decode_tok_s": result.timings.decode_tokens_per_s,
+        "generated": result.usage.completion_tokens,
+        "prompt_tokens": result.usage.prompt_tokens,
+        "token_ids": list(result.completions[0].token_ids),
+    }
 
 
 def run_raw_llamacpp(llm, prompt: str, max_new_tokens: int) -> dict:
@@ -99,9 +107,13 @@ def run_raw_llamacpp(llm, prompt: str, max_new_tokens: int) -> dict:
     for _ in llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, stream=True):
         times.append(time.perf_counter())
     decode_s = times[-1] - times[0]
-    return {"ttft_s": times[0] - started,
-            "decode_tok_s": (len(times) - 1) / decode_s if len(times) > 1 and decode_s > 0 else None,
-            "generated": len(times), "prompt_tokens": len(llm.tokenize(prompt.encode())), "token_ids": []}
+    return {
+        "ttft_s": times[0] - started,
+        "decode_tok_s": (len(times) - 1) / decode_s if len(times) > 1 and decode_s > 0 else None,
+        "generated": len(times),
+        "prompt_tokens": len(llm.tokenize(prompt.encode())),
+        "token_ids": [],
+    }
 
 
 def memory_bandwidth(samples: int = 5) -> float:
@@ -118,13 +130,16 @@ def memory_bandwidth(samples: int = 5) -> float:
 def run_reference(pipe, prompt: str, max_new_tokens: int) -> dict:
     clock = TokenClock()
     started = time.perf_counter()
-    pipe(prompt, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-         streamer=clock)
+    pipe(prompt, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, streamer=clock)
     generated = len(clock.token_ids)
     decode_s = clock.times[-1] - clock.times[0]
-    return {"ttft_s": clock.times[0] - started,
-            "decode_tok_s": (generated - 1) / decode_s if generated > 1 and decode_s > 0 else None,
-            "generated": generated, "prompt_tokens": clock.prompt_tokens, "token_ids": clock.token_ids}
+    return {
+        "ttft_s": clock.times[0] - started,
+        "decode_tok_s": (generated - 1) / decode_s if generated > 1 and decode_s > 0 else None,
+        "generated": generated,
+        "prompt_tokens": clock.prompt_tokens,
+        "token_ids": clock.token_ids,
+    }
 
 
 def timed(load):
@@ -136,9 +151,14 @@ def timed(load):
 
 def machine() -> dict:
     cpu = cpu_model()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def summarize(values: list) -> dict | None:
@@ -178,24 +198,41 @@ def bytes_per_token(model) -> int:
 
 def sides_for(args, folder: str) -> dict:
     """name -> (load, run, bytes of weights read per token): the reference, then each llmkit path."""
-    sides = {REFERENCE: (lambda: pipeline("text-generation", model=folder), run_reference,
-                         lambda pipe: bytes_per_token(pipe.model))}
+    sides = {
+        REFERENCE: (
+            lambda: pipeline("text-generation", model=folder),
+            run_reference,
+            lambda pipe: bytes_per_token(pipe.model),
+        )
+    }
     for name in args.configs.split(","):
         label, options = CONFIGS[name]
-        sides[label] = (lambda options=options: load_engine(args.model, threads=args.threads, **options), run_llmkit,
-                        lambda engine: bytes_per_token(engine.model))
+        sides[label] = (
+            lambda options=options: load_engine(args.model, threads=args.threads, **options),
+            run_llmkit,
+            lambda engine: bytes_per_token(engine.model),
+        )
     gguf = gguf_file(args.model)
     if gguf is not None and llamacpp_installed():
         from llama_cpp import Llama
 
         size = os.path.getsize(gguf)
-        sides["llmkit llama.cpp"] = (lambda: load_engine(args.model, engine="llama.cpp", threads=args.threads),
-                                     run_llmkit,
-                                     lambda engine: size)
+        sides["llmkit llama.cpp"] = (
+            lambda: load_engine(args.model, engine="llama.cpp", threads=args.threads),
+            run_llmkit,
+            lambda engine: size,
+        )
         sides["raw llama-cpp-python"] = (
-            lambda: Llama(model_path=str(gguf), n_ctx=4096, n_threads=default_threads(),
-                          n_threads_batch=requested_threads(args.threads)[0], verbose=False),
-            run_raw_llamacpp, lambda llm: size)
+            lambda: Llama(
+                model_path=str(gguf),
+                n_ctx=4096,
+                n_threads=default_threads(),
+                n_threads_batch=requested_threads(args.threads)[0],
+                verbose=False,
+            ),
+            run_raw_llamacpp,
+            lambda llm: size,
+        )
     return sides
 
 
@@ -249,19 +286,30 @@ def benchmark(args) -> dict:
     return {
         "machine": machine(),
         "machine_load": machine_load.to_dict(),
-        "config": {"model": args.model, "folder": folder, "prompt": args.prompt, "runs": args.runs,
-                   "warmup": args.warmup, "max_new_tokens": args.max_new_tokens},
+        "config": {
+            "model": args.model,
+            "folder": folder,
+            "prompt": args.prompt,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "max_new_tokens": args.max_new_tokens,
+        },
         "memory_bandwidth_bytes_per_s": bandwidth,
         "weight_bytes": weight_bytes,
         "bound_tok_s": {side: bandwidth / size for side, size in weight_bytes.items()},
         "samples": samples,
         "summary": summary,
-        "ratios": {side: {m: ratio(m, summary, side) for m in METRICS if METRICS[m][1] is not None}
-                   for side in sides if side != REFERENCE},
+        "ratios": {
+            side: {m: ratio(m, summary, side) for m in METRICS if METRICS[m][1] is not None}
+            for side in sides
+            if side != REFERENCE
+        },
         "setups": setups,
         "greedy_tokens_equal_to_reference": {
             side: [agreeing_prefix(outputs[side], outputs[REFERENCE]), len(outputs[REFERENCE])]
-            for side in sides if side != REFERENCE and outputs[side]},
+            for side in sides
+            if side != REFERENCE and outputs[side]
+        },
     }
 
 
@@ -278,24 +326,45 @@ def print_report(report: dict) -> None:
 
     m, c = report["machine"], report["config"]
     console = Console(width=140)
-    console.print(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
-                  f"python {m['python']}, torch {m['torch']}, transformers {m['transformers']}")
-    console.print(f"model: {c['model']} ({c['folder']}); greedy, max_new_tokens {c['max_new_tokens']}, "
-                  f"{c['runs']} runs after {c['warmup']} warm-up, interleaved; prompt {c['prompt']!r}")
-    console.print(f"memory bandwidth (torch, 1 GiB sum): {report['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
-                  "bound = bandwidth / bytes of weights read per token")
-    table = Table("configuration", "load (s)", "TTFT (s)", "decode (tok/s)", "bound (tok/s)", "decode vs ref",
-                  "TTFT vs ref", title="median \\[min-max]; ratios > 1: better than the reference")
+    console.print(
+        f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+        f"python {m['python']}, torch {m['torch']}, transformers {m['transformers']}"
+    )
+    console.print(
+        f"model: {c['model']} ({c['folder']}); greedy, max_new_tokens {c['max_new_tokens']}, "
+        f"{c['runs']} runs after {c['warmup']} warm-up, interleaved; prompt {c['prompt']!r}"
+    )
+    console.print(
+        f"memory bandwidth (torch, 1 GiB sum): {report['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
+        "bound = bandwidth / bytes of weights read per token"
+    )
+    table = Table(
+        "configuration",
+        "load (s)",
+        "TTFT (s)",
+        "decode (tok/s)",
+        "bound (tok/s)",
+        "decode vs ref",
+        "TTFT vs ref",
+        title="median \\[min-max]; ratios > 1: better than the reference",
+    )
     for side, stats in report["summary"].items():
         ratios = report["ratios"].get(side, {})
-        table.add_row(side, fmt(stats["load_s"], "load_s"), fmt(stats["ttft_s"], "ttft_s"),
-                      fmt(stats["decode_tok_s"], "decode_tok_s"), f"{report['bound_tok_s'][side]:.0f}",
-                      f"{ratios['decode_tok_s']:.2f}x" if ratios.get("decode_tok_s") else "",
-                      f"{ratios['ttft_s']:.2f}x" if ratios.get("ttft_s") else "")
+        table.add_row(
+            side,
+            fmt(stats["load_s"], "load_s"),
+            fmt(stats["ttft_s"], "ttft_s"),
+            fmt(stats["decode_tok_s"], "decode_tok_s"),
+            f"{report['bound_tok_s'][side]:.0f}",
+            f"{ratios['decode_tok_s']:.2f}x" if ratios.get("decode_tok_s") else "",
+            f"{ratios['ttft_s']:.2f}x" if ratios.get("ttft_s") else "",
+        )
     console.print(table)
     for side, setup in report["setups"].items():
-        console.print(f"{side}: {setup['engine']} {setup['dtype']}, quantize {setup['quantize']}; "
-                      f"{setup['choices'].get('decode_matmul', '')}")
+        console.print(
+            f"{side}: {setup['engine']} {setup['dtype']}, quantize {setup['quantize']}; "
+            f"{setup['choices'].get('decode_matmul', '')}"
+        )
     for side, (same, total) in report["greedy_tokens_equal_to_reference"].items():
         console.print(f"{side}: first {same} of {total} greedy tokens equal to the reference's")
     busy = MachineLoad(**report["machine_load"])
@@ -310,11 +379,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--configs", default="default,float32,bfloat16,int8",
-                        help=f"llmkit transformers configurations, comma-separated, from: {', '.join(CONFIGS)}")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="compute threads for every side (default: $LLMKIT_THREADS, else torch's: one per "
-                             "physical core); on a busy machine try 1")
+    parser.add_argument(
+        "--configs",
+        default="default,float32,bfloat16,int8",
+        help=f"llmkit transformers configurations, comma-separated, from: {', '.join(CONFIGS)}",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads for every side (default: $LLMKIT_THREADS, else torch's: one per "
+        "physical core); on a busy machine try 1",
+    )
     parser.add_argument("--json", action="store_true", help="print everything as one JSON document")
     args = parser.parse_args()
     try:

@@ -49,23 +49,37 @@ def main() -> None:
     median_without, median_with = statistics.median(without), statistics.median(with_sampler)
     overhead = 1 - median_with / median_without
     report = {
-        "model": engine.info.model, "device": engine.info.device, "dtype": engine.info.dtype,
-        "cpu_model": cpu_model(), "runs": args.runs, "max_new_tokens": args.max_new_tokens,
-        "tg_without_sampler": without, "tg_with_sampler": with_sampler,
-        "median_tg_without_sampler": median_without, "median_tg_with_sampler": median_with,
+        "model": engine.info.model,
+        "device": engine.info.device,
+        "dtype": engine.info.dtype,
+        "cpu_model": cpu_model(),
+        "runs": args.runs,
+        "max_new_tokens": args.max_new_tokens,
+        "tg_without_sampler": without,
+        "tg_with_sampler": with_sampler,
+        "median_tg_without_sampler": median_without,
+        "median_tg_with_sampler": median_with,
         "median_samples_per_s": statistics.median(samples_per_s),
-        "overhead": overhead, "target": TARGET_OVERHEAD, "within_target": overhead < TARGET_OVERHEAD,
+        "overhead": overhead,
+        "target": TARGET_OVERHEAD,
+        "within_target": overhead < TARGET_OVERHEAD,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{engine.info.model} on {engine.info.device} ({engine.info.dtype}), {cpu_model()}; "
-          f"{args.runs} alternating runs of {args.max_new_tokens} greedy tokens")
+    print(
+        f"{engine.info.model} on {engine.info.device} ({engine.info.dtype}), {cpu_model()}; "
+        f"{args.runs} alternating runs of {args.max_new_tokens} greedy tokens"
+    )
     print(f"tg without sampler: median {median_without:.2f} tok/s  (min {min(without):.2f}, max {max(without):.2f})")
-    print(f"tg with sampler:    median {median_with:.2f} tok/s  (min {min(with_sampler):.2f}, "
-          f"max {max(with_sampler):.2f}); sampler {statistics.median(samples_per_s):.0f} samples/s")
-    print(f"overhead: {overhead * 100:+.2f}% (target < {TARGET_OVERHEAD * 100:.0f}%): "
-          f"{'OK' if overhead < TARGET_OVERHEAD else 'ABOVE TARGET'}")
+    print(
+        f"tg with sampler:    median {median_with:.2f} tok/s  (min {min(with_sampler):.2f}, "
+        f"max {max(with_sampler):.2f}); sampler {statistics.median(samples_per_s):.0f} samples/s"
+    )
+    print(
+        f"overhead: {overhead * 100:+.2f}% (target < {TARGET_OVERHEAD * 100:.0f}%): "
+        f"{'OK' if overhead < TARGET_OVERHEAD else 'ABOVE TARGET'}"
+    )
 
 
 if __name__ == "__main__":

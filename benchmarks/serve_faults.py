@@ -93,9 +93,10 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import httpx
@@ -169,59 +170,113 @@ COMPLETIONS, CHAT, GENERATE = "/v1/completions", "/v1/chat/completions", "/gener
 MODELS, HEALTH, METRICS = "/v1/models", "/health", "/metrics"
 FINISH_REASONS = ("stop", "length")
 
-PROMPTS = ["Once upon a time, a lighthouse keeper", "Long ago, a robot learning to paint",
-           "In a faraway land, two rival bakers", "Every morning, a talking cat", "The old clock in the hall",
-           "A message in a bottle said", "On the space station, the night shift", "The train that never stops"]
-WORDS = ("the sea light house keeper night storm ship wave rock stone bread baker cat clock train station "
-         "garden winter city under water dragon mountain village river forest paint robot letter bottle "
-         "message road window door morning evening lamp table chair book page story word song").split()
+PROMPTS = [
+    "Once upon a time, a lighthouse keeper",
+    "Long ago, a robot learning to paint",
+    "In a faraway land, two rival bakers",
+    "Every morning, a talking cat",
+    "The old clock in the hall",
+    "A message in a bottle said",
+    "On the space station, the night shift",
+    "The train that never stops",
+]
+WORDS = (
+    "the sea light house keeper night storm ship wave rock stone bread baker cat clock train station "
+    "garden winter city under water dragon mountain village river forest paint robot letter bottle "
+    "message road window door morning evening lamp table chair book page story word song"
+).split()
 
 LONE_SURROGATE, LONE_LOW_SURROGATE, VALID_PAIR = "\ud800", "\udfff", "\ud83d\ude00"
 POISON_SETTINGS = [
-    {"top_p": 1e-50}, {"top_p": 1e-300}, {"min_p": 1.0}, {"temperature": 1e-30}, {"temperature": 2.0},
-    {"top_k": 1}, {"top_k": 100000}, {"repetition_penalty": 0.5}, {"repetition_penalty": 2.0},
-    {"temperature": 1e-30, "top_p": 1e-50}, {"temperature": 2.0, "min_p": 1.0, "top_k": 100000},
+    {"top_p": 1e-50},
+    {"top_p": 1e-300},
+    {"min_p": 1.0},
+    {"temperature": 1e-30},
+    {"temperature": 2.0},
+    {"top_k": 1},
+    {"top_k": 100000},
+    {"repetition_penalty": 0.5},
+    {"repetition_penalty": 2.0},
+    {"temperature": 1e-30, "top_p": 1e-50},
+    {"temperature": 2.0, "min_p": 1.0, "top_k": 100000},
     {"temperature": 1e-30, "repetition_penalty": 0.5, "top_k": 100000},
     {"temperature": 2.0, "top_p": 1e-50, "repetition_penalty": 2.0},
     {"min_p": 1.0, "top_p": 1e-50, "top_k": 1},
 ]
-MALFORMED_JSON = [b'{"prompt": "hi", "max_tokens": 4', b"{", b"not json at all", b"", b"[1, 2, 3]",
-                  b'{"prompt": "hi",}', b"null", b'"a string"', b'{"prompt": "hi"} trailing',
-                  b'{"prompt": "hi", "max_tokens": 4}\x00', b'{"prompt": "\xff\xfe"}']
+MALFORMED_JSON = [
+    b'{"prompt": "hi", "max_tokens": 4',
+    b"{",
+    b"not json at all",
+    b"",
+    b"[1, 2, 3]",
+    b'{"prompt": "hi",}',
+    b"null",
+    b'"a string"',
+    b'{"prompt": "hi"} trailing',
+    b'{"prompt": "hi", "max_tokens": 4}\x00',
+    b'{"prompt": "\xff\xfe"}',
+]
 MESSAGES = [{"role": "user", "content": "Name one planet."}]
-WRONG_TYPES = [(COMPLETIONS, {"prompt": "hi", "max_tokens": 4, "stream": "yes"}, "stream"),
-               (GENERATE, {"prompt": "hi", "max_length": 4, "greedy": "yes"}, "greedy"),
-               (COMPLETIONS, {"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
-               (COMPLETIONS, {"prompt": 42, "max_tokens": 4}, "prompt"),
-               (CHAT, {"messages": "hello", "max_tokens": 4}, "messages"),
-               (COMPLETIONS, {"prompt": "hi", "temperature": "hot"}, "temperature"),
-               (COMPLETIONS, {"prompt": "hi", "stop": 5}, "stop"),
-               (GENERATE, {"prompt": "hi", "num_sequences": 1.5}, "num_sequences"),
-               (CHAT, {"messages": [{"role": "user", "content": 7}], "max_tokens": 4}, "messages"),
-               (COMPLETIONS, {"prompt": "hi", "max_tokens": 4, "stream": []}, "stream")]
-UNKNOWN_FIELDS = [(COMPLETIONS, {"prompt": "hi", "max_tokens": 4, "foo": 1}, "foo"),
-                  (CHAT, {"messages": MESSAGES, "max_tokens": 4, "functions": []}, "functions"),
-                  (GENERATE, {"prompt": "hi", "max_tokenz": 4}, "max_tokenz")]
-OUT_OF_RANGE = [(COMPLETIONS, {"prompt": "hi", "temperature": 5}, "temperature"),
-                (COMPLETIONS, {"prompt": "hi", "top_p": 0}, "top_p"),
-                (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-                (CHAT, {"messages": MESSAGES, "n": 100}, "n"),
-                (GENERATE, {"prompt": "hi", "top_k": -1}, "top_k"),
-                (GENERATE, {"prompt": "hi", "seed": -1}, "seed"),
-                (COMPLETIONS, {"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
-                (COMPLETIONS, {"prompt": "hi", "repetition_penalty": 3}, "repetition_penalty")]
-BAD_MESSAGES = [(CHAT, {"messages": [], "max_tokens": 4}, "messages"),
-                (CHAT, {"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 4}, "messages"),
-                (CHAT, {"messages": [{"content": "hi"}], "max_tokens": 4}, "messages"),
-                (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-                        "max_tokens": 4}, "messages")]
+WRONG_TYPES = [
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 4, "stream": "yes"}, "stream"),
+    (GENERATE, {"prompt": "hi", "max_length": 4, "greedy": "yes"}, "greedy"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+    (COMPLETIONS, {"prompt": 42, "max_tokens": 4}, "prompt"),
+    (CHAT, {"messages": "hello", "max_tokens": 4}, "messages"),
+    (COMPLETIONS, {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    (COMPLETIONS, {"prompt": "hi", "stop": 5}, "stop"),
+    (GENERATE, {"prompt": "hi", "num_sequences": 1.5}, "num_sequences"),
+    (CHAT, {"messages": [{"role": "user", "content": 7}], "max_tokens": 4}, "messages"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 4, "stream": []}, "stream"),
+]
+UNKNOWN_FIELDS = [
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 4, "foo": 1}, "foo"),
+    (CHAT, {"messages": MESSAGES, "max_tokens": 4, "functions": []}, "functions"),
+    (GENERATE, {"prompt": "hi", "max_tokenz": 4}, "max_tokenz"),
+]
+OUT_OF_RANGE = [
+    (COMPLETIONS, {"prompt": "hi", "temperature": 5}, "temperature"),
+    (COMPLETIONS, {"prompt": "hi", "top_p": 0}, "top_p"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    (CHAT, {"messages": MESSAGES, "n": 100}, "n"),
+    (GENERATE, {"prompt": "hi", "top_k": -1}, "top_k"),
+    (GENERATE, {"prompt": "hi", "seed": -1}, "seed"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+    (COMPLETIONS, {"prompt": "hi", "repetition_penalty": 3}, "repetition_penalty"),
+]
+BAD_MESSAGES = [
+    (CHAT, {"messages": [], "max_tokens": 4}, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 4}, "messages"),
+    (CHAT, {"messages": [{"content": "hi"}], "max_tokens": 4}, "messages"),
+    (
+        CHAT,
+        {
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "max_tokens": 4,
+        },
+        "messages",
+    ),
+]
 LOAD_MIX = {  # kind -> weight (percent)
-    "completion": 14, "completion stream": 14, "chat": 10, "chat stream": 10, "generate": 10,
-    "hang up mid-stream": 8, "malformed JSON": 9, "wrong type": 9, "unknown field": 6, "out of range": 5,
+    "completion": 14,
+    "completion stream": 14,
+    "chat": 10,
+    "chat stream": 10,
+    "generate": 10,
+    "hang up mid-stream": 8,
+    "malformed JSON": 9,
+    "wrong type": 9,
+    "unknown field": 6,
+    "out of range": 5,
     "bad messages": 5,
 }
-BAD_LOAD_KINDS = {"malformed JSON": None, "wrong type": WRONG_TYPES, "unknown field": UNKNOWN_FIELDS,
-                  "out of range": OUT_OF_RANGE, "bad messages": BAD_MESSAGES}
+BAD_LOAD_KINDS = {
+    "malformed JSON": None,
+    "wrong type": WRONG_TYPES,
+    "unknown field": UNKNOWN_FIELDS,
+    "out of range": OUT_OF_RANGE,
+    "bad messages": BAD_MESSAGES,
+}
 
 REPORT_WIDTH = 140  # columns when stdout is not a terminal
 console = Console(file=sys.stdout, markup=False, highlight=False, width=None if sys.stdout.isatty() else REPORT_WIDTH)
@@ -253,9 +308,19 @@ class Plan:
     warmup_big_bodies: int = 8  # as many at once as the bigbody phase: the allocator's high-water mark is reached
 
 
-QUICK_PLAN = Plan(load_requests=200, healthy_beside_poison=4, poison_endpoints=1, big_bodies=8, over_limit_bodies=1,
-                  hangups=1, idle_per_kind=3, idle_window_s=15.0, spoof_burst=30, sigterm_streams=4,
-                  warmup_requests=64)
+QUICK_PLAN = Plan(
+    load_requests=200,
+    healthy_beside_poison=4,
+    poison_endpoints=1,
+    big_bodies=8,
+    over_limit_bodies=1,
+    hangups=1,
+    idle_per_kind=3,
+    idle_window_s=15.0,
+    spoof_burst=30,
+    sigterm_streams=4,
+    warmup_requests=64,
+)
 
 
 # --- one request's outcome ----------------------------------------------------------------------
@@ -289,8 +354,14 @@ class Outcome:
 
     @property
     def normal(self) -> bool:
-        return (self.status == 200 and self.failure is None and not self.error_event and bool(self.finish)
-                and all(f in FINISH_REASONS for f in self.finish) and (self.done or not self.stream))
+        return (
+            self.status == 200
+            and self.failure is None
+            and not self.error_event
+            and bool(self.finish)
+            and all(f in FINISH_REASONS for f in self.finish)
+            and (self.done or not self.stream)
+        )
 
     @property
     def server_error(self) -> bool:
@@ -310,9 +381,13 @@ def top_field(name: str) -> str:
 
 
 def failure_name(exc: BaseException) -> str:
-    for kind, name in ((httpx.TimeoutException, "timeout"), (httpx.ConnectError, "refused"),
-                       (httpx.RemoteProtocolError, "protocol error"), (httpx.ReadError, "reset"),
-                       (httpx.WriteError, "write error")):
+    for kind, name in (
+        (httpx.TimeoutException, "timeout"),
+        (httpx.ConnectError, "refused"),
+        (httpx.RemoteProtocolError, "protocol error"),
+        (httpx.ReadError, "reset"),
+        (httpx.WriteError, "write error"),
+    ):
         if isinstance(exc, kind):
             return name
     return type(exc).__name__
@@ -371,10 +446,20 @@ async def read_events(response: httpx.Response, out: Outcome, hang_up_after: int
             return
 
 
-async def send(client: httpx.AsyncClient, path: str, body: Any = None, *, kind: str, method: str = "POST",
-               bad_input: bool = False, expect_field: str | None = None, detail: str = "",
-               headers: dict[str, str] | None = None, hang_up_after: int | None = None,
-               on_status: Callable[[Outcome], None] | None = None) -> Outcome:
+async def send(
+    client: httpx.AsyncClient,
+    path: str,
+    body: Any = None,
+    *,
+    kind: str,
+    method: str = "POST",
+    bad_input: bool = False,
+    expect_field: str | None = None,
+    detail: str = "",
+    headers: dict[str, str] | None = None,
+    hang_up_after: int | None = None,
+    on_status: Callable[[Outcome], None] | None = None,
+) -> Outcome:
     """One request, classified. Any transport or protocol trouble becomes the outcome, never an exception."""
     out = Outcome(kind, bad_input=bad_input, generation=method == "POST", expect_field=expect_field, detail=detail)
     started = time.perf_counter()
@@ -405,8 +490,14 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-async def send_admitted(client: httpx.AsyncClient, path: str, body: Any = None, *,
-                        on_status: Callable[[Outcome], None] | None = None, **more: Any) -> Outcome:
+async def send_admitted(
+    client: httpx.AsyncClient,
+    path: str,
+    body: Any = None,
+    *,
+    on_status: Callable[[Outcome], None] | None = None,
+    **more: Any,
+) -> Outcome:
     """send(), again after Retry-After while the answer is 429 (a rate-limited server), up to a cap."""
     started = time.perf_counter()
 
@@ -423,8 +514,12 @@ async def send_admitted(client: httpx.AsyncClient, path: str, body: Any = None, 
         await asyncio.sleep(out.retry_after or 1.0)
 
 
-async def run_pool(items: list[Callable[[], Any]], concurrency: int, report_every: int = 0,
-                   on_report: Callable[[int], None] | None = None) -> list[Outcome]:
+async def run_pool(
+    items: list[Callable[[], Any]],
+    concurrency: int,
+    report_every: int = 0,
+    on_report: Callable[[int], None] | None = None,
+) -> list[Outcome]:
     """Run request factories with `concurrency` workers (one coroutine each, no thread per request)."""
     pending = iter(items)
     outcomes: list[Outcome] = []
@@ -461,8 +556,13 @@ def completion(prompt: str, max_tokens: int, seed: int, stream: bool = False, **
 
 
 def chat(content: Any, max_tokens: int, seed: int, stream: bool = False, **more: Any) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "seed": seed,
-            "stream": stream, **more}
+    return {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "stream": stream,
+        **more,
+    }
 
 
 def generate(prompt: str, max_length: int, seed: int, **more: Any) -> dict[str, Any]:
@@ -482,7 +582,7 @@ def big_chat_body(seed: int, size: int) -> bytes:
 
 async def chunks(body: bytes):
     for start in range(0, len(body), UPLOAD_CHUNK_BYTES):
-        yield body[start:start + UPLOAD_CHUNK_BYTES]
+        yield body[start : start + UPLOAD_CHUNK_BYTES]
 
 
 # --- the server under test ----------------------------------------------------------------------
@@ -497,19 +597,31 @@ def free_port() -> int:
 class ServedProcess:
     """`python -m llmkit serve` started by this script on a free loopback port, its output in a log file."""
 
-    def __init__(self, role: str, model: str, options: list[str], extra: list[str], log_dir: Path,
-                 api_key: str | None = None):
+    def __init__(
+        self, role: str, model: str, options: list[str], extra: list[str], log_dir: Path, api_key: str | None = None
+    ):
         self.role, self.port = role, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"serve_faults-{role}.log"
         self.log = open(self.log_path, "wb")
-        self.command = [sys.executable, "-m", "llmkit", "serve", "-m", model, "--host", "127.0.0.1",
-                        "--port", str(self.port), *options, *extra]
+        self.command = [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "serve",
+            "-m",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *options,
+            *extra,
+        ]
         env = {**os.environ, "LLMKIT_NO_PROGRESS": "1"}
         if api_key:
             env["LLMKIT_API_KEY"] = api_key  # not on the command line, where other users could read it
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=HERE.parent)
+        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent)
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
@@ -546,9 +658,12 @@ class Target:
 
     def client(self, connections: int, timeout_s: float = REQUEST_TIMEOUT_S) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        return httpx.AsyncClient(base_url=self.url, limits=limits,
-                                 timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
-                                 headers={"content-type": "application/json", **self.auth_headers})
+        return httpx.AsyncClient(
+            base_url=self.url,
+            limits=limits,
+            timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
+            headers={"content-type": "application/json", **self.auth_headers},
+        )
 
     def raw_request(self, method: str, path: str, body: bytes = b"", *, head_only: bool = False) -> bytes:
         """An HTTP/1.1 request as bytes, for the raw-socket phases."""
@@ -572,8 +687,9 @@ def last_line(path: Path | None) -> str:
     return f": {lines[-1].strip()} (log {path})" if lines else ""
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, cap_s: float = STARTUP_CAP_S,
-                 log_path: Path | None = None) -> float:
+def wait_healthy(
+    url: str, proc: subprocess.Popen | None = None, cap_s: float = STARTUP_CAP_S, log_path: Path | None = None
+) -> float:
     """Seconds until GET /health says 200. A loading server answers 503 and is waited for; with no process of
     ours to watch, a URL that refuses connections for REFUSED_CAP_S is given up on."""
     started = refused_since = time.monotonic()
@@ -642,7 +758,7 @@ class HealthPoller:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="health-poller", daemon=True)
 
-    def start(self) -> "HealthPoller":
+    def start(self) -> HealthPoller:
         self._thread.start()
         return self
 
@@ -667,9 +783,12 @@ class HealthPoller:
     def stats(self, phase: str) -> dict[str, Any]:
         mine = [(latency, label) for p, latency, label in self.samples if p == phase]
         answered = [latency for latency, label in mine if label not in ("refused", "reset")]
-        return {"samples": len(mine), "p50_s": statistics.median(answered) if answered else None,
-                "max_s": max(answered) if answered else None,
-                "not_200": dict(Counter(label for _, label in mine if label != "200"))}
+        return {
+            "samples": len(mine),
+            "p50_s": statistics.median(answered) if answered else None,
+            "max_s": max(answered) if answered else None,
+            "not_200": dict(Counter(label for _, label in mine if label != "200")),
+        }
 
 
 # --- a run and its phases -----------------------------------------------------------------------
@@ -730,8 +849,10 @@ def run_phase(run: Run, name: str, phase: Callable[[Run, PhaseResult], Any]) -> 
     run.poller.phase = "-"
     result.health = run.poller.stats(name)
     result.rss_after = run.probe.rss() if run.probe else None
-    progress(f"phase {name}: {len(result.outcomes)} requests in {result.wall_s:.1f} s"
-             + (f" (crashed: {result.crashed})" if result.crashed else ""))
+    progress(
+        f"phase {name}: {len(result.outcomes)} requests in {result.wall_s:.1f} s"
+        + (f" (crashed: {result.crashed})" if result.crashed else "")
+    )
     return result
 
 
@@ -751,9 +872,10 @@ async def warm_up(run: Run, result: PhaseResult) -> None:
     await probe_chat(run)
     items = load_items(run, run.rng(99), run.plan.warmup_requests)
     async with run.target.client(LOAD_CONCURRENCY + 4) as client:
-        bodies = run.big_bodies[:run.plan.warmup_big_bodies]
-        result.outcomes += await asyncio.gather(*(send(client, CHAT, body, kind="big body", bad_input=True)
-                                                  for body in bodies))
+        bodies = run.big_bodies[: run.plan.warmup_big_bodies]
+        result.outcomes += await asyncio.gather(
+            *(send(client, CHAT, body, kind="big body", bad_input=True) for body in bodies)
+        )
         makers = [lambda item=item: send_load_item(client, item) for item in items]
         result.outcomes += await run_pool(makers, LOAD_CONCURRENCY)
 
@@ -767,15 +889,21 @@ def setting_label(setting: dict[str, Any]) -> str:
 
 def poison_requests(run: Run) -> list[tuple[str, str, bytes, str]]:
     """(kind, path, body, detail) for each poison setting on `poison_endpoints` of the three endpoints."""
-    endpoints = [("poison, completion stream", COMPLETIONS, True), ("poison, completion", COMPLETIONS, False),
-                 ("poison, /generate", GENERATE, False)]
+    endpoints = [
+        ("poison, completion stream", COMPLETIONS, True),
+        ("poison, completion", COMPLETIONS, False),
+        ("poison, /generate", GENERATE, False),
+    ]
     requests = []
     for i, setting in enumerate(POISON_SETTINGS):
         for j in range(run.plan.poison_endpoints):
             kind, path, stream = endpoints[(i + j) % len(endpoints)]
             prompt, seed = PROMPTS[i % len(PROMPTS)], run.seed + i
-            body = (generate(prompt, POISON_TOKENS, seed, **setting) if path == GENERATE
-                    else completion(prompt, POISON_TOKENS, seed, stream=stream, **setting))
+            body = (
+                generate(prompt, POISON_TOKENS, seed, **setting)
+                if path == GENERATE
+                else completion(prompt, POISON_TOKENS, seed, stream=stream, **setting)
+            )
             requests.append((kind, path, encode(body), setting_label(setting)))
     return requests
 
@@ -792,19 +920,27 @@ async def phase_poison(run: Run, result: PhaseResult) -> None:
     healthy = [healthy_stream(run, i) for i in range(run.plan.healthy_beside_poison)]
     async with run.target.client(len(poison) + len(healthy) + 2) as client:
         started = [asyncio.Event() for _ in healthy]
-        healthy_tasks = [asyncio.create_task(send(client, path, body, kind="healthy stream beside poison",
-                                                  on_status=lambda _, e=event: e.set()))
-                         for (path, body), event in zip(healthy, started)]
+        healthy_tasks = [
+            asyncio.create_task(
+                send(client, path, body, kind="healthy stream beside poison", on_status=lambda _, e=event: e.set())
+            )
+            for (path, body), event in zip(healthy, started)
+        ]
         await wait_all(started, STATUS_WAIT_CAP_S)  # the healthy rows are in the batch: now the poison
-        poison_tasks = [asyncio.create_task(send(client, path, body, kind=kind, bad_input=True, detail=detail))
-                        for kind, path, body, detail in poison]
+        poison_tasks = [
+            asyncio.create_task(send(client, path, body, kind=kind, bad_input=True, detail=detail))
+            for kind, path, body, detail in poison
+        ]
         result.outcomes += await asyncio.gather(*healthy_tasks, *poison_tasks)
     healthy_out = [o for o in result.outcomes if o.kind.startswith("healthy")]
     result.figures["healthy streams normal"] = f"{sum(o.normal for o in healthy_out)}/{len(healthy_out)}"
     for out in result.outcomes:
         if out.kind.startswith("poison") and not out.normal:
-            result.notes.append(f"{out.kind} {{{out.detail}}}: {out.label}"
-                                + (", error event" if out.error_event else "") + (", cut" if out.cut else ""))
+            result.notes.append(
+                f"{out.kind} {{{out.detail}}}: {out.label}"
+                + (", error event" if out.error_event else "")
+                + (", cut" if out.cut else "")
+            )
 
 
 # --- phase: lone surrogates -----------------------------------------------------------------------
@@ -823,19 +959,34 @@ def surrogate_requests() -> list[tuple[str, str, bytes, str | None, str]]:
         (CHAT, chat(f"{bad} hello", 4, 1), "messages", "chat content"),
         (CHAT, chat(f"{bad} hello", 4, 1, stream=True), "messages", "chat content, stream"),
         (CHAT, chat([{"type": "text", "text": bad}], 4, 1), "messages", "chat content parts"),
-        (CHAT, {"messages": [{"role": "system", "content": bad}, *MESSAGES], "max_tokens": 4}, "messages",
-         "chat system message"),
+        (
+            CHAT,
+            {"messages": [{"role": "system", "content": bad}, *MESSAGES], "max_tokens": 4},
+            "messages",
+            "chat system message",
+        ),
         (CHAT, chat("hello", 4, 1, stop=[bad]), "stop", "chat stop"),
         (GENERATE, generate(f"{bad}", 4, 1), "prompt", "/generate prompt"),
         (GENERATE, generate("hi", 4, 1, stop=bad), "stop", "/generate stop"),
     ]
     requests = [("lone surrogate", path, encode(body), name, detail) for path, body, name, detail in cases]
-    requests.append(("invalid UTF-8 bytes", COMPLETIONS, b'{"prompt": "hi \xed\xa0\x80 there", "max_tokens": 4}',
-                     None, "completions prompt, UTF-8 encoded surrogate"))
-    controls = [(COMPLETIONS, completion(f"smile {pair}", 4, 1), "completions"),
-                (CHAT, chat(f"smile {pair}", 4, 1), "chat"), (GENERATE, generate(f"smile {pair}", 4, 1), "/generate")]
-    requests += [("valid surrogate pair (control)", path, encode(body), None, detail)
-                 for path, body, detail in controls]
+    requests.append(
+        (
+            "invalid UTF-8 bytes",
+            COMPLETIONS,
+            b'{"prompt": "hi \xed\xa0\x80 there", "max_tokens": 4}',
+            None,
+            "completions prompt, UTF-8 encoded surrogate",
+        )
+    )
+    controls = [
+        (COMPLETIONS, completion(f"smile {pair}", 4, 1), "completions"),
+        (CHAT, chat(f"smile {pair}", 4, 1), "chat"),
+        (GENERATE, generate(f"smile {pair}", 4, 1), "/generate"),
+    ]
+    requests += [
+        ("valid surrogate pair (control)", path, encode(body), None, detail) for path, body, detail in controls
+    ]
     return requests
 
 
@@ -844,9 +995,20 @@ async def phase_surrogates(run: Run, result: PhaseResult) -> None:
     if not run.chat_ok:
         requests = [r for r in requests if not (r[0].startswith("valid") and r[1] == CHAT)]
     async with run.target.client(len(requests)) as client:
-        result.outcomes += await asyncio.gather(*(
-            send(client, path, body, kind=kind, bad_input=not kind.startswith("valid"), expect_field=name,
-                 detail=detail) for kind, path, body, name, detail in requests))
+        result.outcomes += await asyncio.gather(
+            *(
+                send(
+                    client,
+                    path,
+                    body,
+                    kind=kind,
+                    bad_input=not kind.startswith("valid"),
+                    expect_field=name,
+                    detail=detail,
+                )
+                for kind, path, body, name, detail in requests
+            )
+        )
     for out in result.outcomes:
         expected = 200 if out.kind.startswith("valid") else 400
         if out.status != expected:
@@ -859,15 +1021,19 @@ async def phase_surrogates(run: Run, result: PhaseResult) -> None:
 async def phase_bigbody(run: Run, result: PhaseResult) -> None:
     over = b"x" * int(run.max_body_bytes * OVER_LIMIT_SHARE)  # never parsed: the size alone must refuse it
     path = CHAT if run.chat_ok else COMPLETIONS
-    bodies = run.big_bodies[:run.plan.big_bodies]
+    bodies = run.big_bodies[: run.plan.big_bodies]
     if path == COMPLETIONS:
         bodies = [encode({"prompt": json.loads(b)["messages"][0]["content"], "max_tokens": 1}) for b in bodies]
     async with run.target.client(len(bodies) + 2 * run.plan.over_limit_bodies + 2) as client:
         tasks = [send(client, path, body, kind=f"{len(body) / 1e6:.2f} MB body", bad_input=True) for body in bodies]
-        tasks += [send(client, path, over, kind="over the limit, Content-Length", bad_input=True)
-                  for _ in range(run.plan.over_limit_bodies)]
-        tasks += [send(client, path, chunks(over), kind="over the limit, chunked", bad_input=True)
-                  for _ in range(run.plan.over_limit_bodies)]
+        tasks += [
+            send(client, path, over, kind="over the limit, Content-Length", bad_input=True)
+            for _ in range(run.plan.over_limit_bodies)
+        ]
+        tasks += [
+            send(client, path, chunks(over), kind="over the limit, chunked", bad_input=True)
+            for _ in range(run.plan.over_limit_bodies)
+        ]
         result.outcomes += await asyncio.gather(*tasks)
     result.figures["body limit assumed"] = f"{run.max_body_bytes} bytes (--max-body-bytes)"
     result.figures["big bodies"] = f"{len(bodies)} x {len(bodies[0]) if bodies else 0} bytes, concurrently"
@@ -917,8 +1083,9 @@ async def start_long_request_n(run: Run, seed: int, n: int) -> tuple[asyncio.Str
     for max_tokens in long_candidates(run):
         body = encode(completion(PROMPTS[seed % len(PROMPTS)], max_tokens, seed, n=n, temperature=1.0))
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(run.target.host, run.target.port),
-                                                    CONNECT_TIMEOUT_S)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(run.target.host, run.target.port), CONNECT_TIMEOUT_S
+            )
             writer.write(run.target.raw_request("POST", COMPLETIONS, body))
             await writer.drain()
         except (OSError, asyncio.TimeoutError) as exc:
@@ -1008,8 +1175,10 @@ async def phase_hangup(run: Run, result: PhaseResult) -> None:
     result.figures["attempts"] = attempts
     for i, record in enumerate(attempts):
         if "answered_before_hangup" in record:
-            result.notes.append(f"attempt {i + 1}: the request ended ({record['answered_before_hangup']}) before "
-                                f"the hang-up; the model is too fast for this check")
+            result.notes.append(
+                f"attempt {i + 1}: the request ended ({record['answered_before_hangup']}) before "
+                f"the hang-up; the model is too fast for this check"
+            )
         if "error" in record:
             result.notes.append(f"attempt {i + 1}: {record['error']}")
 
@@ -1021,9 +1190,12 @@ def idle_payloads(target: Target) -> dict[str, tuple[bytes, bool]]:
     """kind -> (bytes sent at once, then one more byte every SLOW_BYTE_EVERY_S?)."""
     host = f"Host: {target.host}:{target.port}\r\n"
     body = b'{"prompt": "hello", "max_tokens": 4}'
-    half_body = (target.raw_request("POST", COMPLETIONS, body, head_only=True)
-                 .replace(f"Content-Length: {len(body)}".encode(), f"Content-Length: {2 * len(body)}".encode())
-                 + body[: len(body) // 2])
+    half_body = (
+        target.raw_request("POST", COMPLETIONS, body, head_only=True).replace(
+            f"Content-Length: {len(body)}".encode(), f"Content-Length: {2 * len(body)}".encode()
+        )
+        + body[: len(body) // 2]
+    )
     return {
         "idle, nothing sent": (b"", False),
         "half a request line": (b"POST /v1/compl", False),
@@ -1080,10 +1252,16 @@ def summarize_connections(records: list[dict[str, Any]]) -> list[dict[str, Any]]
     for kind in dict.fromkeys(r["kind"] for r in records):
         mine = [r for r in records if r["kind"] == kind]
         closed = [r["closed_s"] for r in mine if r["closed_s"] is not None]
-        rows.append({"kind": kind, "opened": sum(r["opened"] for r in mine), "closed_by_server": len(closed),
-                     "closed_p50_s": statistics.median(closed) if closed else None,
-                     "closed_max_s": max(closed) if closed else None,
-                     "answers": dict(Counter(r["answer"] for r in mine))})
+        rows.append(
+            {
+                "kind": kind,
+                "opened": sum(r["opened"] for r in mine),
+                "closed_by_server": len(closed),
+                "closed_p50_s": statistics.median(closed) if closed else None,
+                "closed_max_s": max(closed) if closed else None,
+                "answers": dict(Counter(r["answer"] for r in mine)),
+            }
+        )
     return rows
 
 
@@ -1091,8 +1269,11 @@ async def phase_idle(run: Run, result: PhaseResult) -> None:
     probe = run.probe or ProcessProbe(run.target.pid)
     window = run.plan.idle_window_s
     result.figures["fds before"] = probe.fds()
-    tasks = [asyncio.create_task(hold_connection(run.target, kind, payload, slow, window))
-             for kind, (payload, slow) in idle_payloads(run.target).items() for _ in range(run.plan.idle_per_kind)]
+    tasks = [
+        asyncio.create_task(hold_connection(run.target, kind, payload, slow, window))
+        for kind, (payload, slow) in idle_payloads(run.target).items()
+        for _ in range(run.plan.idle_per_kind)
+    ]
     await asyncio.sleep(FD_PEAK_AFTER_S)
     result.figures["fds while open"] = probe.fds()
     records = await asyncio.gather(*tasks)
@@ -1130,8 +1311,9 @@ def healthy_item(run: Run, kind: str, rng: random.Random, i: int) -> LoadItem:
     if stream and rng.random() < 0.5:
         body["stream_options"] = {"include_usage": True}
     path = {"generate": GENERATE, "chat": CHAT, "chat stream": CHAT}.get(kind, COMPLETIONS)
-    return LoadItem(kind, path, encode(body), hang_up_after=MID_STREAM_HANG_UP_EVENTS if kind == "hang up mid-stream"
-                    else None)
+    return LoadItem(
+        kind, path, encode(body), hang_up_after=MID_STREAM_HANG_UP_EVENTS if kind == "hang up mid-stream" else None
+    )
 
 
 def bad_item(kind: str, rng: random.Random) -> LoadItem:
@@ -1143,13 +1325,22 @@ def bad_item(kind: str, rng: random.Random) -> LoadItem:
 
 def load_items(run: Run, rng: random.Random, count: int) -> list[LoadItem]:
     kinds = rng.choices(list(LOAD_MIX), weights=list(LOAD_MIX.values()), k=count)
-    return [bad_item(kind, rng) if kind in BAD_LOAD_KINDS else healthy_item(run, kind, rng, i)
-            for i, kind in enumerate(kinds)]
+    return [
+        bad_item(kind, rng) if kind in BAD_LOAD_KINDS else healthy_item(run, kind, rng, i)
+        for i, kind in enumerate(kinds)
+    ]
 
 
 async def send_load_item(client: httpx.AsyncClient, item: LoadItem) -> Outcome:
-    return await send(client, item.path, item.body, kind=item.kind, bad_input=item.bad_input,
-                      expect_field=item.expect_field, hang_up_after=item.hang_up_after)
+    return await send(
+        client,
+        item.path,
+        item.body,
+        kind=item.kind,
+        bad_input=item.bad_input,
+        expect_field=item.expect_field,
+        hang_up_after=item.hang_up_after,
+    )
 
 
 async def phase_load(run: Run, result: PhaseResult) -> None:
@@ -1164,8 +1355,9 @@ async def phase_load(run: Run, result: PhaseResult) -> None:
     started, cpu = time.perf_counter(), time.process_time()
     async with run.target.client(LOAD_CONCURRENCY + 4) as client:
         makers = [lambda item=item: send_load_item(client, item) for item in items]
-        result.outcomes += await run_pool(makers, LOAD_CONCURRENCY, report_every=LOAD_PROGRESS_EVERY,
-                                          on_report=sample_rss)
+        result.outcomes += await run_pool(
+            makers, LOAD_CONCURRENCY, report_every=LOAD_PROGRESS_EVERY, on_report=sample_rss
+        )
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     healthy = [o for o in result.outcomes if not o.bad_input and not o.hung_up]
     result.figures["concurrency"] = LOAD_CONCURRENCY
@@ -1189,8 +1381,9 @@ async def burst_until_limited(client: httpx.AsyncClient) -> list[Outcome]:
     """GET /v1/models from one address in rounds until the first 429 (or the cap): the bucket is then empty."""
     outcomes: list[Outcome] = []
     while len(outcomes) < SPOOF_CONTROL_CAP and not any(o.status == 429 for o in outcomes):
-        outcomes += await asyncio.gather(*(send(client, MODELS, method="GET", kind="one address (control)")
-                                           for _ in range(SPOOF_ROUND)))
+        outcomes += await asyncio.gather(
+            *(send(client, MODELS, method="GET", kind="one address (control)") for _ in range(SPOOF_ROUND))
+        )
     return outcomes
 
 
@@ -1199,12 +1392,14 @@ async def phase_spoof(run: Run, result: PhaseResult) -> None:
     async with run.target.client(SPOOF_CONCURRENCY) as client:
         control = await burst_until_limited(client)
         headers = [spoofed_headers(rng) for _ in range(run.plan.spoof_burst)]
-        spoofed = await asyncio.gather(*(send(client, MODELS, method="GET", kind="rotating X-Forwarded-For",
-                                              headers=h) for h in headers))
+        spoofed = await asyncio.gather(
+            *(send(client, MODELS, method="GET", kind="rotating X-Forwarded-For", headers=h) for h in headers)
+        )
     result.outcomes += control + list(spoofed)
     limited = sum(o.status == 429 for o in spoofed)
-    result.figures["requests until the first 429 (one address)"] = (
-        next((i + 1 for i, o in enumerate(control) if o.status == 429), None))
+    result.figures["requests until the first 429 (one address)"] = next(
+        (i + 1 for i, o in enumerate(control) if o.status == 429), None
+    )
     result.figures["spoofed requests answered 429"] = f"{limited}/{len(spoofed)}"
     result.figures["rate limit seen"] = any(o.status == 429 for o in control)
     result.figures["spoofed still limited"] = (limited / len(spoofed) >= SPOOF_LIMITED_SHARE) if spoofed else None
@@ -1270,11 +1465,22 @@ async def phase_sigterm(run: Run, result: PhaseResult) -> None:
             result.notes.append("no long stream was accepted; the phase could not run")
             return
         started = [asyncio.Event() for _ in range(run.plan.sigterm_streams)]
-        bodies = [encode(completion(PROMPTS[i % len(PROMPTS)], tokens, run.seed + i, stream=True, temperature=1.0,
-                                    n=HANGUP_SEQUENCES[0])) for i in range(len(started))]
-        tasks = [asyncio.create_task(send_admitted(client, COMPLETIONS, body, kind="long stream at SIGTERM",
-                                          on_status=lambda _, e=event: e.set()))
-                 for body, event in zip(bodies, started)]
+        bodies = [
+            encode(
+                completion(
+                    PROMPTS[i % len(PROMPTS)], tokens, run.seed + i, stream=True, temperature=1.0, n=HANGUP_SEQUENCES[0]
+                )
+            )
+            for i in range(len(started))
+        ]
+        tasks = [
+            asyncio.create_task(
+                send_admitted(
+                    client, COMPLETIONS, body, kind="long stream at SIGTERM", on_status=lambda _, e=event: e.set()
+                )
+            )
+            for body, event in zip(bodies, started)
+        ]
         await wait_all(started, STATUS_WAIT_CAP_S)
         await asyncio.sleep(SIGTERM_AFTER_S)
         result.figures["streams open at SIGTERM"] = sum(not t.done() for t in tasks)
@@ -1292,9 +1498,16 @@ async def phase_sigterm(run: Run, result: PhaseResult) -> None:
 
 
 RAW_PHASES = {"hangup": "raw sockets, see above", "idle": "raw sockets, see above"}
-PHASE_FUNCTIONS = {"poison": phase_poison, "surrogates": phase_surrogates, "bigbody": phase_bigbody,
-                   "hangup": phase_hangup, "idle": phase_idle, "load": phase_load, "spoof": phase_spoof,
-                   "sigterm": phase_sigterm}
+PHASE_FUNCTIONS = {
+    "poison": phase_poison,
+    "surrogates": phase_surrogates,
+    "bigbody": phase_bigbody,
+    "hangup": phase_hangup,
+    "idle": phase_idle,
+    "load": phase_load,
+    "spoof": phase_spoof,
+    "sigterm": phase_sigterm,
+}
 
 
 # --- checks ---------------------------------------------------------------------------------------------------
@@ -1332,13 +1545,27 @@ def traffic_checks(results: list[PhaseResult]) -> list[Check]:
     return [
         Check("bad input answered without a 5xx", "0", f"{len(bad_5xx)} of {len(bad)}", verdict(not bad_5xx), True),
         Check("no 500 (a 500 is a bug)", "0", str(len(five_hundred)), verdict(not five_hundred), True),
-        Check("streams ended without a terminal event", "0", f"{len(cut)} of {sum(o.stream for o in outs)} streams",
-              verdict(not cut), True),
-        Check("bad-input 4xx names the field", "all", f"{sum(o.named_field for o in named)}/{len(named)}",
-              verdict(all(o.named_field for o in named) if named else None), False),
-        Check("bad input refused (not 200)", "all", f"{len(accepted)} accepted" +
-              (f" ({', '.join(sorted({o.kind for o in accepted}))})" if accepted else ""),
-              verdict(not accepted if bad else None), False),
+        Check(
+            "streams ended without a terminal event",
+            "0",
+            f"{len(cut)} of {sum(o.stream for o in outs)} streams",
+            verdict(not cut),
+            True,
+        ),
+        Check(
+            "bad-input 4xx names the field",
+            "all",
+            f"{sum(o.named_field for o in named)}/{len(named)}",
+            verdict(all(o.named_field for o in named) if named else None),
+            False,
+        ),
+        Check(
+            "bad input refused (not 200)",
+            "all",
+            f"{len(accepted)} accepted" + (f" ({', '.join(sorted({o.kind for o in accepted}))})" if accepted else ""),
+            verdict(not accepted if bad else None),
+            False,
+        ),
     ]
 
 
@@ -1347,9 +1574,15 @@ def health_checks(results: list[PhaseResult]) -> list[Check]:
     for name in HEALTH_GATED_PHASES:
         result = by_name(results, name)
         worst = result.health.get("max_s") if result else None
-        checks.append(Check(f"/health max latency, {name}", f"< {HEALTH_MAX_TARGET_S} s",
-                            "-" if worst is None else f"{worst:.3f} s",
-                            verdict(None if worst is None else worst < HEALTH_MAX_TARGET_S), True))
+        checks.append(
+            Check(
+                f"/health max latency, {name}",
+                f"< {HEALTH_MAX_TARGET_S} s",
+                "-" if worst is None else f"{worst:.3f} s",
+                verdict(None if worst is None else worst < HEALTH_MAX_TARGET_S),
+                True,
+            )
+        )
     return checks
 
 
@@ -1359,26 +1592,58 @@ def poison_and_surrogate_checks(results: list[PhaseResult]) -> list[Check]:
     if poison:
         healthy = [o for o in poison.outcomes if o.kind.startswith("healthy")]
         rows = [o for o in poison.outcomes if o.kind.startswith("poison")]
-        checks.append(Check("healthy streams beside poison finish normally", "all",
-                            f"{sum(o.normal for o in healthy)}/{len(healthy)}",
-                            verdict(all(o.normal for o in healthy)), True))
-        checks.append(Check("poison rows complete normally themselves", "all", f"{sum(o.normal for o in rows)}/"
-                            f"{len(rows)}", verdict(all(o.normal for o in rows)), False))
+        checks.append(
+            Check(
+                "healthy streams beside poison finish normally",
+                "all",
+                f"{sum(o.normal for o in healthy)}/{len(healthy)}",
+                verdict(all(o.normal for o in healthy)),
+                True,
+            )
+        )
+        checks.append(
+            Check(
+                "poison rows complete normally themselves",
+                "all",
+                f"{sum(o.normal for o in rows)}/{len(rows)}",
+                verdict(all(o.normal for o in rows)),
+                False,
+            )
+        )
     surrogates = by_name(results, "surrogates")
     if surrogates:
         lone = [o for o in surrogates.outcomes if not o.kind.startswith("valid")]
         pairs = [o for o in surrogates.outcomes if o.kind.startswith("valid")]
-        checks.append(Check("lone surrogates and invalid UTF-8 answered 400", "all",
-                            f"{sum(o.status == 400 for o in lone)}/{len(lone)}",
-                            verdict(all(o.status == 400 for o in lone)), True))
-        checks.append(Check("valid surrogate pairs accepted", "200", f"{sum(o.status == 200 for o in pairs)}/"
-                            f"{len(pairs)}", verdict(all(o.status == 200 for o in pairs)), False))
+        checks.append(
+            Check(
+                "lone surrogates and invalid UTF-8 answered 400",
+                "all",
+                f"{sum(o.status == 400 for o in lone)}/{len(lone)}",
+                verdict(all(o.status == 400 for o in lone)),
+                True,
+            )
+        )
+        checks.append(
+            Check(
+                "valid surrogate pairs accepted",
+                "200",
+                f"{sum(o.status == 200 for o in pairs)}/{len(pairs)}",
+                verdict(all(o.status == 200 for o in pairs)),
+                False,
+            )
+        )
     bigbody = by_name(results, "bigbody")
     if bigbody:
         over = [o for o in bigbody.outcomes if o.kind.startswith("over")]
-        checks.append(Check("bodies over the limit answered 413", "413",
-                            ", ".join(f"{k}x{v}" for k, v in Counter(o.label for o in over).items()),
-                            verdict(all(o.status == 413 for o in over)), False))
+        checks.append(
+            Check(
+                "bodies over the limit answered 413",
+                "413",
+                ", ".join(f"{k}x{v}" for k, v in Counter(o.label for o in over).items()),
+                verdict(all(o.status == 413 for o in over)),
+                False,
+            )
+        )
     return checks
 
 
@@ -1388,17 +1653,39 @@ def hangup_checks(results: list[PhaseResult]) -> list[Check]:
         return []
     attempts = [a for a in hangup.figures.get("attempts", []) if "answered_before_hangup" not in a and "error" not in a]
     if not attempts:
-        return [Check("hung-up request noticed and its rows freed", f"within {HANGUP_FREE_CAP_S:g} s",
-                      "no attempt was still running at the hang-up", "n/a", True)]
-    freed = [max(a["counter_moved_s"] or 0, a["rows_free_s"] or 0) if a["counter_moved_s"] is not None
-             and a["rows_free_s"] is not None else None for a in attempts]
+        return [
+            Check(
+                "hung-up request noticed and its rows freed",
+                f"within {HANGUP_FREE_CAP_S:g} s",
+                "no attempt was still running at the hang-up",
+                "n/a",
+                True,
+            )
+        ]
+    freed = [
+        max(a["counter_moved_s"] or 0, a["rows_free_s"] or 0)
+        if a["counter_moved_s"] is not None and a["rows_free_s"] is not None
+        else None
+        for a in attempts
+    ]
     worst = None if None in freed else max(freed)
     measured = f"{sum(f is not None for f in freed)}/{len(freed)}" + ("" if worst is None else f", worst {worst:.2f} s")
-    return [Check("hung-up request noticed and its rows freed", f"within {HANGUP_FREE_CAP_S:g} s", measured,
-                  verdict(worst is not None), True),
-            Check("... within a second of the hang-up", f"< {HANGUP_FREE_TARGET_S:g} s",
-                  "-" if worst is None else f"{worst:.2f} s",
-                  verdict(worst is not None and worst < HANGUP_FREE_TARGET_S), False)]
+    return [
+        Check(
+            "hung-up request noticed and its rows freed",
+            f"within {HANGUP_FREE_CAP_S:g} s",
+            measured,
+            verdict(worst is not None),
+            True,
+        ),
+        Check(
+            "... within a second of the hang-up",
+            f"< {HANGUP_FREE_TARGET_S:g} s",
+            "-" if worst is None else f"{worst:.2f} s",
+            verdict(worst is not None and worst < HANGUP_FREE_TARGET_S),
+            False,
+        ),
+    ]
 
 
 def connection_checks(results: list[PhaseResult]) -> list[Check]:
@@ -1409,12 +1696,22 @@ def connection_checks(results: list[PhaseResult]) -> list[Check]:
     open_kinds = [r["kind"] for r in rows if r["closed_by_server"] < r["opened"]]
     before, after = idle.figures.get("fds before"), idle.figures.get("fds after")
     fds_ok = None if before is None or after is None else after <= before + FD_SLACK
-    return [Check("idle and half-sent connections closed by the server",
-                  f"within {idle.figures['window_s']:g} s (--idle-window)",
-                  "all closed" if not open_kinds else "still open: " + "; ".join(open_kinds),
-                  verdict(not open_kinds), False),
-            Check("server fds back after the idle phase", f"<= before + {FD_SLACK}",
-                  f"{before} -> {idle.figures.get('fds while open')} -> {after}", verdict(fds_ok), False)]
+    return [
+        Check(
+            "idle and half-sent connections closed by the server",
+            f"within {idle.figures['window_s']:g} s (--idle-window)",
+            "all closed" if not open_kinds else "still open: " + "; ".join(open_kinds),
+            verdict(not open_kinds),
+            False,
+        ),
+        Check(
+            "server fds back after the idle phase",
+            f"<= before + {FD_SLACK}",
+            f"{before} -> {idle.figures.get('fds while open')} -> {after}",
+            verdict(fds_ok),
+            False,
+        ),
+    ]
 
 
 def spoof_and_sigterm_checks(results: list[PhaseResult]) -> list[Check]:
@@ -1422,16 +1719,29 @@ def spoof_and_sigterm_checks(results: list[PhaseResult]) -> list[Check]:
     spoof = by_name(results, "spoof")
     if spoof and not spoof.crashed:
         limited = spoof.figures.get("spoofed still limited")
-        checks.append(Check("rotating X-Forwarded-For still rate-limited", f">= {SPOOF_LIMITED_SHARE:.0%} 429",
-                            spoof.figures.get("spoofed requests answered 429", "-") if spoof.figures.get(
-                                "rate limit seen") else "no rate limit seen",
-                            verdict(limited if spoof.figures.get("rate limit seen") else None), True))
+        checks.append(
+            Check(
+                "rotating X-Forwarded-For still rate-limited",
+                f">= {SPOOF_LIMITED_SHARE:.0%} 429",
+                spoof.figures.get("spoofed requests answered 429", "-")
+                if spoof.figures.get("rate limit seen")
+                else "no rate limit seen",
+                verdict(limited if spoof.figures.get("rate limit seen") else None),
+                True,
+            )
+        )
     sigterm = by_name(results, "sigterm")
     if sigterm and not sigterm.crashed and sigterm.outcomes:
         code = sigterm.figures.get("exit code")
-        checks.append(Check("streams at SIGTERM end with [DONE] or finish", "all",
-                            f"{len(sigterm.outcomes) - sigterm.figures['cut without [DONE]']}/{len(sigterm.outcomes)}",
-                            verdict(sigterm.figures["cut without [DONE]"] == 0), True))
+        checks.append(
+            Check(
+                "streams at SIGTERM end with [DONE] or finish",
+                "all",
+                f"{len(sigterm.outcomes) - sigterm.figures['cut without [DONE]']}/{len(sigterm.outcomes)}",
+                verdict(sigterm.figures["cut without [DONE]"] == 0),
+                True,
+            )
+        )
         if isinstance(code, int) or code is None:
             checks.append(Check("server exits 0 after SIGTERM", "0", str(code), verdict(code == 0), False))
     return checks
@@ -1446,8 +1756,15 @@ def load_rss_check(results: list[PhaseResult]) -> list[Check]:
         return []
     (first_n, first), (last_n, last) = trend[0], trend[-1]
     growth = last / first - 1
-    return [Check(f"RSS growth over the load, request {first_n} -> {last_n}", f"< {RSS_GROWTH_TARGET:.0%}",
-                  f"{growth:+.1%}", verdict(growth < RSS_GROWTH_TARGET), True)]
+    return [
+        Check(
+            f"RSS growth over the load, request {first_n} -> {last_n}",
+            f"< {RSS_GROWTH_TARGET:.0%}",
+            f"{growth:+.1%}",
+            verdict(growth < RSS_GROWTH_TARGET),
+            True,
+        )
+    ]
 
 
 def resource_checks(resources: dict[str, Any]) -> list[Check]:
@@ -1455,24 +1772,56 @@ def resource_checks(resources: dict[str, Any]) -> list[Check]:
         return []
     warm, after = resources.get("rss_after_warmup"), resources.get("rss_after")
     growth = None if not warm or not after else after / warm - 1
-    return [Check("RSS growth after warm-up", f"< {RSS_GROWTH_TARGET:.0%}",
-                  ("unknown (no PID)" if not resources.get("pid") else "unknown (the run stopped early)")
-                  if growth is None else f"{growth:+.1%}",
-                  verdict(None if growth is None else growth < RSS_GROWTH_TARGET), True)]
+    return [
+        Check(
+            "RSS growth after warm-up",
+            f"< {RSS_GROWTH_TARGET:.0%}",
+            ("unknown (no PID)" if not resources.get("pid") else "unknown (the run stopped early)")
+            if growth is None
+            else f"{growth:+.1%}",
+            verdict(None if growth is None else growth < RSS_GROWTH_TARGET),
+            True,
+        )
+    ]
 
 
 def run_checks(results: list[PhaseResult], resources: dict[str, Any]) -> list[Check]:
     crashed = [r.name for r in results if r.crashed]
-    measured = ", ".join(filter(None, ["crashed: " + ", ".join(crashed) if crashed else "",
-                                       "interrupted" if resources.get("interrupted") else ""])) or "all"
-    return [Check("every phase ran to its end", "all", measured,
-                  verdict(not crashed and not resources.get("interrupted")), True)]
+    measured = (
+        ", ".join(
+            filter(
+                None,
+                [
+                    "crashed: " + ", ".join(crashed) if crashed else "",
+                    "interrupted" if resources.get("interrupted") else "",
+                ],
+            )
+        )
+        or "all"
+    )
+    return [
+        Check(
+            "every phase ran to its end",
+            "all",
+            measured,
+            verdict(not crashed and not resources.get("interrupted")),
+            True,
+        )
+    ]
 
 
 def evaluate(results: list[PhaseResult], resources: dict[str, Any]) -> list[Check]:
-    checks = (run_checks(results, resources) + traffic_checks(results) + health_checks(results)
-              + poison_and_surrogate_checks(results) + hangup_checks(results) + connection_checks(results)
-              + spoof_and_sigterm_checks(results) + resource_checks(resources) + load_rss_check(results))
+    checks = (
+        run_checks(results, resources)
+        + traffic_checks(results)
+        + health_checks(results)
+        + poison_and_surrogate_checks(results)
+        + hangup_checks(results)
+        + connection_checks(results)
+        + spoof_and_sigterm_checks(results)
+        + resource_checks(resources)
+        + load_rss_check(results)
+    )
     if "server_up_after_main_phases" in resources:
         up = resources["server_up_after_main_phases"]
         checks.append(Check("server up after the main phases", "/health 200", "yes" if up else "no", verdict(up), True))
@@ -1502,30 +1851,59 @@ def kind_rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
         streams = [o for o in mine if o.stream]
         fourxx = [o for o in mine if o.expect_field and o.status is not None and 400 <= o.status < 500]
         latencies = [o.latency_s for o in mine]
-        rows.append({"kind": kind, "sent": len(mine), "by_status": dict(Counter(o.label for o in mine)),
-                     "normal": sum(o.normal for o in mine) if any(o.generation for o in mine) else None,
-                     "streams": len(streams),
-                     "done": sum(o.done for o in streams), "error_event": sum(o.error_event for o in streams),
-                     "cut": sum(o.cut for o in streams), "hung_up": sum(o.hung_up for o in streams),
-                     "field_named": f"{sum(o.named_field for o in fourxx)}/{len(fourxx)}" if fourxx else "-",
-                     "latency_p50_s": statistics.median(latencies), "latency_max_s": max(latencies)})
+        rows.append(
+            {
+                "kind": kind,
+                "sent": len(mine),
+                "by_status": dict(Counter(o.label for o in mine)),
+                "normal": sum(o.normal for o in mine) if any(o.generation for o in mine) else None,
+                "streams": len(streams),
+                "done": sum(o.done for o in streams),
+                "error_event": sum(o.error_event for o in streams),
+                "cut": sum(o.cut for o in streams),
+                "hung_up": sum(o.hung_up for o in streams),
+                "field_named": f"{sum(o.named_field for o in fourxx)}/{len(fourxx)}" if fourxx else "-",
+                "latency_p50_s": statistics.median(latencies),
+                "latency_max_s": max(latencies),
+            }
+        )
     return rows
 
 
 def phase_table(result: PhaseResult) -> Table:
     where = f" ({result.server})" if result.server else ""
-    table = Table(title=f"phase {result.name}{where} · {result.wall_s:.1f} s · /health p50 "
-                        f"{fmt_s(result.health.get('p50_s'))} s, max {fmt_s(result.health.get('max_s'))} s",
-                  title_justify="left")
-    for column in ("kind", "sent", "by status", "normal", "SSE", "[DONE]", "error", "cut", "hung up",
-                   "field", "p50 / max s"):
-        table.add_column(column, justify="left" if column in ("kind", "by status") else "right",
-                         no_wrap=column == "kind")
+    table = Table(
+        title=f"phase {result.name}{where} · {result.wall_s:.1f} s · /health p50 "
+        f"{fmt_s(result.health.get('p50_s'))} s, max {fmt_s(result.health.get('max_s'))} s",
+        title_justify="left",
+    )
+    for column in (
+        "kind",
+        "sent",
+        "by status",
+        "normal",
+        "SSE",
+        "[DONE]",
+        "error",
+        "cut",
+        "hung up",
+        "field",
+        "p50 / max s",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("kind", "by status") else "right", no_wrap=column == "kind"
+        )
     for row in kind_rows(result.outcomes):
         sse = [str(row[k]) if row["streams"] else "-" for k in ("streams", "done", "error_event", "cut", "hung_up")]
-        table.add_row(row["kind"], str(row["sent"]), " ".join(f"{k}x{v}" for k, v in sorted(row["by_status"].items())),
-                      "-" if row["normal"] is None else str(row["normal"]), *sse, row["field_named"],
-                      f"{row['latency_p50_s']:.2f} / {row['latency_max_s']:.2f}")
+        table.add_row(
+            row["kind"],
+            str(row["sent"]),
+            " ".join(f"{k}x{v}" for k, v in sorted(row["by_status"].items())),
+            "-" if row["normal"] is None else str(row["normal"]),
+            *sse,
+            row["field_named"],
+            f"{row['latency_p50_s']:.2f} / {row['latency_max_s']:.2f}",
+        )
     return table
 
 
@@ -1540,24 +1918,40 @@ def hangup_table(attempts: list[dict[str, Any]]) -> Table:
     for column in ("attempt", "max_tokens", "n", "rows at hang-up", "disconnect counter moved", "rows free", "note"):
         table.add_column(column, justify="right")
     for i, a in enumerate(attempts):
-        note = (f"answered {a['answered_before_hangup']} before the hang-up" if "answered_before_hangup" in a
-                else a.get("error", ""))
-        table.add_row(str(i + 1), str(a.get("max_tokens", "-")), str(a.get("n", "-")),
-                      str(a.get("rows_running_at_hangup", "-")),
-                      seconds_or_never(a, "counter_moved_s"), seconds_or_never(a, "rows_free_s"), note)
+        note = (
+            f"answered {a['answered_before_hangup']} before the hang-up"
+            if "answered_before_hangup" in a
+            else a.get("error", "")
+        )
+        table.add_row(
+            str(i + 1),
+            str(a.get("max_tokens", "-")),
+            str(a.get("n", "-")),
+            str(a.get("rows_running_at_hangup", "-")),
+            seconds_or_never(a, "counter_moved_s"),
+            seconds_or_never(a, "rows_free_s"),
+            note,
+        )
     return table
 
 
 def connections_table(figures: dict[str, Any]) -> Table:
-    table = Table(title=f"connections held up to {figures['window_s']:g} s · server fds before "
-                        f"{figures.get('fds before')}, while open {figures.get('fds while open')}, after "
-                        f"{figures.get('fds after')}", title_justify="left")
+    table = Table(
+        title=f"connections held up to {figures['window_s']:g} s · server fds before "
+        f"{figures.get('fds before')}, while open {figures.get('fds while open')}, after "
+        f"{figures.get('fds after')}",
+        title_justify="left",
+    )
     for column in ("kind", "opened", "closed by server", "closed after p50 / max s", "server sent"):
         table.add_column(column, justify="left" if column in ("kind", "server sent") else "right")
     for row in figures["connections"]:
-        table.add_row(row["kind"], str(row["opened"]), str(row["closed_by_server"]),
-                      f"{fmt_s(row['closed_p50_s'], 1)} / {fmt_s(row['closed_max_s'], 1)}",
-                      "; ".join(f"{k} x{v}" for k, v in row["answers"].items()))
+        table.add_row(
+            row["kind"],
+            str(row["opened"]),
+            str(row["closed_by_server"]),
+            f"{fmt_s(row['closed_p50_s'], 1)} / {fmt_s(row['closed_max_s'], 1)}",
+            "; ".join(f"{k} x{v}" for k, v in row["answers"].items()),
+        )
     return table
 
 
@@ -1585,38 +1979,70 @@ def print_phase(result: PhaseResult) -> None:
 
 def summary_table(results: list[PhaseResult]) -> Table:
     table = Table(title="summary", title_justify="left")
-    for column in ("phase", "requests", "by status", "bad input 5xx", "cut streams", "/health p50 s",
-                   "/health max s", "wall s", "RSS after"):
+    for column in (
+        "phase",
+        "requests",
+        "by status",
+        "bad input 5xx",
+        "cut streams",
+        "/health p50 s",
+        "/health max s",
+        "wall s",
+        "RSS after",
+    ):
         table.add_column(column, justify="left" if column in ("phase", "by status") else "right")
     for r in results:
         if r.skipped:
             table.add_row(r.name, "-", f"skipped: {r.skipped}", "-", "-", "-", "-", "-", "-")
             continue
         name = f"{r.name} ({r.server})" if r.server else r.name
-        table.add_row(name, str(len(r.outcomes)), by_status(r.outcomes) if r.outcomes else RAW_PHASES.get(r.name, "-"),
-                      str(sum(o.bad_input and o.server_error for o in r.outcomes)), str(sum(o.cut for o in r.outcomes)),
-                      fmt_s(r.health.get("p50_s")), fmt_s(r.health.get("max_s")), f"{r.wall_s:.1f}",
-                      fmt_mb(r.rss_after))
+        table.add_row(
+            name,
+            str(len(r.outcomes)),
+            by_status(r.outcomes) if r.outcomes else RAW_PHASES.get(r.name, "-"),
+            str(sum(o.bad_input and o.server_error for o in r.outcomes)),
+            str(sum(o.cut for o in r.outcomes)),
+            fmt_s(r.health.get("p50_s")),
+            fmt_s(r.health.get("max_s")),
+            f"{r.wall_s:.1f}",
+            fmt_mb(r.rss_after),
+        )
     return table
 
 
 def resources_table(resources: dict[str, Any]) -> Table:
-    table = Table(title=f"server process (PID {resources.get('pid') or 'unknown'}, {resources.get('pid_source')})",
-                  title_justify="left")
-    for column in ("RSS before warm-up", "after warm-up", "after", "growth after warm-up", "open fds after warm-up",
-                   "open fds after"):
+    table = Table(
+        title=f"server process (PID {resources.get('pid') or 'unknown'}, {resources.get('pid_source')})",
+        title_justify="left",
+    )
+    for column in (
+        "RSS before warm-up",
+        "after warm-up",
+        "after",
+        "growth after warm-up",
+        "open fds after warm-up",
+        "open fds after",
+    ):
         table.add_column(column, justify="right")
     warm, after = resources.get("rss_after_warmup"), resources.get("rss_after")
     growth = f"{after / warm - 1:+.1%}" if warm and after else "-"
-    table.add_row(fmt_mb(resources.get("rss_before_warmup")), fmt_mb(warm), fmt_mb(after), growth,
-                  str(resources.get("fds_after_warmup", "-")), str(resources.get("fds_after", "-")))
+    table.add_row(
+        fmt_mb(resources.get("rss_before_warmup")),
+        fmt_mb(warm),
+        fmt_mb(after),
+        growth,
+        str(resources.get("fds_after_warmup", "-")),
+        str(resources.get("fds_after", "-")),
+    )
     return table
 
 
 def legend() -> str:
-    return ("normal: 200 with every finish_reason stop/length (and [DONE] for SSE); SSE: answers that were event "
-            "streams; error: an error event came; cut: ended without [DONE] and not by us; field: 4xx answers to "
-            "bad input that named the field; p50 / max s: request latency.")
+    return (
+        "normal: 200 with every finish_reason stop/length (and [DONE] for SSE); SSE: answers that were event "
+        "streams; error: an error event came; cut: ended without [DONE] and not by us; field: 4xx answers to "
+        "bad input that named the field; p50 / max s: request latency."
+    )
 
 
 def checks_table(checks: list[Check]) -> Table:
@@ -1628,19 +2054,40 @@ def checks_table(checks: list[Check]) -> Table:
     return table
 
 
-def report_record(args: argparse.Namespace, urls: list[str], results: list[PhaseResult], resources: dict[str, Any],
-                  checks: list[Check], wall_s: float) -> dict[str, Any]:
+def report_record(
+    args: argparse.Namespace,
+    urls: list[str],
+    results: list[PhaseResult],
+    resources: dict[str, Any],
+    checks: list[Check],
+    wall_s: float,
+) -> dict[str, Any]:
     return {
-        "script": "benchmarks/serve_faults.py", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine(), "urls": urls, "served": bool(args.serve), "model": args.model if args.serve else None,
-        "quick": args.quick, "seed": args.seed, "wall_s": round(wall_s, 1),
-        "phases": {r.name: {"skipped": r.skipped, "crashed": r.crashed, "wall_s": round(r.wall_s, 2),
-                            "rss_after": r.rss_after,
-                            "by_status": dict(Counter(o.label for o in r.outcomes)),
-                            "bad_input_5xx": sum(o.bad_input and o.server_error for o in r.outcomes),
-                            "cut_streams": sum(o.cut for o in r.outcomes), "health": r.health,
-                            "kinds": kind_rows(r.outcomes), "figures": r.figures, "notes": r.notes}
-                   for r in results},
+        "script": "benchmarks/serve_faults.py",
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "urls": urls,
+        "served": bool(args.serve),
+        "model": args.model if args.serve else None,
+        "quick": args.quick,
+        "seed": args.seed,
+        "wall_s": round(wall_s, 1),
+        "phases": {
+            r.name: {
+                "skipped": r.skipped,
+                "crashed": r.crashed,
+                "wall_s": round(r.wall_s, 2),
+                "rss_after": r.rss_after,
+                "by_status": dict(Counter(o.label for o in r.outcomes)),
+                "bad_input_5xx": sum(o.bad_input and o.server_error for o in r.outcomes),
+                "cut_streams": sum(o.cut for o in r.outcomes),
+                "health": r.health,
+                "kinds": kind_rows(r.outcomes),
+                "figures": r.figures,
+                "notes": r.notes,
+            }
+            for r in results
+        },
         "resources": resources,
         "checks": [c.__dict__ for c in checks],
         "passed": not any(c.must and c.result == "FAIL" for c in checks),
@@ -1664,26 +2111,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     extra: list[str] = []
     if "--" in argv:
         at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Arguments after -- go to `llmkit serve` (with --serve).")
+        argv, extra = argv[:at], argv[at + 1 :]
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Arguments after -- go to `llmkit serve` (with --serve).",
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--serve", action="store_true", help="start `python -m llmkit serve` here (and stop it)")
     parser.add_argument("-m", "--model", default=DEFAULT_MODEL, help="model for --serve (any llmkit reference)")
-    parser.add_argument("--api-key", default=os.environ.get("LLMKIT_API_KEY"),
-                        help="sent as a Bearer token (default: $LLMKIT_API_KEY); with --serve, the servers require it")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LLMKIT_API_KEY"),
+        help="sent as a Bearer token (default: $LLMKIT_API_KEY); with --serve, the servers require it",
+    )
     parser.add_argument("--pid", type=int, help="the server's PID (--url): RSS, fds, and the sigterm phase")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, from {','.join(PHASES)}")
     parser.add_argument("--quick", action="store_true", help="a short run (200 load requests, 10 s idle window...)")
     parser.add_argument("--requests", type=int, help="requests in the load phase (default 1000, --quick 200)")
-    parser.add_argument("--idle-window", type=float,
-                        help="seconds the idle phase holds its connections (default 40, --quick 15); make it longer "
-                             "than the server's --read-timeout")
+    parser.add_argument(
+        "--idle-window",
+        type=float,
+        help="seconds the idle phase holds its connections (default 40, --quick 15); make it longer "
+        "than the server's --read-timeout",
+    )
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help="the server's --max-body-bytes (big bodies are 0.9 of it, too-big ones 1.1)")
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="the server's --max-body-bytes (big bodies are 0.9 of it, too-big ones 1.1)",
+    )
     parser.add_argument("--logs", default=tempfile.gettempdir(), help="folder for the logs of servers started here")
     parser.add_argument("--json", help="write the full record to this file ('-': stdout, tables go to stderr)")
     args = parser.parse_args(argv)
@@ -1714,8 +2173,10 @@ def attach(args: argparse.Namespace) -> Target:
     wait_healthy(target.url)
     listener = find_listener_pid(target.port) if target.host in LOCAL_HOSTS else None
     if target.pid is not None and listener is not None and listener != target.pid:
-        cannot_run(f"--pid {target.pid} does not listen on port {target.port} (PID {listener} does); "
-                   "refusing to measure or signal the wrong process")
+        cannot_run(
+            f"--pid {target.pid} does not listen on port {target.port} (PID {listener} does); "
+            "refusing to measure or signal the wrong process"
+        )
     if target.pid is None and listener is not None:
         target.pid, target.pid_source = listener, "found by port (never signalled)"
     try:
@@ -1747,8 +2208,9 @@ def server_up(target: Target) -> bool:
         return False
 
 
-def run_main_phases(run: Run, names: list[str], args: argparse.Namespace, results: list[PhaseResult],
-                    resources: dict[str, Any]) -> None:
+def run_main_phases(
+    run: Run, names: list[str], args: argparse.Namespace, results: list[PhaseResult], resources: dict[str, Any]
+) -> None:
     if not names:
         return
     if args.serve:
@@ -1762,10 +2224,15 @@ def run_main_phases(run: Run, names: list[str], args: argparse.Namespace, result
         warm = run_phase(run, "warm-up", warm_up)
         if any(o.status == 429 for o in warm.outcomes):
             resources["rate_limited_in_warmup"] = True
-            progress("warning: the server answers this client 429 (--rate-limit): the main phases will count "
-                     "429s instead of the faults; attach them to a server without a rate limit")
-        resources.update(rss_after_warmup=probe.rss(), fds_after_warmup=probe.fds(),
-                         warmup={"by_status": dict(Counter(o.label for o in warm.outcomes)), "crashed": warm.crashed})
+            progress(
+                "warning: the server answers this client 429 (--rate-limit): the main phases will count "
+                "429s instead of the faults; attach them to a server without a rate limit"
+            )
+        resources.update(
+            rss_after_warmup=probe.rss(),
+            fds_after_warmup=probe.fds(),
+            warmup={"by_status": dict(Counter(o.label for o in warm.outcomes)), "crashed": warm.crashed},
+        )
         run_phases(run, names, args, results)
         time.sleep(FD_SETTLE_S)
         resources.update(rss_after=probe.rss(), fds_after=probe.fds(), server_up_after_main_phases=server_up(target))
@@ -1795,6 +2262,7 @@ def run_limited_phases(run: Run, names: list[str], args: argparse.Namespace, res
 
 def stop_on_sigterm() -> None:
     """SIGTERM (a CI timeout, say) unwinds like Ctrl-C: servers started here are stopped, what ran is reported."""
+
     def interrupt(*_: Any) -> None:
         raise KeyboardInterrupt
 
@@ -1832,18 +2300,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if record["passed"] else EXIT_FAILED
 
 
-def render(results: list[PhaseResult], resources: dict[str, Any], checks: list[Check], record: dict[str, Any],
-           args: argparse.Namespace) -> None:
+def render(
+    results: list[PhaseResult],
+    resources: dict[str, Any],
+    checks: list[Check],
+    record: dict[str, Any],
+    args: argparse.Namespace,
+) -> None:
     global console
     if args.json == "-":
         console = Console(file=sys.stderr, markup=False, highlight=False, width=console.width)
     m = record["machine"]
     where = " and ".join(record["urls"]) or "-"
-    console.print(f"llmkit serve under faults · {where}" + (f" · model {args.model}" if args.serve else "")
-                  + (f" · started with {' '.join(SERVE_OPTIONS)} (spoof, sigterm: {' '.join(LIMITED_SERVE_OPTIONS)})"
-                     f"{' ' + ' '.join(args.extra) if args.extra else ''}" if args.serve else ""))
-    console.print(f"{'quick' if args.quick else 'full'} run, seed {args.seed}, {record['when']} · {m['cpu']}, "
-                  f"{m['cores']} cores, Python {m['python']} · {record['wall_s']} s in all\n")
+    console.print(
+        f"llmkit serve under faults · {where}"
+        + (f" · model {args.model}" if args.serve else "")
+        + (
+            f" · started with {' '.join(SERVE_OPTIONS)} (spoof, sigterm: {' '.join(LIMITED_SERVE_OPTIONS)})"
+            f"{' ' + ' '.join(args.extra) if args.extra else ''}"
+            if args.serve
+            else ""
+        )
+    )
+    console.print(
+        f"{'quick' if args.quick else 'full'} run, seed {args.seed}, {record['when']} · {m['cpu']}, "
+        f"{m['cores']} cores, Python {m['python']} · {record['wall_s']} s in all\n"
+    )
     console.print(legend() + "\n")
     for result in results:
         print_phase(result)

@@ -43,10 +43,24 @@ import httpx
 from llmkit.measure import cpu_model
 
 HERE = Path(__file__).resolve().parent
-TOPICS = ["a lighthouse keeper", "a robot learning to paint", "the first day of school", "a dragon who is afraid of "
-          "heights", "a city under the sea", "a lost umbrella", "two rival bakers", "a talking cat", "a storm at "
-          "sea", "a message in a bottle", "an old clock", "a mountain village", "a space station", "a garden in "
-          "winter", "a detective in Paris", "a train that never stops"]
+TOPICS = [
+    "a lighthouse keeper",
+    "a robot learning to paint",
+    "the first day of school",
+    "a dragon who is afraid of heights",
+    "a city under the sea",
+    "a lost umbrella",
+    "two rival bakers",
+    "a talking cat",
+    "a storm at sea",
+    "a message in a bottle",
+    "an old clock",
+    "a mountain village",
+    "a space station",
+    "a garden in winter",
+    "a detective in Paris",
+    "a train that never stops",
+]
 STARTUP_CAP_S = 300.0
 
 
@@ -70,8 +84,13 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "wb")
         env = {**os.environ, "LLMKIT_NO_PROGRESS": "1"}
-        self.proc = subprocess.Popen([sys.executable, *args, "--port", str(self.port)], stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=env, cwd=HERE.parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, *args, "--port", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=HERE.parent,
+        )
 
     def wait_healthy(self) -> float:
         started = time.monotonic()
@@ -123,8 +142,9 @@ async def call_reference(client: httpx.AsyncClient, prompt: str, max_tokens: int
     return full.removeprefix(prompt), None
 
 
-async def run_level(server: Server, call, concurrency: int, count: int, max_tokens: int, cap_s: float,
-                    count_tokens) -> dict:
+async def run_level(
+    server: Server, call, concurrency: int, count: int, max_tokens: int, cap_s: float, count_tokens
+) -> dict:
     semaphore = asyncio.Semaphore(concurrency)
     records: list[dict] = []
     failures: list[str] = []
@@ -138,8 +158,9 @@ async def run_level(server: Server, call, concurrency: int, count: int, max_toke
                 failures.append(f"{type(exc).__name__}: {exc}")
                 return
             done = time.perf_counter()
-            records.append({"latency_s": done - sent, "ttft_s": (first or done) - sent,
-                            "tokens": count_tokens(text), "end": done})
+            records.append(
+                {"latency_s": done - sent, "ttft_s": (first or done) - sent, "tokens": count_tokens(text), "end": done}
+            )
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=server.url, timeout=cap_s, limits=limits) as client:
@@ -165,12 +186,21 @@ def summarize(records: list[dict], wall: float, sent: int, failures: list[str], 
     tokens = sum(r["tokens"] for r in records)
     latencies = [r["latency_s"] for r in records]
     ttfts = [r["ttft_s"] for r in records]
-    return {"sent": sent, "completed": len(records), "failed": len(failures), "timed_out": timed_out,
-            "failures": failures[:3], "wall_s": wall, "output_tokens": tokens,
-            "output_tok_s": tokens / wall if wall > 0 and records else 0.0,
-            "req_s": len(records) / wall if wall > 0 and records else 0.0,
-            "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
-            "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95)}
+    return {
+        "sent": sent,
+        "completed": len(records),
+        "failed": len(failures),
+        "timed_out": timed_out,
+        "failures": failures[:3],
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "output_tok_s": tokens / wall if wall > 0 and records else 0.0,
+        "req_s": len(records) / wall if wall > 0 and records else 0.0,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p95_s": percentile(ttfts, 95),
+    }
 
 
 def machine() -> dict:
@@ -182,8 +212,15 @@ def machine() -> dict:
     import torch
     import transformers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m_at_start": load, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_1m_at_start": load,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -197,22 +234,28 @@ def ratio(ours: float | None, ref: float | None, higher_is_better: bool) -> str:
 
 
 def table(report: dict) -> str:
-    lines = ["| concurrency | server | done/sent | output tok/s | req/s | latency p50 / p95 (s) | TTFT p50 / p95 (s) |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| concurrency | server | done/sent | output tok/s | req/s | latency p50 / p95 (s) | TTFT p50 / p95 (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for level in report["levels"]:
         for side in ("llmkit", "reference"):
             r = level[side]
-            lines.append(f"| {level['concurrency']} | {side} | {r['completed']}/{r['sent']} | "
-                         f"{fmt(r['output_tok_s'])} | {fmt(r['req_s'], digits=2)} | "
-                         f"{fmt(r['latency_p50_s'], digits=2)} / {fmt(r['latency_p95_s'], digits=2)} | "
-                         f"{fmt(r['ttft_p50_s'], digits=2)} / {fmt(r['ttft_p95_s'], digits=2)} |")
+            lines.append(
+                f"| {level['concurrency']} | {side} | {r['completed']}/{r['sent']} | "
+                f"{fmt(r['output_tok_s'])} | {fmt(r['req_s'], digits=2)} | "
+                f"{fmt(r['latency_p50_s'], digits=2)} / {fmt(r['latency_p95_s'], digits=2)} | "
+                f"{fmt(r['ttft_p50_s'], digits=2)} / {fmt(r['ttft_p95_s'], digits=2)} |"
+            )
         ours, ref = level["llmkit"], level["reference"]
-        lines.append(f"| {level['concurrency']} | **ratio** | | **{ratio(ours['output_tok_s'], ref['output_tok_s'], True)}**"
-                     f" | {ratio(ours['req_s'], ref['req_s'], True)} | "
-                     f"{ratio(ours['latency_p50_s'], ref['latency_p50_s'], False)} / "
-                     f"**{ratio(ours['latency_p95_s'], ref['latency_p95_s'], False)}** | "
-                     f"{ratio(ours['ttft_p50_s'], ref['ttft_p50_s'], False)} / "
-                     f"{ratio(ours['ttft_p95_s'], ref['ttft_p95_s'], False)} |")
+        lines.append(
+            f"| {level['concurrency']} | **ratio** | | **{ratio(ours['output_tok_s'], ref['output_tok_s'], True)}**"
+            f" | {ratio(ours['req_s'], ref['req_s'], True)} | "
+            f"{ratio(ours['latency_p50_s'], ref['latency_p50_s'], False)} / "
+            f"**{ratio(ours['latency_p95_s'], ref['latency_p95_s'], False)}** | "
+            f"{ratio(ours['ttft_p50_s'], ref['ttft_p50_s'], False)} / "
+            f"{ratio(ours['ttft_p95_s'], ref['ttft_p95_s'], False)} |"
+        )
     return "\n".join(lines)
 
 
@@ -220,8 +263,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="any llmkit model reference")
     parser.add_argument("--levels", default="1,4,16", help="comma-separated concurrency levels")
-    parser.add_argument("--requests", type=int, default=0,
-                        help="requests per level (default: max(16, 2 x concurrency))")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default: max(16, 2 x concurrency))"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--level-cap-s", type=float, default=240.0, help="hard time cap per level and server")
     parser.add_argument("--dtype", default="auto", help="llmkit's --dtype (the reference pipeline uses float32)")
@@ -244,11 +288,28 @@ def main() -> None:
     logs = Path(args.logs)
     report = {"machine": machine(), "model": source.name, "max_tokens": args.max_tokens, "levels": []}
     servers = {
-        "llmkit": Server("llmkit", ["-m", "llmkit", "serve", "-m", args.model, "--max-batch-size", "16",
-                                    "--max-queue", "256", "--dtype", args.dtype, "--request-timeout", "600"],
-                         logs / "serve_load-llmkit.log"),
-        "reference": Server("reference", [str(HERE / "flask_reference.py"), "--model-folder", folder],
-                            logs / "serve_load-reference.log"),
+        "llmkit": Server(
+            "llmkit",
+            [
+                "-m",
+                "llmkit",
+                "serve",
+                "-m",
+                args.model,
+                "--max-batch-size",
+                "16",
+                "--max-queue",
+                "256",
+                "--dtype",
+                args.dtype,
+                "--request-timeout",
+                "600",
+            ],
+            logs / "serve_load-llmkit.log",
+        ),
+        "reference": Server(
+            "reference", [str(HERE / "flask_reference.py"), "--model-folder", folder], logs / "serve_load-reference.log"
+        ),
     }
     calls = {"llmkit": call_llmkit, "reference": call_reference}
     try:
@@ -261,15 +322,18 @@ def main() -> None:
             level = {"concurrency": concurrency}
             for name, server in servers.items():
                 print(f"level {concurrency}: {name}, {count} requests ...", file=sys.stderr, flush=True)
-                level[name] = asyncio.run(run_level(server, calls[name], concurrency, count, args.max_tokens,
-                                                    args.level_cap_s, count_tokens))
+                level[name] = asyncio.run(
+                    run_level(server, calls[name], concurrency, count, args.max_tokens, args.level_cap_s, count_tokens)
+                )
             report["levels"].append(level)
     finally:
         for name, server in servers.items():
             report[f"{name}_exit_code"] = server.stop()
     m = report["machine"]
-    print(f"Model {report['model']}, greedy, {args.max_tokens} new tokens, loopback; {m['cpu']}, {m['cores']} cores, "
-          f"load average {m['load_avg_1m_at_start']}, torch {m['torch']}, transformers {m['transformers']}")
+    print(
+        f"Model {report['model']}, greedy, {args.max_tokens} new tokens, loopback; {m['cpu']}, {m['cores']} cores, "
+        f"load average {m['load_avg_1m_at_start']}, torch {m['torch']}, transformers {m['transformers']}"
+    )
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -1,6 +1,6 @@
 """llmkit as a library: load an engine once, then generate and stream with parameters.
 
-    python examples/library.py
+python examples/library.py
 """
 
 from llmkit import GenerationParams, load_engine

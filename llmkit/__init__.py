@@ -15,6 +15,18 @@ from llmkit.params import GenerationParams, parse_params
 __version__ = "0.1.0"
 
 __all__ = [
-    "Chunk", "Completion", "Engine", "EngineInfo", "Generation", "GenerationParams", "LlmkitError", "LoadOptions",
-    "Result", "Timings", "Usage", "load_engine", "parse_params", "__version__",
+    "Chunk",
+    "Completion",
+    "Engine",
+    "EngineInfo",
+    "Generation",
+    "GenerationParams",
+    "LlmkitError",
+    "LoadOptions",
+    "Result",
+    "Timings",
+    "Usage",
+    "load_engine",
+    "parse_params",
+    "__version__",
 ]

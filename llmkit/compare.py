@@ -17,6 +17,7 @@ across tokenizers, unlike perplexity.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,11 +27,11 @@ import tempfile
 import threading
 import time
 import traceback
-import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from llmkit.engine import LoadOptions
 from llmkit.errors import InvalidParams, LlmkitError, one_line
@@ -88,8 +89,9 @@ def check_spec(spec: CompareSpec) -> None:
     if spec.window < 2:
         raise InvalidParams(f"window must be at least 2 tokens (got {spec.window})", field="window")
     if not 1 <= spec.effective_stride <= spec.window - 1:
-        raise InvalidParams(f"stride must be between 1 and window - 1 = {spec.window - 1} "
-                            f"(got {spec.effective_stride})", field="stride")
+        raise InvalidParams(
+            f"stride must be between 1 and window - 1 = {spec.window - 1} (got {spec.effective_stride})", field="stride"
+        )
     if not 0 < spec.timeout_s <= MAX_TIMEOUT_S:
         raise InvalidParams(f"timeout must be between 0 and {MAX_TIMEOUT_S} seconds", field="timeout")
     if not spec.engines:
@@ -149,7 +151,7 @@ def perplexity_of(engine, text: str, window: int, stride: int) -> Perplexity:
     predicted = 0
     for begin, end, new in spans:
         logprobs = engine.token_logprobs(ids[begin:end])
-        counted = logprobs[len(logprobs) - new:]
+        counted = logprobs[len(logprobs) - new :]
         total -= sum(counted)
         predicted += len(counted)
     text_bytes = len(text.encode("utf-8"))
@@ -219,8 +221,9 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
             _stage(f"run {index + 1}/{spec.runs}")
             started = time.perf_counter()
             result = engine.generate(spec.prompt, params)
-            latencies.append(run_latency(result.usage.prompt_tokens, result.timings.token_times_s,
-                                         time.perf_counter() - started))
+            latencies.append(
+                run_latency(result.usage.prompt_tokens, result.timings.token_times_s, time.perf_counter() - started)
+            )
             sample = result.text
         machine_load = watch.stop(engine.info.threads)
         _stage("perplexity")
@@ -260,20 +263,25 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
 def worker_main() -> None:
     """`python -m llmkit.compare OUT.json < spec.json`: measure one model, write its row."""
     request = json.load(sys.stdin)
-    spec = CompareSpec(**{**request["spec"], "models": tuple(request["spec"]["models"]),
-                          "engines": tuple(request["spec"]["engines"]), "load": LoadOptions(**request["spec"]["load"])})
+    spec = CompareSpec(
+        **{
+            **request["spec"],
+            "models": tuple(request["spec"]["models"]),
+            "engines": tuple(request["spec"]["engines"]),
+            "load": LoadOptions(**request["spec"]["load"]),
+        }
+    )
     out_path = Path(sys.argv[1])
     label = row_label(request["model"], request["engine"], spec)
     try:
         row = measure_model(spec, request["model"], request["engine"])
     except LlmkitError as exc:
         row = {"model": label, "ok": False, "error": str(exc)}
-    except (MemoryError,) as exc:
+    except MemoryError as exc:
         row = {"model": label, "ok": False, "error": f"out of memory ({exc})"}
     except Exception as exc:  # a crash of this model must not stop the comparison
         trace = traceback.format_exc(limit=-3)
-        row = {"model": label, "ok": False, "error": f"{type(exc).__name__}: {one_line(exc)}",
-               "traceback": trace}
+        row = {"model": label, "ok": False, "error": f"{type(exc).__name__}: {one_line(exc)}", "traceback": trace}
     out_path.write_text(json.dumps(row))
 
 
@@ -289,16 +297,28 @@ def row_label(reference: str, engine_name: str, spec: CompareSpec) -> str:
     return reference if len(spec.engines) == 1 else f"{reference} [{engine_name}]"
 
 
-def run_worker(spec: CompareSpec, reference: str, on_stage: Callable[[str], None],
-               engine_name: str = "transformers") -> dict[str, Any]:
+def run_worker(
+    spec: CompareSpec, reference: str, on_stage: Callable[[str], None], engine_name: str = "transformers"
+) -> dict[str, Any]:
     label = row_label(reference, engine_name, spec)
-    payload = json.dumps({"spec": {**asdict(spec), "models": list(spec.models), "engines": list(spec.engines)},
-                          "model": reference, "engine": engine_name})
+    payload = json.dumps(
+        {
+            "spec": {**asdict(spec), "models": list(spec.models), "engines": list(spec.engines)},
+            "model": reference,
+            "engine": engine_name,
+        }
+    )
     with tempfile.TemporaryDirectory(prefix="llmkit-compare-") as scratch:
         out_path = Path(scratch) / "row.json"
         env = {**os.environ, "LLMKIT_NO_PROGRESS": "1"}
-        process = subprocess.Popen([sys.executable, "-m", "llmkit.compare", str(out_path)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmkit.compare", str(out_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert process.stdin is not None and process.stderr is not None
         process.stdin.write(payload)
         process.stdin.close()
@@ -308,7 +328,7 @@ def run_worker(spec: CompareSpec, reference: str, on_stage: Callable[[str], None
         def read_stderr() -> None:
             for line in stderr:
                 if line.startswith(STAGE_PREFIX):
-                    on_stage(line[len(STAGE_PREFIX):].strip())
+                    on_stage(line[len(STAGE_PREFIX) :].strip())
                 elif line.strip():
                     other_lines.append(line.rstrip())
 

@@ -78,12 +78,15 @@ def resolve_device(name: str) -> str:
         return "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InvalidParams("device cuda was asked for but torch sees no CUDA GPU; use --device cpu",
-                                field="device")
+            raise InvalidParams(
+                "device cuda was asked for but torch sees no CUDA GPU; use --device cpu", field="device"
+            )
         index = cuda_index(name)
         if index >= torch.cuda.device_count():
-            raise InvalidParams(f"device {name} does not exist (this machine has "
-                                f"{torch.cuda.device_count()} CUDA device(s))", field="device")
+            raise InvalidParams(
+                f"device {name} does not exist (this machine has {torch.cuda.device_count()} CUDA device(s))",
+                field="device",
+            )
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InvalidParams("device mps was asked for but is not available; use --device cpu", field="device")
     return name
@@ -131,8 +134,9 @@ def requested_threads(threads: int | None) -> tuple[int | None, str]:
         try:
             threads = int(raw)
         except ValueError:
-            raise InvalidParams(f"{THREADS_ENV} must be a whole number of threads, e.g. 1 (got {raw!r})",
-                                field="threads") from None
+            raise InvalidParams(
+                f"{THREADS_ENV} must be a whole number of threads, e.g. 1 (got {raw!r})", field="threads"
+            ) from None
         source = f"{THREADS_ENV}={raw}"
     if not 1 <= threads <= MAX_THREADS:
         name = "--threads" if source == "set by --threads" else THREADS_ENV

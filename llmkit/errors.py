@@ -45,14 +45,13 @@ class InvalidParams(LlmkitError):
     http_status = 400
     kind = "invalid_request_error"
 
-    def __init__(self, message: str, field: str | None = None, *,
-                 errors: list[tuple[str | None, str]] | None = None):
+    def __init__(self, message: str, field: str | None = None, *, errors: list[tuple[str | None, str]] | None = None):
         super().__init__(message)
         self.field = field
         self.errors = list(errors) if errors else [(field, message)]
 
     @classmethod
-    def from_errors(cls, errors) -> "InvalidParams":
+    def from_errors(cls, errors) -> InvalidParams:
         """One InvalidParams for several (field, sentence) pairs, in the order given (at least one)."""
         errors = list(errors)
         return cls("; ".join(message for _, message in errors), errors[0][0], errors=errors)

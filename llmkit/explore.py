@@ -42,8 +42,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, get_origin
+from typing import TYPE_CHECKING, Any, get_origin
 
 from llmkit.errors import InvalidParams
 from llmkit.params import MAX_SEQUENCES, PARAM_NAMES, GenerationParams, names_of, neutral_values, parse_params
@@ -58,14 +59,24 @@ PLAIN_SAMPLING: dict[str, Any] = neutral_values()
 # The default sweep: one knob at a time, from the plain-sampling base.
 PRESET: tuple[dict[str, Any], ...] = (
     {"greedy": True},
-    {"temperature": 0.3}, {"temperature": 0.7}, {"temperature": 1.0}, {"temperature": 1.5},
-    {"top_k": 10}, {"top_k": 50},
-    {"top_p": 0.9}, {"top_p": 0.95},
-    {"min_p": 0.05}, {"min_p": 0.1},
+    {"temperature": 0.3},
+    {"temperature": 0.7},
+    {"temperature": 1.0},
+    {"temperature": 1.5},
+    {"top_k": 10},
+    {"top_k": 50},
+    {"top_p": 0.9},
+    {"top_p": 0.95},
+    {"min_p": 0.05},
+    {"min_p": 0.1},
 )
 # The default next-token view: temperature sharpening / flattening, then what top-k and top-p cut.
 NEXT_TOKEN_PRESET: tuple[dict[str, Any], ...] = (
-    {"temperature": 1.0}, {"temperature": 0.5}, {"temperature": 1.5}, {"top_k": 5}, {"top_p": 0.9},
+    {"temperature": 1.0},
+    {"temperature": 0.5},
+    {"temperature": 1.5},
+    {"top_k": 5},
+    {"top_p": 0.9},
 )
 NEXT_TOKEN_KNOBS = ("temperature", "top_k", "top_p", "min_p")  # the filters `stages` shows, in their order
 
@@ -79,8 +90,7 @@ MAX_SAMPLES = MAX_SEQUENCES
 DISTINCT_N = (1, 2)
 REPETITION_N = 3
 # Set by their own options, not by --param: the draws of llmkit/params.py's table.
-RESERVED = {"seed": "--seed (sample j of every setting uses seed + j)",
-            "num_sequences": "--samples"}
+RESERVED = {"seed": "--seed (sample j of every setting uses seed + j)", "num_sequences": "--samples"}
 
 
 def grid_names(model: type[GenerationParams] = GenerationParams) -> tuple[str, ...]:
@@ -122,14 +132,14 @@ def parse_grid(specs: Iterable[str]) -> dict[str, list[Any]]:
         name, sep, raw = spec.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or not name:
-            raise InvalidParams(f"--param takes NAME=VALUE[,VALUE...], e.g. temperature=0.2,0.7 (got {spec!r})",
-                                field="param")
+            raise InvalidParams(
+                f"--param takes NAME=VALUE[,VALUE...], e.g. temperature=0.2,0.7 (got {spec!r})", field="param"
+            )
         if name in PARAM_NAMES and name not in GRID_NAMES:
             own = RESERVED.get(name, "the option of explore that sets it")
             raise InvalidParams(f"{name} is not a grid parameter; use {own}", field=name)
         if name in axes:
-            raise InvalidParams(f"--param {name} is given twice; list all its values once: {name}=A,B",
-                                field=name)
+            raise InvalidParams(f"--param {name} is given twice; list all its values once: {name}=A,B", field=name)
         axes[name] = [parse_value(name, part) for part in raw.split(",")]
     return axes
 
@@ -139,8 +149,7 @@ def grid_knobs(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     names = list(axes)
     count = math.prod(len(axes[name]) for name in names)
     if count > MAX_SETTINGS:
-        raise InvalidParams(f"the grid has {count} settings, more than {MAX_SETTINGS}; use fewer values",
-                            field="param")
+        raise InvalidParams(f"the grid has {count} settings, more than {MAX_SETTINGS}; use fewer values", field="param")
     return [dict(zip(names, values)) for values in itertools.product(*(axes[name] for name in names))]
 
 
@@ -192,8 +201,13 @@ class SweepPlan:
         return sum(len(s.runs) for s in self.settings)
 
 
-def plan_sweep(knob_sets: Sequence[Mapping[str, Any]], *, samples: int = DEFAULT_SAMPLES,
-               seed: int = DEFAULT_SEED, fixed: Mapping[str, Any] | None = None) -> SweepPlan:
+def plan_sweep(
+    knob_sets: Sequence[Mapping[str, Any]],
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+    fixed: Mapping[str, Any] | None = None,
+) -> SweepPlan:
     """Validate every run of the sweep before any model loads (a bad value fails here, with its setting)."""
     if not 1 <= samples <= MAX_SAMPLES:
         raise InvalidParams(f"samples must be between 1 and {MAX_SAMPLES} (got {samples})", field="samples")
@@ -215,7 +229,7 @@ def plan_sweep(knob_sets: Sequence[Mapping[str, Any]], *, samples: int = DEFAULT
 
 
 def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def distinct_n(texts: Iterable[str], n: int) -> float | None:
@@ -246,9 +260,14 @@ class Sample:
     total_s: float  # request start to last token
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "text": self.text, "tokens": len(self.token_ids),
-                "finish_reason": self.finish_reason,
-                "mean_logprob": mean_or_none(self.logprobs), "repetition": repetition(self.text)}
+        return {
+            "seed": self.seed,
+            "text": self.text,
+            "tokens": len(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "mean_logprob": mean_or_none(self.logprobs),
+            "repetition": repetition(self.text),
+        }
 
 
 @dataclass(frozen=True)
@@ -293,8 +312,13 @@ class SettingRun:
     metrics: Metrics
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "knobs": self.knobs, "params": self.params,
-                "metrics": asdict(self.metrics), "samples": [s.to_dict() for s in self.samples]}
+        return {
+            "label": self.label,
+            "knobs": self.knobs,
+            "params": self.params,
+            "metrics": asdict(self.metrics),
+            "samples": [s.to_dict() for s in self.samples],
+        }
 
 
 @dataclass(frozen=True)
@@ -310,24 +334,46 @@ class Sweep:
 
     def to_dict(self) -> dict[str, Any]:
         """The --json schema: full texts, per-sample seeds and every metric."""
-        return {"model": self.model, "prompt": self.prompt, "prompt_tokens": self.prompt_tokens,
-                "seed": self.seed, "samples": self.samples, "common": self.common, "elapsed_s": self.elapsed_s,
-                "settings": [s.to_dict() for s in self.settings]}
+        return {
+            "model": self.model,
+            "prompt": self.prompt,
+            "prompt_tokens": self.prompt_tokens,
+            "seed": self.seed,
+            "samples": self.samples,
+            "common": self.common,
+            "elapsed_s": self.elapsed_s,
+            "settings": [s.to_dict() for s in self.settings],
+        }
 
     def rows(self) -> list[dict[str, Any]]:
         """The --csv rows: one per setting, its parameters and metrics, and its first sample's text."""
         rows = []
         for run in self.settings:
-            params = {name: run.params[name] for name in
-                      ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "greedy", "max_new_tokens")}
-            rows.append({"setting": run.label, **params, **asdict(run.metrics),
-                         "seeds": " ".join(str(s.seed) for s in run.samples if s.seed is not None),
-                         "example": run.samples[0].text if run.samples else ""})
+            params = {
+                name: run.params[name]
+                for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "greedy", "max_new_tokens")
+            }
+            rows.append(
+                {
+                    "setting": run.label,
+                    **params,
+                    **asdict(run.metrics),
+                    "seeds": " ".join(str(s.seed) for s in run.samples if s.seed is not None),
+                    "example": run.samples[0].text if run.samples else "",
+                }
+            )
         return rows
 
 
-def run_sweep(engine, prompt: str, plan: SweepPlan, *, chat: bool = False, system: str | None = None,
-              progress: Progress | None = None) -> Sweep:
+def run_sweep(
+    engine,
+    prompt: str,
+    plan: SweepPlan,
+    *,
+    chat: bool = False,
+    system: str | None = None,
+    progress: Progress | None = None,
+) -> Sweep:
     """Generate every run of every setting with `engine.generate`, score it, and compute the metrics."""
     started = time.perf_counter()
     prompt_ids = engine.prompt_ids(prompt, chat=chat, system=system)
@@ -343,19 +389,32 @@ def run_sweep(engine, prompt: str, plan: SweepPlan, *, chat: bool = False, syste
             result = engine.generate(prompt, params, chat=chat, system=system)
             completion = result.completions[0]
             scored = engine.token_logprobs([*prompt_ids, *completion.token_ids])
-            samples.append(Sample(
-                seed=result.seed, text=completion.text, token_ids=completion.token_ids,
-                finish_reason=completion.finish_reason,
-                logprobs=tuple(scored[len(prompt_ids) - 1:]),
-                decode_s=result.timings.decode_s, total_s=result.timings.total_s))
+            samples.append(
+                Sample(
+                    seed=result.seed,
+                    text=completion.text,
+                    token_ids=completion.token_ids,
+                    finish_reason=completion.finish_reason,
+                    logprobs=tuple(scored[len(prompt_ids) - 1 :]),
+                    decode_s=result.timings.decode_s,
+                    total_s=result.timings.total_s,
+                )
+            )
             done += 1
         shared = setting.runs[0].model_dump(exclude={"seed"})  # what every run of the setting has in common
         results.append(SettingRun(setting.label, setting.knobs, shared, tuple(samples), setting_metrics(samples)))
     if progress:
         progress(done, total, "done")
-    return Sweep(model=engine.info.model, prompt=prompt, prompt_tokens=len(prompt_ids),
-                 seed=plan.seed, samples=plan.samples, common=plan.common, settings=tuple(results),
-                 elapsed_s=time.perf_counter() - started)
+    return Sweep(
+        model=engine.info.model,
+        prompt=prompt,
+        prompt_tokens=len(prompt_ids),
+        seed=plan.seed,
+        samples=plan.samples,
+        common=plan.common,
+        settings=tuple(results),
+        elapsed_s=time.perf_counter() - started,
+    )
 
 
 # --- the next-token view --------------------------------------------------------------------------
@@ -390,8 +449,12 @@ def stages(logits: torch.Tensor, params: GenerationParams) -> Stages:
     def upto(**off: Any) -> torch.Tensor:
         return next_token_probs(logits, params.model_copy(update=off))
 
-    return Stages(tempered=upto(top_k=0, top_p=1.0, min_p=0.0), after_top_k=upto(top_p=1.0, min_p=0.0),
-                  after_top_p=upto(min_p=0.0), final=next_token_probs(logits, params))
+    return Stages(
+        tempered=upto(top_k=0, top_p=1.0, min_p=0.0),
+        after_top_k=upto(top_p=1.0, min_p=0.0),
+        after_top_p=upto(min_p=0.0),
+        final=next_token_probs(logits, params),
+    )
 
 
 def entropy_bits(probs: torch.Tensor) -> float:
@@ -443,9 +506,16 @@ def _cut_by(token: int, cuts: Sequence[tuple[str, torch.Tensor]]) -> str | None:
     return next((name for name, mask in cuts if mask[token]), None)
 
 
-def next_token_view(logits: torch.Tensor, settings: Sequence[tuple[str, dict[str, Any], GenerationParams]], *,
-                    decode: Callable[[int], str], top: int = DEFAULT_TOP, model: str = "", prompt: str = "",
-                    prompt_tokens: int = 0) -> NextTokenView:
+def next_token_view(
+    logits: torch.Tensor,
+    settings: Sequence[tuple[str, dict[str, Any], GenerationParams]],
+    *,
+    decode: Callable[[int], str],
+    top: int = DEFAULT_TOP,
+    model: str = "",
+    prompt: str = "",
+    prompt_tokens: int = 0,
+) -> NextTokenView:
     """The top tokens of the model's distribution and, per setting, what each sampling step does to them."""
     import torch
 
@@ -461,15 +531,36 @@ def next_token_view(logits: torch.Tensor, settings: Sequence[tuple[str, dict[str
         cut_min = (s.after_top_p > 0) & (s.final == 0)
         cuts = (("top-k", cut_k), ("top-p", cut_p), ("min-p", cut_min))
 
-        rows = tuple(TokenRow(rank=r + 1, token_id=i, token=names[i], model_prob=float(model_probs[i]),
-                              tempered_prob=float(s.tempered[i]), prob=float(s.final[i]), cut_by=_cut_by(i, cuts))
-                     for r, i in enumerate(top_ids))
-        views.append(SettingView(
-            label=label, knobs=knobs,
-            params={name: getattr(params, name) for name in NEXT_TOKEN_KNOBS},
-            entropy_bits=entropy_bits(s.final), kept_tokens=int((s.final > 0).sum()),
-            cut_tokens={"top-k": int(cut_k.sum()), "top-p": int(cut_p.sum()), "min-p": int(cut_min.sum())},
-            cut_mass=float(s.tempered[s.final == 0].sum()), rows=rows))
-    return NextTokenView(model=model, prompt=prompt, prompt_tokens=prompt_tokens, vocab_size=int(logits.shape[0]),
-                         model_entropy_bits=entropy_bits(model_probs),
-                         common=common_knobs([knobs for _, knobs, _ in settings]), settings=tuple(views))
+        rows = tuple(
+            TokenRow(
+                rank=r + 1,
+                token_id=i,
+                token=names[i],
+                model_prob=float(model_probs[i]),
+                tempered_prob=float(s.tempered[i]),
+                prob=float(s.final[i]),
+                cut_by=_cut_by(i, cuts),
+            )
+            for r, i in enumerate(top_ids)
+        )
+        views.append(
+            SettingView(
+                label=label,
+                knobs=knobs,
+                params={name: getattr(params, name) for name in NEXT_TOKEN_KNOBS},
+                entropy_bits=entropy_bits(s.final),
+                kept_tokens=int((s.final > 0).sum()),
+                cut_tokens={"top-k": int(cut_k.sum()), "top-p": int(cut_p.sum()), "min-p": int(cut_min.sum())},
+                cut_mass=float(s.tempered[s.final == 0].sum()),
+                rows=rows,
+            )
+        )
+    return NextTokenView(
+        model=model,
+        prompt=prompt,
+        prompt_tokens=prompt_tokens,
+        vocab_size=int(logits.shape[0]),
+        model_entropy_bits=entropy_bits(model_probs),
+        common=common_knobs([knobs for _, knobs, _ in settings]),
+        settings=tuple(views),
+    )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -84,8 +84,11 @@ def _extra_requirements(dists, extra: str) -> tuple[str, ...]:
                 requirement = Requirement(line)
             except InvalidRequirement:
                 continue
-            if requirement.marker is not None and requirement.marker.evaluate({"extra": extra}) \
-                    and not requirement.marker.evaluate({"extra": ""}):
+            if (
+                requirement.marker is not None
+                and requirement.marker.evaluate({"extra": extra})
+                and not requirement.marker.evaluate({"extra": ""})
+            ):
                 requirement.marker = None
                 found.append(str(requirement))
         if found:
@@ -93,7 +96,7 @@ def _extra_requirements(dists, extra: str) -> tuple[str, ...]:
     return EXTRA_PACKAGES.get(extra, ())
 
 
-@lru_cache(maxsize=None)
+@cache
 def install_hint(extra: str) -> str:
     """The pip command that adds an extra to this llmkit, e.g. `pip install -e '/src/llmkit[plot]'`."""
     try:
@@ -111,4 +114,3 @@ def install_hint(extra: str) -> str:
     if not packages:
         raise ValueError(f"llmkit has no extra named {extra!r}")
     return "pip install " + " ".join(shlex.quote(p) for p in packages)
-

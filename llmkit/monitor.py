@@ -12,12 +12,13 @@ Returns a MonitorReport of plain values; the CLI renders it and writes JSON/CSV/
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-import dataclasses
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmkit.engine import LoadOptions
 from llmkit.errors import InvalidParams
@@ -34,17 +35,17 @@ from llmkit.measure import (
 from llmkit.params import GenerationParams, parse_params
 
 SCHEMA = "llmkit.monitor/1"
-DEFAULT_PROMPT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in "
-                  "Mainz combined movable metal type, oil-based ink and a screw press. Within fifty years")
+DEFAULT_PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when a goldsmith in "
+    "Mainz combined movable metal type, oil-based ink and a screw press. Within fifty years"
+)
 PHASES = ("import", "prepare", "load", "warmup", "inference")
 MAX_RUNS = 10_000
 
 DEFINITIONS = {
-    "ttft_s": "time to first token: request start to the first generated token, incl. tokenization and "
-              "prefill (vLLM)",
+    "ttft_s": "time to first token: request start to the first generated token, incl. tokenization and prefill (vLLM)",
     "pp_tokens_per_s": "prompt processing: prompt tokens / TTFT (llama-bench pp)",
-    "tg_tokens_per_s": "text generation: (generated - 1) / (last token time - first token time) "
-                       "(llama-bench tg)",
+    "tg_tokens_per_s": "text generation: (generated - 1) / (last token time - first token time) (llama-bench tg)",
     "tpot_s": "time per output token: (E2E - TTFT) / (generated - 1) (vLLM TPOT)",
     "itl_s": "inter-token latency: gaps between successive tokens, pooled over runs (vLLM ITL)",
     "e2e_s": "end-to-end latency: request start to request finished (vLLM E2E)",
@@ -103,16 +104,18 @@ class MonitorReport:
     def phase_rows(self) -> list[dict[str, Any]]:
         rows = []
         for record in self.sampler.phases:
-            rows.append({
-                "name": record.name,
-                "wall_s": record.wall_s,
-                "cpu_percent": record.cpu_percent,
-                "rss_peak_bytes": self.sampler.peak_rss(record.name),
-                "gpu_util_percent": self.sampler.mean_gpu_util(record.name),
-                "gpu_memory_peak_bytes": self.sampler.peak_gpu_memory(record.name),
-                "cuda_peak_allocated_bytes": record.cuda_peak_allocated_bytes,
-                "cuda_peak_reserved_bytes": record.cuda_peak_reserved_bytes,
-            })
+            rows.append(
+                {
+                    "name": record.name,
+                    "wall_s": record.wall_s,
+                    "cpu_percent": record.cpu_percent,
+                    "rss_peak_bytes": self.sampler.peak_rss(record.name),
+                    "gpu_util_percent": self.sampler.mean_gpu_util(record.name),
+                    "gpu_memory_peak_bytes": self.sampler.peak_gpu_memory(record.name),
+                    "cuda_peak_allocated_bytes": record.cuda_peak_allocated_bytes,
+                    "cuda_peak_reserved_bytes": record.cuda_peak_reserved_bytes,
+                }
+            )
         return rows
 
     def memory(self) -> dict[str, Any]:
@@ -122,8 +125,9 @@ class MonitorReport:
             "rss_before_load_bytes": self.rss_before_load_bytes,
             "rss_after_load_bytes": self.rss_after_load_bytes,
             "rss_peak_load_bytes": self.sampler.peak_rss("load"),
-            "rss_peak_inference_bytes": max(filter(None, (self.sampler.peak_rss("warmup"),
-                                                          self.sampler.peak_rss("inference")))),
+            "rss_peak_inference_bytes": max(
+                filter(None, (self.sampler.peak_rss("warmup"), self.sampler.peak_rss("inference")))
+            ),
             "system_available_bytes": psutil.virtual_memory().available,
         }
 
@@ -236,10 +240,26 @@ def write_timeline(sampler: ResourceSampler, path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["t_s", "phase", "rss_bytes", "cpu_percent", "gpu_util_percent", "gpu_memory_bytes"])
         for s in sampler.samples:
-            writer.writerow([f"{s.t_s:.4f}", s.phase, s.rss_bytes, f"{s.cpu_percent:.1f}",
-                             "" if s.gpu_util_percent is None else s.gpu_util_percent,
-                             "" if s.gpu_memory_bytes is None else s.gpu_memory_bytes])
+            writer.writerow(
+                [
+                    f"{s.t_s:.4f}",
+                    s.phase,
+                    s.rss_bytes,
+                    f"{s.cpu_percent:.1f}",
+                    "" if s.gpu_util_percent is None else s.gpu_util_percent,
+                    "" if s.gpu_memory_bytes is None else s.gpu_memory_bytes,
+                ]
+            )
 
 
-__all__ = ["DEFAULT_PROMPT", "DEFAULT_SAMPLE_INTERVAL_S", "MonitorReport", "MonitorSpec", "PHASES",
-           "check_spec", "read_prompt_file", "run_monitor", "write_timeline"]
+__all__ = [
+    "DEFAULT_PROMPT",
+    "DEFAULT_SAMPLE_INTERVAL_S",
+    "MonitorReport",
+    "MonitorSpec",
+    "PHASES",
+    "check_spec",
+    "read_prompt_file",
+    "run_monitor",
+    "write_timeline",
+]

@@ -52,9 +52,10 @@ gets two names of one field refuses it ("give max_tokens or max_completion_token
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any, Iterable, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -100,46 +101,105 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # "yes" is not a bool, "0.7" not a number
 
-    max_new_tokens: Annotated[int, Param(
-        "stopping", cli_aliases=("--max-tokens",), openai="max_tokens",
-        chat=(Name("max_completion_tokens", "(OpenAI's newer name for max_tokens)"),),
-        generate=(Name("max_length", "(/generate's name for max_new_tokens: new tokens, not a total)"),
-                  "max_new_tokens"),
-    )] = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Tokens to generate at most.")
-    temperature: Annotated[float, Param(
-        "sampling", cli_aliases=("--temp",), short="-t", openai="temperature", greedy_ignores=True, neutral=1.0,
-    )] = Field(0.8, ge=0.0, le=2.0, description="Divides the logits; 0 means greedy.")
-    top_k: Annotated[int, Param(
-        "sampling", openai="top_k", extension=True, greedy_ignores=True, neutral=0,
-    )] = Field(50, ge=0, le=100_000, description="Keep the k most likely tokens; 0 disables.")
-    top_p: Annotated[float, Param(
-        "sampling", openai="top_p", greedy_ignores=True,
-    )] = Field(1.0, gt=0.0, le=1.0, description="Keep the smallest set of tokens whose mass reaches p.")
-    min_p: Annotated[float, Param(
-        "sampling", openai="min_p", extension=True, greedy_ignores=True,
-    )] = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p times the top probability.")
-    repetition_penalty: Annotated[float, Param(
-        "sampling", openai="repetition_penalty", extension=True,
-    )] = Field(1.0, ge=0.5, le=2.0, description="Above 1 discourages tokens already seen.")
-    greedy: Annotated[bool, Param(
-        "sampling", greedy_ignores=True,  # not in the /v1 bodies: OpenAI's greedy is temperature 0
-        cli_help="Always take the most likely token (deterministic; ignores the sampling options).",
-    )] = Field(False, description="Always take the most likely token (deterministic).")
-    seed: Annotated[int | None, Param(
-        "draws", openai="seed",
-        cli_help="Seed for sampling: same seed and parameters, same text (default: random, reported).",
-    )] = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling; same seed, same text.")
-    num_sequences: Annotated[int, Param(
-        "draws", short="-n", openai="n",
-        cli_note=" Like the OpenAI API's n; llama.cpp's -n (tokens to generate) is --max-tokens here.",
-    )] = Field(1, ge=1, le=MAX_SEQUENCES, description="Independent completions per prompt.")
-    stop: Annotated[list[str], Param(
-        "stopping", openai="stop", cli_help="Cut the output before this text (repeatable).",
-    )] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES,
-               description="Cut the output before the first of these strings.")
+    max_new_tokens: Annotated[
+        int,
+        Param(
+            "stopping",
+            cli_aliases=("--max-tokens",),
+            openai="max_tokens",
+            chat=(Name("max_completion_tokens", "(OpenAI's newer name for max_tokens)"),),
+            generate=(
+                Name("max_length", "(/generate's name for max_new_tokens: new tokens, not a total)"),
+                "max_new_tokens",
+            ),
+        ),
+    ] = Field(64, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Tokens to generate at most.")
+    temperature: Annotated[
+        float,
+        Param(
+            "sampling",
+            cli_aliases=("--temp",),
+            short="-t",
+            openai="temperature",
+            greedy_ignores=True,
+            neutral=1.0,
+        ),
+    ] = Field(0.8, ge=0.0, le=2.0, description="Divides the logits; 0 means greedy.")
+    top_k: Annotated[
+        int,
+        Param(
+            "sampling",
+            openai="top_k",
+            extension=True,
+            greedy_ignores=True,
+            neutral=0,
+        ),
+    ] = Field(50, ge=0, le=100_000, description="Keep the k most likely tokens; 0 disables.")
+    top_p: Annotated[
+        float,
+        Param(
+            "sampling",
+            openai="top_p",
+            greedy_ignores=True,
+        ),
+    ] = Field(1.0, gt=0.0, le=1.0, description="Keep the smallest set of tokens whose mass reaches p.")
+    min_p: Annotated[
+        float,
+        Param(
+            "sampling",
+            openai="min_p",
+            extension=True,
+            greedy_ignores=True,
+        ),
+    ] = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p times the top probability.")
+    repetition_penalty: Annotated[
+        float,
+        Param(
+            "sampling",
+            openai="repetition_penalty",
+            extension=True,
+        ),
+    ] = Field(1.0, ge=0.5, le=2.0, description="Above 1 discourages tokens already seen.")
+    greedy: Annotated[
+        bool,
+        Param(
+            "sampling",
+            greedy_ignores=True,  # not in the /v1 bodies: OpenAI's greedy is temperature 0
+            cli_help="Always take the most likely token (deterministic; ignores the sampling options).",
+        ),
+    ] = Field(False, description="Always take the most likely token (deterministic).")
+    seed: Annotated[
+        int | None,
+        Param(
+            "draws",
+            openai="seed",
+            cli_help="Seed for sampling: same seed and parameters, same text (default: random, reported).",
+        ),
+    ] = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling; same seed, same text.")
+    num_sequences: Annotated[
+        int,
+        Param(
+            "draws",
+            short="-n",
+            openai="n",
+            cli_note=" Like the OpenAI API's n; llama.cpp's -n (tokens to generate) is --max-tokens here.",
+        ),
+    ] = Field(1, ge=1, le=MAX_SEQUENCES, description="Independent completions per prompt.")
+    stop: Annotated[
+        list[str],
+        Param(
+            "stopping",
+            openai="stop",
+            cli_help="Cut the output before this text (repeatable).",
+        ),
+    ] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_SEQUENCES,
+        description="Cut the output before the first of these strings.",
+    )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "GenerationParams":
+    def _consistent(self) -> GenerationParams:
         problems = []  # "field: sentence" each; _messages splits them, so every one is reported
         if any(s == "" for s in self.stop):
             problems.append("stop: stop sequences must not be empty strings")
@@ -149,8 +209,10 @@ class GenerationParams(BaseModel):
                 problems.append(f"stop: {SURROGATE_MESSAGE.format(what='a stop sequence', at=position)}")
                 break
         if self.is_greedy and self.num_sequences > 1:
-            problems.append("num_sequences: num_sequences must be 1 with greedy decoding, which gives "
-                            "identical sequences; sample (temperature > 0) for several")
+            problems.append(
+                "num_sequences: num_sequences must be 1 with greedy decoding, which gives "
+                "identical sequences; sample (temperature > 0) for several"
+            )
         if problems:
             raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
@@ -184,16 +246,19 @@ def param_table(model: type[GenerationParams] = GenerationParams) -> dict[str, P
     for name, info in model.model_fields.items():
         found = [item for item in info.metadata if isinstance(item, Param)]
         if len(found) != 1:
-            raise TypeError(f"{model.__name__}.{name} needs exactly one Param in its Annotated metadata "
-                            f"(kind, CLI flags, HTTP names): llmkit/params.py")
+            raise TypeError(
+                f"{model.__name__}.{name} needs exactly one Param in its Annotated metadata "
+                f"(kind, CLI flags, HTTP names): llmkit/params.py"
+            )
         table[name] = found[0]
     for api in APIS:
         claimed: dict[str, str] = {}
         for field, body_names_of_field in _api_names(table, api).items():
             for body_name in body_names_of_field:
                 if claimed.setdefault(body_name.name, field) != field:
-                    raise TypeError(f"the {api} body name {body_name.name!r} is claimed by {claimed[body_name.name]} "
-                                    f"and {field}")
+                    raise TypeError(
+                        f"the {api} body name {body_name.name!r} is claimed by {claimed[body_name.name]} and {field}"
+                    )
     return table
 
 
@@ -235,8 +300,11 @@ SAMPLING_KNOBS = names_of("sampling")
 def neutral_values(model: type[GenerationParams] = GenerationParams) -> dict[str, Any]:
     """Every sampling knob at the value that leaves the model's distribution alone: plain sampling."""
     fields = model.model_fields
-    return {name: fields[name].get_default(call_default_factory=True) if spec.neutral is None else spec.neutral
-            for name, spec in param_table(model).items() if spec.kind == "sampling"}
+    return {
+        name: fields[name].get_default(call_default_factory=True) if spec.neutral is None else spec.neutral
+        for name, spec in param_table(model).items()
+        if spec.kind == "sampling"
+    }
 
 
 def _hashable(value: Any) -> Any:
@@ -252,15 +320,19 @@ def sampling_key(params: GenerationParams) -> tuple:
     those greedy decoding reads, for greedy params). The batcher samples rows with equal keys in one call."""
     table = param_table(type(params))
     if params.is_greedy:
-        return ("greedy", *(_hashable(getattr(params, n)) for n, s in table.items()
-                            if s.kind == "sampling" and not s.greedy_ignores))
+        return (
+            "greedy",
+            *(_hashable(getattr(params, n)) for n, s in table.items() if s.kind == "sampling" and not s.greedy_ignores),
+        )
     return ("sample", *(_hashable(getattr(params, n)) for n, s in table.items() if s.kind == "sampling"))
 
 
 # --- messages ----------------------------------------------------------------------------------------
 
-SURROGATE_MESSAGE = ("{what} is not valid Unicode at character {at}: a lone UTF-16 surrogate (a JSON "
-                     "\\ud800-\\udfff escape without its pair, or bytes that are not UTF-8); send valid text")
+SURROGATE_MESSAGE = (
+    "{what} is not valid Unicode at character {at}: a lone UTF-16 surrogate (a JSON "
+    "\\ud800-\\udfff escape without its pair, or bytes that are not UTF-8); send valid text"
+)
 
 
 def check_text(text: str, what: str, field: str | None = None) -> str:
@@ -285,8 +357,12 @@ def bounds_text(name: str, model: type[BaseModel] = GenerationParams) -> str:
     lower = upper = None
     lower_open = upper_open = False
     for item in model.model_fields[name].metadata:
-        for attr, is_open, is_lower in (("ge", False, True), ("gt", True, True),
-                                        ("le", False, False), ("lt", True, False)):
+        for attr, is_open, is_lower in (
+            ("ge", False, True),
+            ("gt", True, True),
+            ("le", False, False),
+            ("lt", True, False),
+        ):
             value = getattr(item, attr, None)
             if value is None:
                 continue
@@ -306,16 +382,24 @@ def bounds_text(name: str, model: type[BaseModel] = GenerationParams) -> str:
 
 
 # pydantic's error type for a value of the wrong type -> what the value must be, in words
-TYPE_WORDS = {"bool_type": "true or false", "int_type": "an integer", "int_from_float": "an integer",
-              "float_type": "a number", "string_type": "a string", "list_type": "a list",
-              "dict_type": "an object", "model_type": "an object", "model_attributes_type": "an object"}
+TYPE_WORDS = {
+    "bool_type": "true or false",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
 SHOWN_VALUE_CHARS = 60
 
 
 def shown(value: Any) -> str:
     """A value quoted in an error message, cut short (a client may send megabytes)."""
     text = repr(value)
-    return text if len(text) <= SHOWN_VALUE_CHARS else text[:SHOWN_VALUE_CHARS - 1] + "…"
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 1] + "…"
 
 
 def type_sentence(name: str, error: Mapping[str, Any]) -> str | None:
@@ -341,8 +425,9 @@ def _message(error: Mapping[str, Any], model: type[BaseModel] = GenerationParams
     return sentence or f"{name}: {error.get('msg', 'invalid value')} (got {shown(got)})", name
 
 
-def _messages(errors: Iterable[Mapping[str, Any]],
-              model: type[BaseModel] = GenerationParams) -> list[tuple[str | None, str]]:
+def _messages(
+    errors: Iterable[Mapping[str, Any]], model: type[BaseModel] = GenerationParams
+) -> list[tuple[str | None, str]]:
     """pydantic's errors -> one (field, sentence) per bad field, in field order (a field's first error speaks
     for it: a stop list with two bad items is one sentence)."""
     found: dict[str | None, str] = {}

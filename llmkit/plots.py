@@ -69,8 +69,15 @@ def plot_timeline(sampler, path: Path, title: str) -> None:
             axis.axvspan(record.start_s, end, alpha=0.12, color=f"C{number % 10}")
         if end - record.start_s < 0.04 * times[-1]:
             continue  # too narrow to label
-        memory_axis.text((record.start_s + end) / 2, 1.01, record.name, transform=memory_axis.get_xaxis_transform(),
-                         ha="center", va="bottom", fontsize=8)
+        memory_axis.text(
+            (record.start_s + end) / 2,
+            1.01,
+            record.name,
+            transform=memory_axis.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -82,9 +89,11 @@ def plot_compare(rows, path: Path) -> None:
     plt = _pyplot()
     ok = [r for r in rows if r.get("ok")]
     names = [r["model"] for r in ok]
-    charts = (("tg_tokens_per_s", "decode tokens/s (higher is better)", 1),
-              ("peak_rss_bytes", "peak RSS, MiB (lower is better)", MIB),
-              ("bits_per_byte", "bits per byte (lower is better)", 1))
+    charts = (
+        ("tg_tokens_per_s", "decode tokens/s (higher is better)", 1),
+        ("peak_rss_bytes", "peak RSS, MiB (lower is better)", MIB),
+        ("bits_per_byte", "bits per byte (lower is better)", 1),
+    )
     figure, axes = plt.subplots(1, len(charts), figsize=(4 * len(charts) + 1, 4))
     for axis, (key, title, scale) in zip(axes, charts):
         values = [(r.get(key) or 0) / scale for r in ok]
@@ -106,26 +115,38 @@ def plot_next_token(view: NextTokenView, path: str) -> None:
     columns = min(count, 3)
     lines = math.ceil(count / columns)
     rows_per_chart = len(view.settings[0].rows) if view.settings else 0
-    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 0.9 + 0.32 * rows_per_chart * lines + 0.6),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        lines, columns, figsize=(4.2 * columns, 0.9 + 0.32 * rows_per_chart * lines + 0.6), squeeze=False, sharey=True
+    )
     labels = [repr(row.token) for row in view.settings[0].rows] if view.settings else []
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     for ax, setting in zip(axes.flat, view.settings):
-        ax.barh(range(len(setting.rows)), [row.tempered_prob if row.cut_by else 0.0 for row in setting.rows],
-                color="#dddddd", hatch="//", edgecolor="#aaaaaa", linewidth=0)  # what a filter took away
+        ax.barh(
+            range(len(setting.rows)),
+            [row.tempered_prob if row.cut_by else 0.0 for row in setting.rows],
+            color="#dddddd",
+            hatch="//",
+            edgecolor="#aaaaaa",
+            linewidth=0,
+        )  # what a filter took away
         ax.barh(range(len(setting.rows)), [row.prob for row in setting.rows], color="#3b75af")
         ax.set_yticks(range(len(labels)), labels)
         ax.set_ylim(len(labels) - 0.5, -0.5)  # most likely on top (idempotent on shared axes, unlike invert)
         ax.set_xlim(0, 1)
-        ax.set_title(f"{setting.label}\nentropy {setting.entropy_bits:.2f} bits · {setting.kept_tokens} kept",
-                     fontsize=9)
+        ax.set_title(
+            f"{setting.label}\nentropy {setting.entropy_bits:.2f} bits · {setting.kept_tokens} kept", fontsize=9
+        )
         for y, row in enumerate(setting.rows):
             note = f"cut by {row.cut_by}" if row.cut_by else f"{row.prob:.3f}"
-            ax.text(min(max(row.prob, row.tempered_prob if row.cut_by else 0.0), 1) + 0.01, y, note,
-                    va="center", fontsize=7)
-    fig.suptitle(f"Next token after {view.prompt!r} · {view.model} "
-                 "(blue: probability under the setting; hatched grey: cut by a filter)", fontsize=10)
+            ax.text(
+                min(max(row.prob, row.tempered_prob if row.cut_by else 0.0), 1) + 0.01, y, note, va="center", fontsize=7
+            )
+    fig.suptitle(
+        f"Next token after {view.prompt!r} · {view.model} "
+        "(blue: probability under the setting; hatched grey: cut by a filter)",
+        fontsize=10,
+    )
     fig.tight_layout()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # glyphs the font lacks (CJK, emoji) draw as boxes; no need to warn

@@ -25,7 +25,7 @@ The sea at night is dark and quiet, and the boats rest in the harbour until morn
 A small language model writes a few words, then stops; a large one writes many more.
 Once upon a time there was a little model that lived in a file on a laptop.
 Tests should be fast, so the model is tiny and its weights are random numbers.
-Caf\u00e9, na\u00efve, \u00fcber, \u65e5\u672c\u8a9e and emoji like \U0001F600 make sure bytes are handled well.
+Caf\u00e9, na\u00efve, \u00fcber, \u65e5\u672c\u8a9e and emoji like \U0001f600 make sure bytes are handled well.
 The quick brown fox jumps over the lazy dog. Hello, world! How are you today?
 """
 
@@ -35,8 +35,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(folder: Path, *, chat_template: str | None = CHAT_TEMPLATE, seed: int = 0,
-                     layers: int = 2, context: int = 256, init_std: float = 0.02) -> Path:
+def build_tiny_model(
+    folder: Path,
+    *,
+    chat_template: str | None = CHAT_TEMPLATE,
+    seed: int = 0,
+    layers: int = 2,
+    context: int = 256,
+    init_std: float = 0.02,
+) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,17 +51,26 @@ def build_tiny_model(folder: Path, *, chat_template: str | None = CHAT_TEMPLATE,
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<bos>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
     tokenizer.chat_template = chat_template
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=context, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False, initializer_range=init_std)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -31,8 +31,9 @@ class ServerProcess:
     test can check that the server answered 503 "loading" before it answered 200.
     """
 
-    def __init__(self, model_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None,
-                 api_key: str | None = None):
+    def __init__(
+        self, model_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None, api_key: str | None = None
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -42,7 +43,7 @@ class ServerProcess:
         self.health_seen: list[tuple[int, dict]] = []
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> ServerProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -75,7 +76,7 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -99,8 +100,9 @@ class ServerProcess:
             return ""
 
 
-def answers_quickly(http: httpx.Client, within_s: float = 1.5, prompt: str = "q",
-                    max_tokens: int = 2) -> httpx.Response:
+def answers_quickly(
+    http: httpx.Client, within_s: float = 1.5, prompt: str = "q", max_tokens: int = 2
+) -> httpx.Response:
     """A short request that only gets through in time if nothing abandoned still holds the model."""
     started = time.monotonic()
     response = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens})
@@ -115,7 +117,7 @@ def sse_events(response: httpx.Response) -> Iterator[dict | str]:
         if not line.startswith("data: "):
             assert line == "", f"unexpected SSE line {line!r}"
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         yield data if data == "[DONE]" else json.loads(data)
 
 

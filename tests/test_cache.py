@@ -43,18 +43,27 @@ def chunked_alias(tmp_path, tiny_gguf, monkeypatch):
     (part / "data" / "tiny.gguf.part1").write_bytes(tiny_gguf.read_bytes())
     main = site / "fake_tiny_main"
     main.mkdir()
-    (main / "__init__.py").write_text(textwrap.dedent("""
+    (main / "__init__.py").write_text(
+        textwrap.dedent("""
         from pathlib import Path
 
         def assemble(target, overwrite=False):
             import fake_tiny_part1
             data = Path(fake_tiny_part1.__file__).parent / "data" / "tiny.gguf.part1"
             Path(target).write_bytes(data.read_bytes())
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(site))
-    alias = models.Alias(name=ALIAS, package="fake_tiny_main", pip_name="fake-tiny",
-                         install_hint="pip install fake-tiny", description="a tiny joined model", licence="none",
-                         gguf_name="fake-tiny.gguf", chunk_packages=("fake_tiny_part1",))
+    alias = models.Alias(
+        name=ALIAS,
+        package="fake_tiny_main",
+        pip_name="fake-tiny",
+        install_hint="pip install fake-tiny",
+        description="a tiny joined model",
+        licence="none",
+        gguf_name="fake-tiny.gguf",
+        chunk_packages=("fake_tiny_part1",),
+    )
     monkeypatch.setitem(models.ALIASES, ALIAS, alias)
     return alias
 
@@ -223,11 +232,13 @@ def test_models_shows_the_cache_total(cache_dir, chunked_alias, cli):
 def test_cache_cli_in_a_subprocess(cache_dir, tiny_gguf):
     models.convert_gguf(tiny_gguf)
     env = {**os.environ, "LLMKIT_CACHE_DIR": str(cache_dir), "COLUMNS": "80"}
-    listing = subprocess.run([sys.executable, "-m", "llmkit", "cache"], capture_output=True, text=True, env=env,
-                             timeout=60)
+    listing = subprocess.run(
+        [sys.executable, "-m", "llmkit", "cache"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert listing.returncode == 0 and "1 entry" in listing.stdout
     assert max(len(line.rstrip()) for line in listing.stdout.splitlines()) <= 80
-    cleaned = subprocess.run([sys.executable, "-m", "llmkit", "cache", "--clean"], capture_output=True, text=True,
-                             env=env, timeout=60)
+    cleaned = subprocess.run(
+        [sys.executable, "-m", "llmkit", "cache", "--clean"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert cleaned.returncode == 0 and "Removed 1 entry, freed" in cleaned.stdout
     assert models.cached_conversions() == [] and tiny_gguf.is_file()

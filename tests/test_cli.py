@@ -29,8 +29,9 @@ def test_stdin_and_dash_read_the_prompt(cli, tiny_model_dir):
 
 
 def test_json_schema(cli, tiny_model_dir):
-    result = cli("generate", "-m", str(tiny_model_dir), "--seed", "5", "-n", "2", "--max-new-tokens", "6",
-                 "--json", PROMPT)
+    result = cli(
+        "generate", "-m", str(tiny_model_dir), "--seed", "5", "-n", "2", "--max-new-tokens", "6", "--json", PROMPT
+    )
     assert result.exit_code == 0
     record = json.loads(result.stdout)
     assert set(record) == {"model", "prompt", "completions", "usage", "timings", "seed", "params", "engine"}
@@ -45,8 +46,19 @@ def test_json_schema(cli, tiny_model_dir):
 
 
 def test_seed_reproduces_through_the_cli(cli, tiny_model_dir):
-    args = ["generate", "-m", str(tiny_model_dir), "--seed", "11", "--temperature", "1.3", "--max-new-tokens", "12",
-            "--no-stream", PROMPT]
+    args = [
+        "generate",
+        "-m",
+        str(tiny_model_dir),
+        "--seed",
+        "11",
+        "--temperature",
+        "1.3",
+        "--max-new-tokens",
+        "12",
+        "--no-stream",
+        PROMPT,
+    ]
     assert cli(*args).stdout == cli(*args).stdout
 
 
@@ -54,16 +66,45 @@ def test_num_sequences_prints_each(cli, tiny_model_dir):
     result = cli("generate", "-m", str(tiny_model_dir), "--seed", "1", "-n", "3", "--max-new-tokens", "4", PROMPT)
     assert result.exit_code == 0
     assert [line for line in result.stdout.splitlines() if line.startswith("--- sequence")] == [
-        f"--- sequence {i} of 3 ---" for i in (1, 2, 3)]
+        f"--- sequence {i} of 3 ---" for i in (1, 2, 3)
+    ]
 
 
 def test_stop_and_chat(cli, tiny_model_dir):
-    free = json.loads(cli("generate", "-m", str(tiny_model_dir), "--greedy", "--max-new-tokens", "20", "--json",
-                          "--chat", "--system", "be brief", "hello").stdout)
+    free = json.loads(
+        cli(
+            "generate",
+            "-m",
+            str(tiny_model_dir),
+            "--greedy",
+            "--max-new-tokens",
+            "20",
+            "--json",
+            "--chat",
+            "--system",
+            "be brief",
+            "hello",
+        ).stdout
+    )
     text = free["completions"][0]["text"]
     stop = text[2:4]
-    cut = json.loads(cli("generate", "-m", str(tiny_model_dir), "--greedy", "--max-new-tokens", "20", "--json",
-                         "--chat", "--system", "be brief", "--stop", stop, "hello").stdout)
+    cut = json.loads(
+        cli(
+            "generate",
+            "-m",
+            str(tiny_model_dir),
+            "--greedy",
+            "--max-new-tokens",
+            "20",
+            "--json",
+            "--chat",
+            "--system",
+            "be brief",
+            "--stop",
+            stop,
+            "hello",
+        ).stdout
+    )
     assert cut["completions"][0]["text"] == text[: text.find(stop)]
     assert cut["completions"][0]["finish_reason"] == "stop"
 
@@ -75,8 +116,11 @@ def test_chat_without_template_exits_2(cli, tiny_model_no_chat_dir):
 
 
 def test_input_file_runs_every_prompt_once_loaded(cli, tiny_model_dir, tmp_path):
-    lines = [{"prompt": "hello", "id": "a"}, {"prompt": "world", "greedy": False, "temperature": 1.5, "seed": 2, "id": "b"},
-             {"prompt": "x" * 2000, "id": "too-long"}]
+    lines = [
+        {"prompt": "hello", "id": "a"},
+        {"prompt": "world", "greedy": False, "temperature": 1.5, "seed": 2, "id": "b"},
+        {"prompt": "x" * 2000, "id": "too-long"},
+    ]
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
     result = cli("generate", "-m", str(tiny_model_dir), "--max-new-tokens", "5", "--greedy", "--input-file", str(path))
@@ -132,10 +176,19 @@ def test_bad_parameters_exit_2_before_loading(cli, tmp_path, args, message):
 def test_prompts_that_are_not_unicode_text_exit_2_before_loading(tmp_path):
     """Bytes that are not UTF-8, in an argument or on stdin, reach Python as lone surrogates: one line, exit 2."""
     missing = str(tmp_path / "no-such-model.gguf")
-    argument = subprocess.run([sys.executable, "-m", "llmkit", "generate", "-m", missing, "x\udc80y"],
-                              capture_output=True, text=True, errors="surrogateescape", timeout=60)
-    piped = subprocess.run([sys.executable, "-m", "llmkit", "generate", "-m", missing], input=b"ab\xff\xfe",
-                           capture_output=True, timeout=60)
+    argument = subprocess.run(
+        [sys.executable, "-m", "llmkit", "generate", "-m", missing, "x\udc80y"],
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=60,
+    )
+    piped = subprocess.run(
+        [sys.executable, "-m", "llmkit", "generate", "-m", missing],
+        input=b"ab\xff\xfe",
+        capture_output=True,
+        timeout=60,
+    )
     assert argument.returncode == 2 and "the prompt is not valid Unicode at character 1" in argument.stderr
     assert piped.returncode == 2 and b"the prompt is not valid Unicode at character 2" in piped.stderr
 
@@ -159,16 +212,23 @@ def test_models_lists_aliases(cli):
 
 
 def run_llmkit(*args, env=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "llmkit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_help_and_argument_errors_do_not_import_torch():
-    probe = ("import sys\nfrom llmkit.cli import app\n"
-             "for argv in (['--help'], ['generate', '--help'], ['generate', '--temperature', '9', 'x'],\n"
-             "             ['monitor', '--help'], ['monitor', '--runs', '0']):\n"
-             "    try:\n        app(argv, prog_name='llmkit')\n    except SystemExit:\n        pass\n"
-             "print('TORCH' if 'torch' in sys.modules or 'transformers' in sys.modules else 'LIGHT')\n")
+    probe = (
+        "import sys\nfrom llmkit.cli import app\n"
+        "for argv in (['--help'], ['generate', '--help'], ['generate', '--temperature', '9', 'x'],\n"
+        "             ['monitor', '--help'], ['monitor', '--runs', '0']):\n"
+        "    try:\n        app(argv, prog_name='llmkit')\n    except SystemExit:\n        pass\n"
+        "print('TORCH' if 'torch' in sys.modules or 'transformers' in sys.modules else 'LIGHT')\n"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "LIGHT"
     started = time.perf_counter()
@@ -193,7 +253,16 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_pipe_stays_clean(tiny_model_dir):
-    out = run_llmkit("generate", "-m", str(tiny_model_dir), "--greedy", "--max-new-tokens", "5", "--json", PROMPT,
-                     env={"LLMKIT_NO_PROGRESS": ""})
+    out = run_llmkit(
+        "generate",
+        "-m",
+        str(tiny_model_dir),
+        "--greedy",
+        "--max-new-tokens",
+        "5",
+        "--json",
+        PROMPT,
+        env={"LLMKIT_NO_PROGRESS": ""},
+    )
     assert out.returncode == 0, out.stderr
     json.loads(out.stdout)  # nothing but the JSON line on stdout

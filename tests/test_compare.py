@@ -39,8 +39,24 @@ def compared(tiny_model_dir, second_model, broken_model, tmp_path_factory):
     text_file = tmp_path_factory.mktemp("text") / "short.txt"
     text_file.write_text(SHORT_TEXT)
     models = [str(tiny_model_dir), str(second_model), str(broken_model), "/no/such/model.gguf"]
-    result = CliRunner().invoke(app, ["compare", *models, "--runs", "2", "--warmup", "0", "--max-new-tokens", "5",
-                                      "--text-file", str(text_file), "--format", "json"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            *models,
+            "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--max-new-tokens",
+            "5",
+            "--text-file",
+            str(text_file),
+            "--format",
+            "json",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -58,7 +74,7 @@ def direct_nll(model_dir, text, window=None, stride=None):
     total = 0.0
     with torch.no_grad():
         for begin in range(0, len(ids), stride):
-            chunk = torch.tensor([ids[begin:begin + window]])
+            chunk = torch.tensor([ids[begin : begin + window]])
             logprobs = torch.log_softmax(model(chunk).logits[0].float(), dim=-1)
             for offset in range(1, chunk.shape[1]):
                 position = begin + offset
@@ -140,8 +156,22 @@ def test_every_format_parses(compared, tiny_model_dir, second_model):
 
 def test_table_output_file_and_plot(cli, tiny_model_dir, tmp_path):
     report, plot = tmp_path / "report.md", tmp_path / "compare.png"
-    result = cli("compare", str(tiny_model_dir), "--runs", "1", "--warmup", "0", "--max-new-tokens", "3",
-                 "--format", "markdown", "--output", str(report), "--plot", str(plot))
+    result = cli(
+        "compare",
+        str(tiny_model_dir),
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "3",
+        "--format",
+        "markdown",
+        "--output",
+        str(report),
+        "--plot",
+        str(plot),
+    )
     assert result.exit_code == 0, result.stderr
     assert report.read_text().startswith("| model |")
     assert plot.read_bytes()[:4] == b"\x89PNG"

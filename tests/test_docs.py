@@ -35,8 +35,16 @@ SKIP: set[tuple[str, str]] = set()
 DEFAULT_SUBCOMMAND: dict[tuple[str, ...], str] = {("explore",): "sweep"}
 HELP_OPTIONS = {"--help", "-h"}
 # Every command should be documented by at least one real example.
-DOCUMENTED_COMMANDS = {("generate",), ("explore", "sweep"), ("explore", "next-token"), ("monitor",), ("compare",),
-                       ("serve",), ("models",), ("cache",)}
+DOCUMENTED_COMMANDS = {
+    ("generate",),
+    ("explore", "sweep"),
+    ("explore", "next-token"),
+    ("monitor",),
+    ("compare",),
+    ("serve",),
+    ("models",),
+    ("cache",),
+}
 
 
 # --- reading Markdown ---------------------------------------------------------------------------------
@@ -350,8 +358,11 @@ def test_the_documentation_files_exist():
 
 @pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(doc):
-    problems = [f"{doc.relative_to(ROOT)}:{number}: {problem}" for number, target in relative_links(doc)
-                if (problem := link_problem(doc, target))]
+    problems = [
+        f"{doc.relative_to(ROOT)}:{number}: {problem}"
+        for number, target in relative_links(doc)
+        if (problem := link_problem(doc, target))
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -364,8 +375,9 @@ def test_the_docs_index_links_every_page():
 
 def test_documented_command_lines_parse(root_command, help_exit_code):
     documented = documented_commands()
-    problems = [f"{item}\n    {problem}" for item in documented
-                for problem in problems_of(item, root_command, help_exit_code)]
+    problems = [
+        f"{item}\n    {problem}" for item in documented for problem in problems_of(item, root_command, help_exit_code)
+    ]
     assert not problems, "documented command lines that no longer parse:\n" + "\n".join(problems)
 
 
@@ -380,14 +392,17 @@ def test_every_command_has_a_documented_example(root_command):
     assert not missing, f"no console example of: {', '.join(missing)}"
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("llmkit generate --temprature 0.5 hi", "has no option --temprature"),
-    ("llmkit genrate hi", "no command 'genrate'"),
-    ("llmkit explore next-token --samples 3 hi", "has no option --samples"),
-    ("llmkit monitor --runs many", "does not parse it"),
-    ("llmkit generate --greedy true hi", "does not parse it"),
-    ("echo hi | LLMKIT_DEBUG=1 llmkit serve --max-batch 4", "has no option --max-batch"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("llmkit generate --temprature 0.5 hi", "has no option --temprature"),
+        ("llmkit genrate hi", "no command 'genrate'"),
+        ("llmkit explore next-token --samples 3 hi", "has no option --samples"),
+        ("llmkit monitor --runs many", "does not parse it"),
+        ("llmkit generate --greedy true hi", "does not parse it"),
+        ("echo hi | LLMKIT_DEBUG=1 llmkit serve --max-batch 4", "has no option --max-batch"),
+    ],
+)
 def test_the_command_check_catches_what_it_should(root_command, help_exit_code, line, expected):
     invocations = llmkit_invocations(line)
     assert len(invocations) == 1
@@ -395,12 +410,17 @@ def test_the_command_check_catches_what_it_should(root_command, help_exit_code, 
     assert any(expected in problem for problem in problems), problems
 
 
-@pytest.mark.parametrize("heading, slug", [
-    ("`llmkit generate`", "llmkit-generate"),
-    ("Many prompts: `--input-file`", "many-prompts---input-file"),
-    ("Benchmark: llmkit serve against the tutorial's Flask server",
-     "benchmark-llmkit-serve-against-the-tutorials-flask-server"),
-    ("`--engine llama.cpp`", "--engine-llamacpp"),
-])
+@pytest.mark.parametrize(
+    "heading, slug",
+    [
+        ("`llmkit generate`", "llmkit-generate"),
+        ("Many prompts: `--input-file`", "many-prompts---input-file"),
+        (
+            "Benchmark: llmkit serve against the tutorial's Flask server",
+            "benchmark-llmkit-serve-against-the-tutorials-flask-server",
+        ),
+        ("`--engine llama.cpp`", "--engine-llamacpp"),
+    ],
+)
 def test_github_slugs(heading, slug):
     assert github_slug(heading) == slug

@@ -141,7 +141,7 @@ def test_a_long_prompt_is_judged_by_its_head_and_its_length_before_it_is_tokeniz
 
     head_chars = limit * HEAD_CHARS_PER_TOKEN
     assert head_chars < tiny_engine.max_prompt_chars
-    words = ("the quick brown fox " * 1000)[:(head_chars + tiny_engine.max_prompt_chars) // 2]  # within the bound
+    words = ("the quick brown fox " * 1000)[: (head_chars + tiny_engine.max_prompt_chars) // 2]  # within the bound
     with pytest.raises(InvalidParams, match=f"more than {limit} tokens, the model's context") as bad:
         tiny_engine.prompt_ids(words)
     assert bad.value.field == "prompt"

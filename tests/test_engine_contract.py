@@ -40,9 +40,18 @@ class NextLetterEngine(Engine):
 
     def __init__(self):
         self.tokenizer = CharTokenizer()
-        self.info = EngineInfo(model="next-letter", source_kind="test", location="-", engine="next-letter",
-                               device="cpu", dtype="-", parameters=0, context_length=64, has_chat_template=True,
-                               load_s=0.0)
+        self.info = EngineInfo(
+            model="next-letter",
+            source_kind="test",
+            location="-",
+            engine="next-letter",
+            device="cpu",
+            dtype="-",
+            parameters=0,
+            context_length=64,
+            has_chat_template=True,
+            load_s=0.0,
+        )
 
     def _logits(self, last: int) -> torch.Tensor:
         logits = torch.full((1, EOS + 1), -5.0)
@@ -51,8 +60,9 @@ class NextLetterEngine(Engine):
 
     def _decode(self, prompt, ids, params, seed, started):
         sequences = [SequenceState.start(i, self.tokenizer, ids, params) for i in range(params.num_sequences)]
-        generators = [torch.Generator().manual_seed(seed + i) if seed is not None else None
-                      for i in range(params.num_sequences)]
+        generators = [
+            torch.Generator().manual_seed(seed + i) if seed is not None else None for i in range(params.num_sequences)
+        ]
         lasts, token_times = [ids[-1]] * params.num_sequences, []
         while not all(s.finish_reason for s in sequences):
             logits = torch.cat([self._logits(last) for last in lasts])

@@ -52,10 +52,24 @@ def test_repetition_by_hand():
 
 def test_setting_metrics_by_hand():
     samples = [
-        Sample(seed=0, text="the cat sat", token_ids=(1, 2, 3), finish_reason="length",
-               logprobs=(-1.0, -2.0, -3.0), decode_s=1.0, total_s=1.2),
-        Sample(seed=1, text="the cat ran", token_ids=(4, 5), finish_reason="stop",
-               logprobs=(-0.5, -0.5), decode_s=0.5, total_s=0.7),
+        Sample(
+            seed=0,
+            text="the cat sat",
+            token_ids=(1, 2, 3),
+            finish_reason="length",
+            logprobs=(-1.0, -2.0, -3.0),
+            decode_s=1.0,
+            total_s=1.2,
+        ),
+        Sample(
+            seed=1,
+            text="the cat ran",
+            token_ids=(4, 5),
+            finish_reason="stop",
+            logprobs=(-0.5, -0.5),
+            decode_s=0.5,
+            total_s=0.7,
+        ),
     ]
     m = setting_metrics(samples)
     assert m.samples == 2
@@ -89,8 +103,19 @@ def test_grid_values_take_the_field_types_and_form_a_product():
 def test_preset_starts_from_plain_sampling_and_greedy_runs_once():
     plan = plan_sweep(PRESET, samples=3, seed=0, fixed={"max_new_tokens": 32})
     labels = [s.label for s in plan.settings]
-    assert labels == ["greedy", "temperature 0.3", "temperature 0.7", "temperature 1.0", "temperature 1.5",
-                      "top-k 10", "top-k 50", "top-p 0.9", "top-p 0.95", "min-p 0.05", "min-p 0.1"]
+    assert labels == [
+        "greedy",
+        "temperature 0.3",
+        "temperature 0.7",
+        "temperature 1.0",
+        "temperature 1.5",
+        "top-k 10",
+        "top-k 50",
+        "top-p 0.9",
+        "top-p 0.95",
+        "min-p 0.05",
+        "min-p 0.1",
+    ]
     greedy = plan.settings[0].runs
     assert len(greedy) == 1 and greedy[0].is_greedy and greedy[0].seed is None
     top_p = plan.settings[labels.index("top-p 0.9")].runs
@@ -159,8 +184,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p(tiny_engine):
 def test_view_records_cuts_entropy_and_top_k_one_is_greedy(tiny_engine):
     logits = tiny_engine.next_token_logits(PROMPT)
     settings = next_token_settings([{"temperature": 1.0}, {"top_k": 3}, {"top_k": 1}, {"temperature": 0.5}])
-    view = next_token_view(logits, settings, decode=lambda i: tiny_engine.tokenizer.decode([i]), top=8,
-                           model="tiny", prompt=PROMPT)
+    view = next_token_view(
+        logits, settings, decode=lambda i: tiny_engine.tokenizer.decode([i]), top=8, model="tiny", prompt=PROMPT
+    )
     plain, top3, top1, cold = view.settings
     model_probs = [row.model_prob for row in plain.rows]
     assert model_probs == sorted(model_probs, reverse=True) and [r.rank for r in plain.rows] == list(range(1, 9))
@@ -204,7 +230,7 @@ def test_generated_tokens_are_scored_under_the_unmodified_model(tiny_engine):
     assert len(sample.logprobs) == len(sample.token_ids) == 6
     prompt_ids = tiny_engine.prompt_ids(PROMPT)
     logits = full_logits(tiny_engine, prompt_ids + list(sample.token_ids))
-    best = torch.log_softmax(logits, dim=-1).max(dim=-1).values[len(prompt_ids) - 1:-1]
+    best = torch.log_softmax(logits, dim=-1).max(dim=-1).values[len(prompt_ids) - 1 : -1]
     assert torch.allclose(torch.tensor(sample.logprobs), best, atol=1e-5)  # greedy took the argmax each step
     metrics = sweep.settings[0].metrics
     assert metrics.mean_logprob == pytest.approx(sum(sample.logprobs) / 6)
@@ -219,8 +245,9 @@ def test_same_seed_same_sweep(tiny_engine):
 
     first, again, other = sweep(3), sweep(3), sweep(4)
     assert texts(first) == texts(again)
-    assert [[s.logprobs for s in run.samples] for run in first.settings] == \
-        [[s.logprobs for s in run.samples] for run in again.settings]
+    assert [[s.logprobs for s in run.samples] for run in first.settings] == [
+        [s.logprobs for s in run.samples] for run in again.settings
+    ]
     assert texts(first) != texts(other)
     # sample j uses seed + j, so `llmkit generate --seed 4` with the same knobs gives sample 1 alone
     alone = tiny_engine.generate(PROMPT, parse_params(temperature=1.5, top_k=0, seed=4, max_new_tokens=8))
@@ -242,8 +269,10 @@ def test_same_seed_same_sweep(tiny_engine):
         (["--param", "greedy=true", "--param", "num_sequences=2"], "use --samples"),
         (["--samples", "0"], "samples must be between 1 and 16"),
         (["--max-new-tokens", "0"], "max_new_tokens must be between 1 and 4096"),
-        (["--param", "temperature=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--param", "top_k=1,2,3,4,5,6,7,8"],
-         "more than 64"),
+        (
+            ["--param", "temperature=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--param", "top_k=1,2,3,4,5,6,7,8"],
+            "more than 64",
+        ),
         (["--json", "--csv"], "choose one of --json and --csv"),
         (["--system", "x"], "--system needs --chat"),
         (["next-token", "--top-p", "0"], "top_p must be greater than 0.0 and at most 1.0 (got 0.0)"),
@@ -263,8 +292,19 @@ def test_bad_parameters_exit_2_before_loading(cli, tmp_path, args, message):
 
 
 def test_sweep_table_json_and_csv(cli, tiny_model_dir):
-    base = ["explore", "-m", str(tiny_model_dir), "--param", "temperature=0.5,1.5", "--samples", "2",
-            "--max-new-tokens", "5", "--seed", "7"]
+    base = [
+        "explore",
+        "-m",
+        str(tiny_model_dir),
+        "--param",
+        "temperature=0.5,1.5",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "7",
+    ]
     table = cli(*base, PROMPT)
     assert table.exit_code == 0, table.stderr
     assert "temperature 0.5" in table.stdout and "dist-1" in table.stdout and "ppl" in table.stdout
@@ -275,8 +315,16 @@ def test_sweep_table_json_and_csv(cli, tiny_model_dir):
     assert [s["label"] for s in document["settings"]] == ["temperature 0.5", "temperature 1.5"]
     first = document["settings"][0]
     assert [x["seed"] for x in first["samples"]] == [7, 8]
-    assert set(first["metrics"]) == {"samples", "distinct_1", "distinct_2", "repetition", "mean_logprob",
-                                     "perplexity", "mean_tokens", "tokens_per_s"}
+    assert set(first["metrics"]) == {
+        "samples",
+        "distinct_1",
+        "distinct_2",
+        "repetition",
+        "mean_logprob",
+        "perplexity",
+        "mean_tokens",
+        "tokens_per_s",
+    }
     assert first["params"]["temperature"] == 0.5 and first["params"]["top_k"] == 0
 
     rows = list(csv.DictReader(io.StringIO(cli(*base, "--csv", PROMPT).stdout)))
@@ -285,8 +333,9 @@ def test_sweep_table_json_and_csv(cli, tiny_model_dir):
     assert rows[0]["example"] == first["samples"][0]["text"] and rows[0]["seeds"] == "7 8"
 
     explicit = json.loads(cli("explore", "sweep", *base[1:], "--json", PROMPT).stdout)  # the long form
-    assert [[x["text"] for x in s["samples"]] for s in explicit["settings"]] == \
-        [[x["text"] for x in s["samples"]] for s in document["settings"]]
+    assert [[x["text"] for x in s["samples"]] for s in explicit["settings"]] == [
+        [x["text"] for x in s["samples"]] for s in document["settings"]
+    ]
 
 
 def test_default_preset_through_the_cli(cli, tiny_model_dir):
@@ -309,13 +358,33 @@ def test_next_token_table_json_and_plot(cli, tiny_model_dir, tmp_path):
     for expected in ("Next token after", "top-k 5", "top-p 0.9", "cut: top-k", "entropy bits", "tokens kept"):
         assert expected in table.stdout
 
-    result = cli("explore", "next-token", "-m", str(tiny_model_dir), "--temperature", "0.5,1", "--top-k", "0",
-                 "--top-k", "3", "--top", "5", "--json", "--plot", str(tmp_path / "next.png"), PROMPT)
+    result = cli(
+        "explore",
+        "next-token",
+        "-m",
+        str(tiny_model_dir),
+        "--temperature",
+        "0.5,1",
+        "--top-k",
+        "0",
+        "--top-k",
+        "3",
+        "--top",
+        "5",
+        "--json",
+        "--plot",
+        str(tmp_path / "next.png"),
+        PROMPT,
+    )
     assert result.exit_code == 0, result.stderr
     view = json.loads(result.stdout)
     assert view["common"] == {} and view["prompt"] == PROMPT
-    assert [s["label"] for s in view["settings"]] == ["temperature 0.5, top-k 0", "temperature 0.5, top-k 3",
-                                                      "temperature 1.0, top-k 0", "temperature 1.0, top-k 3"]
+    assert [s["label"] for s in view["settings"]] == [
+        "temperature 0.5, top-k 0",
+        "temperature 0.5, top-k 3",
+        "temperature 1.0, top-k 0",
+        "temperature 1.0, top-k 3",
+    ]
     assert all(len(s["rows"]) == 5 for s in view["settings"])
     assert [r["cut_by"] for r in view["settings"][1]["rows"]] == [None] * 3 + ["top-k"] * 2
     assert (tmp_path / "next.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -323,11 +392,13 @@ def test_next_token_table_json_and_plot(cli, tiny_model_dir, tmp_path):
 
 
 def test_explore_help_and_argument_errors_do_not_import_torch():
-    probe = ("import sys\nfrom llmkit.cli import app\n"
-             "for argv in (['explore', '--help'], ['explore', 'next-token', '--help'],\n"
-             "             ['explore', '--param', 'temprature=1', 'x'],\n"
-             "             ['explore', 'next-token', '--top-p', '0', 'x']):\n"
-             "    try:\n        app(argv, prog_name='llmkit')\n    except SystemExit:\n        pass\n"
-             "print('TORCH' if 'torch' in sys.modules or 'transformers' in sys.modules else 'LIGHT')\n")
+    probe = (
+        "import sys\nfrom llmkit.cli import app\n"
+        "for argv in (['explore', '--help'], ['explore', 'next-token', '--help'],\n"
+        "             ['explore', '--param', 'temprature=1', 'x'],\n"
+        "             ['explore', 'next-token', '--top-p', '0', 'x']):\n"
+        "    try:\n        app(argv, prog_name='llmkit')\n    except SystemExit:\n        pass\n"
+        "print('TORCH' if 'torch' in sys.modules or 'transformers' in sys.modules else 'LIGHT')\n"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "LIGHT", out.stdout + out.stderr

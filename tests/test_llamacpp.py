@@ -11,7 +11,9 @@ from llmkit.errors import UnsupportedFeature
 from llmkit.params import parse_params
 from tests.tiny_gguf import write_tiny_gguf
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]' from the checkout)")
+pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]' from the checkout)"
+)
 
 PROMPT = "hello world"
 
@@ -79,8 +81,9 @@ def test_what_it_cannot_do_is_a_clear_error(tiny_model_dir, tiny_gguf):
 
 
 def test_cli_generate_and_bad_engine(cli, tiny_gguf):
-    result = cli("generate", "-m", str(tiny_gguf), "--engine", "llama.cpp", "--greedy", "--max-new-tokens", "5",
-                 "--json", PROMPT)
+    result = cli(
+        "generate", "-m", str(tiny_gguf), "--engine", "llama.cpp", "--greedy", "--max-new-tokens", "5", "--json", PROMPT
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["usage"]["completion_tokens"] >= 1
     bad = cli("generate", "-m", str(tiny_gguf), "--engine", "vllm", PROMPT)
@@ -88,12 +91,38 @@ def test_cli_generate_and_bad_engine(cli, tiny_gguf):
 
 
 def test_monitor_compare_and_explore_take_the_engine(cli, tiny_gguf, cache_dir):
-    monitor = cli("monitor", "-m", str(tiny_gguf), "--engine", "llama.cpp", "--runs", "1", "--warmup", "0",
-                  "--max-new-tokens", "4", "--json")
+    monitor = cli(
+        "monitor",
+        "-m",
+        str(tiny_gguf),
+        "--engine",
+        "llama.cpp",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     assert monitor.exit_code == 0, monitor.stderr
     assert json.loads(monitor.stdout)["model"]["engine"] == "llama.cpp"
-    compare = cli("compare", str(tiny_gguf), "--engine", "transformers", "--engine", "llama.cpp", "--runs", "1",
-                  "--warmup", "0", "--max-new-tokens", "4", "--format", "json")
+    compare = cli(
+        "compare",
+        str(tiny_gguf),
+        "--engine",
+        "transformers",
+        "--engine",
+        "llama.cpp",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--format",
+        "json",
+    )
     assert compare.exit_code == 0, compare.stderr
     rows = json.loads(compare.stdout)["rows"]
     assert [r["engine_name"] for r in rows] == ["transformers", "llama.cpp"]

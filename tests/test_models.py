@@ -111,9 +111,24 @@ def test_first_conversion_keeps_a_redirected_stderr_clean(tiny_gguf, cache_dir, 
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "llmkit", "generate", "-m", str(tiny_gguf), "--greedy",
-                          "--max-new-tokens", "3", "hello"], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "LLMKIT_CACHE_DIR": str(cache_dir), "LLMKIT_NO_PROGRESS": ""})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "generate",
+            "-m",
+            str(tiny_gguf),
+            "--greedy",
+            "--max-new-tokens",
+            "3",
+            "hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LLMKIT_CACHE_DIR": str(cache_dir), "LLMKIT_NO_PROGRESS": ""},
+    )
     assert out.returncode == 0, out.stderr
     assert "de-quantizing" not in out.stderr and "%|" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "prompt tok" in out.stderr
@@ -125,12 +140,20 @@ def test_marker_tokens_become_special_but_whitespace_tokens_stay_text(tmp_path):
 
     path = tmp_path / "tokenizer.json"
     tokens = ["<start_of_image>", "[multimodal]", "\n\n", "   ", "<end_of_turn>"]
-    path.write_text(json.dumps({"added_tokens": [
-        {"id": i, "content": c, "special": c == "<end_of_turn>"} for i, c in enumerate(tokens)]}))
+    path.write_text(
+        json.dumps(
+            {"added_tokens": [{"id": i, "content": c, "special": c == "<end_of_turn>"} for i, c in enumerate(tokens)]}
+        )
+    )
     models._mark_marker_tokens_special(path)
     special = {t["content"]: t["special"] for t in json.loads(path.read_text())["added_tokens"]}
-    assert special == {"<start_of_image>": True, "[multimodal]": True, "\n\n": False, "   ": False,
-                       "<end_of_turn>": True}
+    assert special == {
+        "<start_of_image>": True,
+        "[multimodal]": True,
+        "\n\n": False,
+        "   ": False,
+        "<end_of_turn>": True,
+    }
 
 
 def test_a_new_conversion_replaces_older_formats_of_the_same_file(tiny_gguf, cache_dir):

@@ -83,24 +83,72 @@ def test_monitor_relations(report):
 
 def test_json_schema_is_stable(report):
     document = json.loads(json.dumps(report.to_dict()))
-    assert set(document) == {"schema", "model", "environment", "config", "import_already_done", "phases",
-                             "memory", "runs", "summary", "definitions", "machine_load", "sampler"}
+    assert set(document) == {
+        "schema",
+        "model",
+        "environment",
+        "config",
+        "import_already_done",
+        "phases",
+        "memory",
+        "runs",
+        "summary",
+        "definitions",
+        "machine_load",
+        "sampler",
+    }
     assert document["schema"] == "llmkit.monitor/1"
-    assert set(document["machine_load"]) == {"cores", "threads", "load_average", "steal_percent", "others_load",
-                                             "free_cores", "busy", "reason"}
-    assert set(document["summary"]) == {"ttft_s", "pp_tokens_per_s", "tg_tokens_per_s", "tpot_s", "itl_s",
-                                        "e2e_s", "generated_tokens"}
+    assert set(document["machine_load"]) == {
+        "cores",
+        "threads",
+        "load_average",
+        "steal_percent",
+        "others_load",
+        "free_cores",
+        "busy",
+        "reason",
+    }
+    assert set(document["summary"]) == {
+        "ttft_s",
+        "pp_tokens_per_s",
+        "tg_tokens_per_s",
+        "tpot_s",
+        "itl_s",
+        "e2e_s",
+        "generated_tokens",
+    }
     assert set(document["summary"]["ttft_s"]) == {"count", "mean", "median", "p95", "stddev", "min", "max"}
-    assert {"llmkit", "torch", "transformers", "device", "dtype", "torch_threads", "cpu_model",
-            "memory_total_bytes"} <= set(document["environment"])
-    assert set(document["definitions"]) >= {"ttft_s", "tpot_s", "itl_s", "e2e_s", "pp_tokens_per_s",
-                                             "tg_tokens_per_s"}
+    assert {
+        "llmkit",
+        "torch",
+        "transformers",
+        "device",
+        "dtype",
+        "torch_threads",
+        "cpu_model",
+        "memory_total_bytes",
+    } <= set(document["environment"])
+    assert set(document["definitions"]) >= {"ttft_s", "tpot_s", "itl_s", "e2e_s", "pp_tokens_per_s", "tg_tokens_per_s"}
 
 
 def test_cli_json_timeline_and_plot(cli, tiny_model_dir, tmp_path):
     timeline, plot = tmp_path / "t.csv", tmp_path / "m.png"
-    result = cli("monitor", "-m", str(tiny_model_dir), "--runs", "2", "--warmup", "0", "--max-new-tokens", "4",
-                 "--json", "--timeline", str(timeline), "--plot", str(plot))
+    result = cli(
+        "monitor",
+        "-m",
+        str(tiny_model_dir),
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "--timeline",
+        str(timeline),
+        "--plot",
+        str(plot),
+    )
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["config"]["runs"] == 2
@@ -115,8 +163,16 @@ def test_cli_json_timeline_and_plot(cli, tiny_model_dir, tmp_path):
 def test_cli_table(cli, tiny_model_dir):
     result = cli("monitor", "-m", str(tiny_model_dir), "--runs", "1", "--warmup", "0", "--max-new-tokens", "3")
     assert result.exit_code == 0
-    for text in ("Phases", "inference", "TTFT", "tg tok/s", "generated tokens per second", "llama-bench", "vLLM",
-                 "peak RSS"):
+    for text in (
+        "Phases",
+        "inference",
+        "TTFT",
+        "tg tok/s",
+        "generated tokens per second",
+        "llama-bench",
+        "vLLM",
+        "peak RSS",
+    ):
         assert text in result.stdout
 
 

@@ -35,11 +35,20 @@ from llmkit.params import (
     sampling_key,
 )
 
-FROB = Param("sampling", cli_aliases=("--frob",), short="-F", openai="frob", extension=True,
-             generate=(Name("frob_level", "(/generate's name for frobnicate)"), "frobnicate"), neutral=0.0)
+FROB = Param(
+    "sampling",
+    cli_aliases=("--frob",),
+    short="-F",
+    openai="frob",
+    extension=True,
+    generate=(Name("frob_level", "(/generate's name for frobnicate)"), "frobnicate"),
+    neutral=0.0,
+)
 Frobbed = create_model(
-    "Frobbed", __base__=GenerationParams,
-    frobnicate=(Annotated[float, FROB], Field(1.5, ge=0.0, le=5.0, description="How hard to frob the logits.")))
+    "Frobbed",
+    __base__=GenerationParams,
+    frobnicate=(Annotated[float, FROB], Field(1.5, ge=0.0, le=5.0, description="How hard to frob the logits.")),
+)
 
 
 def test_the_copy_has_the_knob_and_the_real_table_does_not():
@@ -52,8 +61,9 @@ def test_every_field_must_declare_its_row():
     bare = create_model("Bare", __base__=GenerationParams, bare=(float, Field(1.0, description="No Param.")))
     with pytest.raises(TypeError, match="Bare.bare needs exactly one Param"):
         param_table(bare)
-    clash = create_model("Clash", __base__=GenerationParams,
-                         twin=(Annotated[float, Param("sampling", openai="temperature")], Field(1.0)))
+    clash = create_model(
+        "Clash", __base__=GenerationParams, twin=(Annotated[float, Param("sampling", openai="temperature")], Field(1.0))
+    )
     with pytest.raises(TypeError, match="'temperature' is claimed by temperature and twin"):
         param_table(clash)
 
@@ -99,8 +109,10 @@ def test_a_bad_knob_value_fails_like_every_other():
     CliRunner().invoke(app, ["--frobnicate", "9", "--top-k", "-1"], catch_exceptions=False)
     with pytest.raises(InvalidParams) as caught:
         Frobbed.from_values(seen[-1])
-    assert caught.value.errors == [("top_k", "top_k must be between 0 and 100000 (got -1)"),
-                                   ("frobnicate", "frobnicate must be between 0.0 and 5.0 (got 9.0)")]
+    assert caught.value.errors == [
+        ("top_k", "top_k must be between 0 and 100000 (got -1)"),
+        ("frobnicate", "frobnicate must be between 0.0 and 5.0 (got 9.0)"),
+    ]
 
 
 def test_generate_and_next_token_take_their_options_from_the_real_table(cli):
@@ -130,8 +142,10 @@ def test_generate_hands_a_new_knob_on_to_validation(monkeypatch, tmp_path):
     app.command()(wrap_errors(options.load_options("load")(with_frob(inspect.unwrap(generate_cmd.generate)))))
     result = CliRunner().invoke(app, ["-m", str(tmp_path / "none.gguf"), "--frob", "9", "-t", "3", "hi"])
     assert result.exit_code == 2
-    assert ("temperature must be between 0.0 and 2.0 (got 3.0); frobnicate must be between 0.0 and 5.0 (got 9.0)"
-            in result.stderr)
+    assert (
+        "temperature must be between 0.0 and 2.0 (got 3.0); frobnicate must be between 0.0 and 5.0 (got 9.0)"
+        in result.stderr
+    )
 
 
 def test_a_command_cannot_own_a_parameter_named_like_an_option():
@@ -191,8 +205,10 @@ def test_errors_about_the_knob_name_what_the_client_sent(bodies):
     body = bodies.completions.model_construct(prompt="x", frob=9.0, n=0)
     with pytest.raises(InvalidParams) as caught:
         body.to_params()
-    assert caught.value.errors == [("n", "n must be between 1 and 16 (got 0)"),  # in the table's field order
-                                   ("frob", "frob must be between 0.0 and 5.0 (got 9.0)")]
+    assert caught.value.errors == [
+        ("n", "n must be between 1 and 16 (got 0)"),  # in the table's field order
+        ("frob", "frob must be between 0.0 and 5.0 (got 9.0)"),
+    ]
     assert caught.value.field == "n"
 
 
@@ -218,8 +234,14 @@ def test_the_knob_is_a_grid_name_and_starts_from_its_neutral_value():
     assert neutral_values(Frobbed) == {**PLAIN_SAMPLING, "frobnicate": 0.0}
     assert set(RESERVED) == set(names_of("draws"))  # --param refuses exactly what explore sets itself
     assert not set(GRID_NAMES) & set(RESERVED)
-    assert PLAIN_SAMPLING == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                              "repetition_penalty": 1.0, "greedy": False}
+    assert PLAIN_SAMPLING == {
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "greedy": False,
+    }
 
 
 def test_two_params_that_differ_only_in_the_knob_are_not_sampled_together():
@@ -233,16 +255,19 @@ def test_two_params_that_differ_only_in_the_knob_are_not_sampled_together():
     assert _sampling_key(Frobbed(greedy=True, top_k=3)) == _sampling_key(Frobbed(temperature=0.0, top_k=7))
 
 
-@pytest.mark.parametrize(("name", "value"), [("temperature", 1.3), ("top_k", 7), ("top_p", 0.5), ("min_p", 0.2),
-                                             ("repetition_penalty", 1.2), ("greedy", True)])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("temperature", 1.3), ("top_k", 7), ("top_p", 0.5), ("min_p", 0.2), ("repetition_penalty", 1.2), ("greedy", True)],
+)
 def test_every_real_sampling_knob_is_in_the_batch_key(name, value):
     from llmkit.engine.batch import _sampling_key
 
     assert _sampling_key(parse_params({name: value})) != _sampling_key(parse_params({}))
 
 
-@pytest.mark.parametrize(("name", "value"), [("seed", 5), ("num_sequences", 3), ("max_new_tokens", 9),
-                                             ("stop", ["\n"])])
+@pytest.mark.parametrize(
+    ("name", "value"), [("seed", 5), ("num_sequences", 3), ("max_new_tokens", 9), ("stop", ["\n"])]
+)
 def test_draws_and_stops_are_not_in_the_batch_key(name, value):
     assert sampling_key(parse_params({name: value})) == sampling_key(parse_params({}))
 
@@ -251,12 +276,25 @@ def test_draws_and_stops_are_not_in_the_batch_key(name, value):
 
 
 def test_the_cli_names_every_bad_field_in_one_line_and_exits_2(cli, tmp_path):
-    result = cli("generate", "-m", str(tmp_path / "no-such-model.gguf"), "--temperature", "5", "--top-k", "-1",
-                 "--max-new-tokens", "0", "hi")
+    result = cli(
+        "generate",
+        "-m",
+        str(tmp_path / "no-such-model.gguf"),
+        "--temperature",
+        "5",
+        "--top-k",
+        "-1",
+        "--max-new-tokens",
+        "0",
+        "hi",
+    )
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1
-    for sentence in ("max_new_tokens must be between 1 and 4096 (got 0)", "temperature must be between 0.0 and 2.0 "
-                     "(got 5.0)", "top_k must be between 0 and 100000 (got -1)"):
+    for sentence in (
+        "max_new_tokens must be between 1 and 4096 (got 0)",
+        "temperature must be between 0.0 and 2.0 (got 5.0)",
+        "top_k must be between 0 and 100000 (got -1)",
+    ):
         assert sentence in result.stderr
 
 
@@ -278,26 +316,54 @@ CHAT = {"messages": [{"role": "user", "content": "x"}]}
     ("path", "body", "expected"),
     [
         # refused by the body's own types and bounds (FastAPI's validation)
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0, "temperature": 5, "top_k": -1},
-         [("max_tokens", "max_tokens must be between 1 and 4096 (got 0)"),
-          ("temperature", "temperature must be between 0.0 and 2.0 (got 5)"),
-          ("top_k", "top_k must be between 0 and 100000 (got -1)")]),
+        (
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": 0, "temperature": 5, "top_k": -1},
+            [
+                ("max_tokens", "max_tokens must be between 1 and 4096 (got 0)"),
+                ("temperature", "temperature must be between 0.0 and 2.0 (got 5)"),
+                ("top_k", "top_k must be between 0 and 100000 (got -1)"),
+            ],
+        ),
         # in the body's field order: its own fields (prompt, stream...), then the generation parameters
-        ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0, "stream": "yes"},
-         [("stream", "stream must be true or false (got 'yes')"),
-          ("max_completion_tokens", "max_completion_tokens must be between 1 and 4096 (got 0)")]),
-        ("/v1/completions", {"temperature": "hot"},
-         [("prompt", "missing required parameter 'prompt'"),
-          ("temperature", "temperature must be a number (got 'hot')")]),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "max_completion_tokens": 0, "stream": "yes"},
+            [
+                ("stream", "stream must be true or false (got 'yes')"),
+                ("max_completion_tokens", "max_completion_tokens must be between 1 and 4096 (got 0)"),
+            ],
+        ),
+        (
+            "/v1/completions",
+            {"temperature": "hot"},
+            [
+                ("prompt", "missing required parameter 'prompt'"),
+                ("temperature", "temperature must be a number (got 'hot')"),
+            ],
+        ),
         # accepted by the body, refused by to_params (unsupported fields, then GenerationParams' rules)
-        ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True, "n": 2, "temperature": 0},
-         [("logprobs", "logprobs is not supported by llmkit serve; leave it out"),
-          ("echo", "echo is not supported by llmkit serve; leave it out"),
-          ("n", "n must be 1 with greedy decoding, which gives identical sequences; sample (temperature > 0) "
-                "for several")]),
-        ("/v1/chat/completions", {**CHAT, "max_tokens": 3, "max_completion_tokens": 4, "stop": [""]},
-         [("max_tokens", "give max_tokens or max_completion_tokens, not both"),
-          ("stop", "stop sequences must not be empty strings")]),
+        (
+            "/v1/completions",
+            {"prompt": "x", "logprobs": 2, "echo": True, "n": 2, "temperature": 0},
+            [
+                ("logprobs", "logprobs is not supported by llmkit serve; leave it out"),
+                ("echo", "echo is not supported by llmkit serve; leave it out"),
+                (
+                    "n",
+                    "n must be 1 with greedy decoding, which gives identical sequences; sample (temperature > 0) "
+                    "for several",
+                ),
+            ],
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "max_tokens": 3, "max_completion_tokens": 4, "stop": [""]},
+            [
+                ("max_tokens", "give max_tokens or max_completion_tokens, not both"),
+                ("stop", "stop sequences must not be empty strings"),
+            ],
+        ),
     ],
 )
 def test_openai_400s_list_every_bad_field(client, path, body, expected):
@@ -313,14 +379,21 @@ def test_openai_400s_list_every_bad_field(client, path, body, expected):
 def test_generate_400s_list_every_bad_field_in_its_own_shape(client):
     response = client.post("/generate", json={"prompt": "x", "max_length": 0, "temperature": 5, "greedy": "yes"})
     assert response.status_code == 400
-    expected = [("max_length", "max_length must be between 1 and 4096 (got 0)"),
-                ("temperature", "temperature must be between 0.0 and 2.0 (got 5)"),
-                ("greedy", "greedy must be true or false (got 'yes')")]
-    assert response.json() == {"error": "; ".join(m for _, m in expected), "field": "max_length",
-                               "type": "invalid_request_error",
-                               "errors": [{"field": field, "message": message} for field, message in expected]}
-    consistent = client.post("/generate", json={"prompt": "x", "greedy": True, "num_sequences": 2, "stop": [""],
-                                                "max_length": 3, "max_new_tokens": 3})
+    expected = [
+        ("max_length", "max_length must be between 1 and 4096 (got 0)"),
+        ("temperature", "temperature must be between 0.0 and 2.0 (got 5)"),
+        ("greedy", "greedy must be true or false (got 'yes')"),
+    ]
+    assert response.json() == {
+        "error": "; ".join(m for _, m in expected),
+        "field": "max_length",
+        "type": "invalid_request_error",
+        "errors": [{"field": field, "message": message} for field, message in expected],
+    }
+    consistent = client.post(
+        "/generate",
+        json={"prompt": "x", "greedy": True, "num_sequences": 2, "stop": [""], "max_length": 3, "max_new_tokens": 3},
+    )
     assert consistent.status_code == 400
     assert [e["field"] for e in consistent.json()["errors"]] == ["max_length", "stop", "num_sequences"]
 
@@ -328,6 +401,7 @@ def test_generate_400s_list_every_bad_field_in_its_own_shape(client):
 def test_one_bad_field_keeps_the_single_error_shape(client):
     response = client.post("/v1/completions", json={"prompt": "x", "temperature": 5})
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-    response = client.post("/generate", content=json.dumps({"prompt": "x", "max_length": 0}),
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/generate", content=json.dumps({"prompt": "x", "max_length": 0}), headers={"content-type": "application/json"}
+    )
     assert set(response.json()) == {"error", "field", "type"}

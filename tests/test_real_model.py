@@ -36,15 +36,31 @@ def test_default_model_is_gemma_and_generates(default_engine):
 
 def test_default_model_seeded_sampling_reproduces(default_engine):
     params = parse_params(seed=42, temperature=0.9, max_new_tokens=10)
-    assert default_engine.generate("A poem about rain:", params).text == \
+    assert (
         default_engine.generate("A poem about rain:", params).text
+        == default_engine.generate("A poem about rain:", params).text
+    )
 
 
 def test_cli_default_model_json(default_engine):
     # the engine fixture made sure the conversion is cached, so this load takes seconds
-    out = subprocess.run([sys.executable, "-m", "llmkit", "generate", "--greedy", "--max-new-tokens", "8", "--json",
-                          "The capital of France is"], capture_output=True, text=True, timeout=300,
-                         env={k: v for k, v in os.environ.items() if k != "LLMKIT_MODEL"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "generate",
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--json",
+            "The capital of France is",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "LLMKIT_MODEL"},
+    )
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)
     assert record["model"] == "gemma3-270m"
@@ -61,8 +77,12 @@ def test_smollm2_chat_when_installed():
 
     engine = load_engine("smollm2-135m")
     assert engine.info.has_chat_template
-    result = engine.generate("What is the capital of France?", parse_params(greedy=True, max_new_tokens=16),
-                             chat=True, system="Answer in one short sentence.")
+    result = engine.generate(
+        "What is the capital of France?",
+        parse_params(greedy=True, max_new_tokens=16),
+        chat=True,
+        system="Answer in one short sentence.",
+    )
     assert "Paris" in result.text
 
 
@@ -78,7 +98,7 @@ def test_faster_configurations_follow_float32_on_the_real_model(default_engine, 
     ids = default_engine.prompt_ids(prompt) + list(reference)
     with torch.inference_mode():
         logprobs = default_engine.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-    top2 = logprobs[len(ids) - len(reference) - 1:-1].topk(2, dim=-1).values
+    top2 = logprobs[len(ids) - len(reference) - 1 : -1].topk(2, dim=-1).values
     must_agree = next((i for i, (a, b) in enumerate(top2.tolist()) if a - b < 0.3), len(reference))
     assert must_agree >= 3  # the comparison below covers several tokens
 

@@ -29,8 +29,9 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert top_p_mask(probs, 0.7).tolist() == [[0.0, 0.5, 0.25, 0.0]]
     # exactly reaching p stops there
     assert top_p_mask(probs, 0.5).tolist() == [[0.0, 0.5, 0.0, 0.0]]
-    assert top_p_mask(probs, 0.8).tolist() == [[0.125, 0.5, 0.25, 0.0]] or \
-        top_p_mask(probs, 0.8).tolist() == [[0.0, 0.5, 0.25, 0.125]]  # a tie: either 0.125 completes the set
+    assert top_p_mask(probs, 0.8).tolist() == [[0.125, 0.5, 0.25, 0.0]] or top_p_mask(probs, 0.8).tolist() == [
+        [0.0, 0.5, 0.25, 0.125]
+    ]  # a tie: either 0.125 completes the set
     assert torch.equal(top_p_mask(probs, 1.0), probs)
 
 
@@ -103,9 +104,15 @@ EXTREMES = {
 def _logit_rows(vocab: int) -> torch.Tensor:
     """Ordinary rows, peaked and flat ones, huge values, and rows a broken model gives (NaN, inf, all -inf)."""
     generator = torch.Generator().manual_seed(1)
-    rows = [torch.randn(vocab, generator=generator), torch.randn(vocab, generator=generator) * 1e4,
-            torch.zeros(vocab), torch.full((vocab,), 3.0e38), torch.full((vocab,), float("nan")),
-            torch.full((vocab,), float("-inf")), torch.full((vocab,), float("inf"))]
+    rows = [
+        torch.randn(vocab, generator=generator),
+        torch.randn(vocab, generator=generator) * 1e4,
+        torch.zeros(vocab),
+        torch.full((vocab,), 3.0e38),
+        torch.full((vocab,), float("nan")),
+        torch.full((vocab,), float("-inf")),
+        torch.full((vocab,), float("inf")),
+    ]
     mixed = torch.randn(vocab, generator=generator)
     mixed[::3] = float("nan")
     mixed[1::5] = float("-inf")
@@ -124,7 +131,9 @@ def test_every_accepted_setting_gives_a_finite_distribution_and_a_token(dtype):
     logits = _logit_rows(vocab).to(dtype)
     seen = torch.randint(0, vocab, (logits.shape[0], 5), generator=torch.Generator().manual_seed(2))
     settings = [{name: value} for name, values in EXTREMES.items() for value in values]
-    settings += [dict(zip(EXTREMES, combo)) for combo in itertools.product(*(v[:1] + v[-1:] for v in EXTREMES.values()))]
+    settings += [
+        dict(zip(EXTREMES, combo)) for combo in itertools.product(*(v[:1] + v[-1:] for v in EXTREMES.values()))
+    ]
     for spec in settings:
         params = parse_params(spec)
         probs = next_token_probs(logits, params)

@@ -16,8 +16,9 @@ PROMPT = "Once upon a time"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--log-format",
-                       "json") as process:
+    with ServerProcess(
+        tiny_model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--log-format", "json"
+    ) as process:
         yield process
 
 
@@ -65,8 +66,12 @@ def test_openai_completions_and_chat(openai_client):
     assert timings["predicted_n"] == completion.usage.completion_tokens and timings["ttft_ms"] > 0
 
     chat = openai_client.chat.completions.create(
-        model="tiny", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
-        max_tokens=5, temperature=0, n=1)
+        model="tiny",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        max_tokens=5,
+        temperature=0,
+        n=1,
+    )
     assert chat.object == "chat.completion"
     assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
     assert chat.usage.completion_tokens <= 5
@@ -74,8 +79,13 @@ def test_openai_completions_and_chat(openai_client):
 
 def test_openai_streaming_with_usage(openai_client):
     stream = openai_client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, seed=4, stream=True,
-        stream_options={"include_usage": True})
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=8,
+        seed=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 8
@@ -107,8 +117,11 @@ def test_seed_gives_the_same_text_alone_batched_and_in_the_cli_engine(server, ht
 
     def long_stream(i):  # another request, mid-generation when ours arrives; it hangs up once ours is answered
         with httpx.Client(base_url=server.url, timeout=30) as other:
-            with other.stream("POST", "/v1/completions", json={"prompt": f"The sea {i}", "max_tokens": 200,
-                                                               "seed": seeds[i], "stream": True}) as response:
+            with other.stream(
+                "POST",
+                "/v1/completions",
+                json={"prompt": f"The sea {i}", "max_tokens": 200, "seed": seeds[i], "stream": True},
+            ) as response:
                 events = sse_events(response)
                 next(events)
                 started.append(i)
@@ -133,8 +146,7 @@ def test_seed_gives_the_same_text_alone_batched_and_in_the_cli_engine(server, ht
     steps = metric(metrics, "llmkit_batch_rows_count") - steps_before
     assert rows > steps > 0  # decode steps ran several requests' rows together
 
-    reference = tiny_engine.generate(PROMPT, parse_params(max_new_tokens=20, seed=5, temperature=1.0,
-                                                          num_sequences=2))
+    reference = tiny_engine.generate(PROMPT, parse_params(max_new_tokens=20, seed=5, temperature=1.0, num_sequences=2))
     assert [c.text for c in reference.completions] == [c["text"] for c in alone]
 
 
@@ -142,8 +154,7 @@ def test_streamed_multibyte_text_is_never_split(http):
     """The stream's pieces add up to the non-streamed text for the same seed, which holds multi-byte characters."""
     checked = 0
     for seed in range(12):
-        body = {"prompt": "Caf\u00e9 \u65e5\u672c\u8a9e \U0001F600", "max_tokens": 40, "seed": seed,
-                "temperature": 1.5}
+        body = {"prompt": "Caf\u00e9 \u65e5\u672c\u8a9e \U0001f600", "max_tokens": 40, "seed": seed, "temperature": 1.5}
         full = completion_text(http, **body)
         if not any(ord(ch) > 0x7F and ch != "\ufffd" for ch in full):
             continue
@@ -155,17 +166,23 @@ def test_streamed_multibyte_text_is_never_split(http):
 
 
 def test_stop_string_never_leaks_into_the_stream(http, tiny_engine):
-    body = {"prompt": "The quick brown fox", "max_tokens": 30,
-            "seed": seed_without_eos(tiny_engine, "The quick brown fox", 30)}
+    body = {
+        "prompt": "The quick brown fox",
+        "max_tokens": 30,
+        "seed": seed_without_eos(tiny_engine, "The quick brown fox", 30),
+    }
     free = completion_text(http, **body)
     stop = free[6:9]
     assert len(stop) == 3
-    cut = free[:free.find(stop)]
+    cut = free[: free.find(stop)]
     texts, events = stream_texts(http, "/v1/completions", {**body, "stop": stop})
     assert texts[0] == cut
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
-    chat_texts, _ = stream_texts(http, "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "seed": 1, "stop": [stop, "zz"]})
+    chat_texts, _ = stream_texts(
+        http,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "seed": 1, "stop": [stop, "zz"]},
+    )
     assert stop not in chat_texts[0]
 
 
@@ -185,8 +202,20 @@ def test_generate_keeps_the_tutorial_contract(http):
 @pytest.mark.parametrize(
     ("path", "body", "status", "param", "message"),
     [
-        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens must be between 1 and 4096"),
-        ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature", "temperature must be between 0.0 and 2.0"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": 0},
+            400,
+            "max_tokens",
+            "max_tokens must be between 1 and 4096",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "x", "temperature": 3},
+            400,
+            "temperature",
+            "temperature must be between 0.0 and 2.0",
+        ),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "temperature must be a number"),
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "top_p must be greater than 0.0"),
         ("/v1/completions", {"prompt": "x", "n": 2, "temperature": 0}, 400, "n", "n must be 1 with greedy"),
@@ -201,10 +230,20 @@ def test_generate_keeps_the_tutorial_contract(http):
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "missing required parameter 'prompt'"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages", "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "role"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
-         400, "max_completion_tokens", "max_completion_tokens must be between 1"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-         400, "tools", "tools is not supported"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+            400,
+            "max_completion_tokens",
+            "max_completion_tokens must be between 1",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            400,
+            "tools",
+            "tools is not supported",
+        ),
     ],
 )
 def test_bad_openai_requests_are_400_naming_the_field(http, path, body, status, param, message):
@@ -258,8 +297,9 @@ def test_malformed_bodies_routes_and_sizes(http):
 def test_models_request_id_and_metrics_after_traffic(http):
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == "tiny-llama"
-    response = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3},
-                         headers={"x-request-id": "trace-123"})
+    response = http.post(
+        "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, headers={"x-request-id": "trace-123"}
+    )
     assert response.headers["x-request-id"] == "trace-123" and response.json()["id"] == "cmpl-trace-123"
     text = http.get("/metrics").text
     assert metric(text, "llmkit_requests_total", route="/v1/completions", status="200") >= 1
@@ -271,11 +311,16 @@ def test_models_request_id_and_metrics_after_traffic(http):
 
 
 def test_json_access_log_has_ids_and_no_prompt_text(server, http):
-    http.post("/v1/completions", json={"prompt": "a secret prompt text", "max_tokens": 2},
-              headers={"x-request-id": "log-check-1"})
+    http.post(
+        "/v1/completions",
+        json={"prompt": "a secret prompt text", "max_tokens": 2},
+        headers={"x-request-id": "log-check-1"},
+    )
     http.get("/health")
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    access = [line for line in lines if line.get("logger") == "llmkit.access" and line.get("request_id") == "log-check-1"]
+    access = [
+        line for line in lines if line.get("logger") == "llmkit.access" and line.get("request_id") == "log-check-1"
+    ]
     assert access and access[0]["status"] == 200 and access[0]["completion_tokens"] <= 2
     assert access[0]["latency_ms"] > 0 and access[0]["path"] == "/v1/completions"
     assert "a secret prompt text" not in server.log()

@@ -29,8 +29,9 @@ def test_health_reports_a_stuck_loop_and_a_dead_one(tiny_engine, monkeypatch):
     app = build_app(tiny_engine, ServerSettings(stall_after_s=0.2))
     with TestClient(app) as client:
         wait_for(client, "ok")
-        worker = threading.Thread(target=client.post, args=("/v1/completions",),
-                                  kwargs={"json": {"prompt": "hi", "max_tokens": 1}})
+        worker = threading.Thread(
+            target=client.post, args=("/v1/completions",), kwargs={"json": {"prompt": "hi", "max_tokens": 1}}
+        )
         worker.start()
         stuck = wait_for(client, "stuck")  # busy, and no step finished for longer than stall_after_s
         assert stuck.status_code == 503 and stuck.json()["seconds_since_last_step"] >= 0.2
@@ -115,10 +116,12 @@ def test_bad_serve_options_exit_2_before_loading(cli, tmp_path, args, message):
 
 
 def test_serve_help_and_errors_do_not_import_torch_or_fastapi():
-    code = ("import sys\nfrom llmkit.cli import main\nsys.argv = ['llmkit', 'serve'] + sys.argv[1:]\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules]\n"
-            "print('HEAVY', heavy, file=sys.stderr)\n")
+    code = (
+        "import sys\nfrom llmkit.cli import main\nsys.argv = ['llmkit', 'serve'] + sys.argv[1:]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
     for args in (["--help"], ["--port", "0"]):
         result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
         assert "HEAVY []" in result.stderr, result.stderr
@@ -144,8 +147,9 @@ def test_error_after_the_stream_started_is_a_final_sse_event(tiny_engine, monkey
     app = build_app(tiny_engine, ServerSettings(request_timeout_s=0.6))
     with TestClient(app) as client:
         wait_for(client, "ok")
-        with client.stream("POST", "/v1/completions", json={"prompt": "tick", "max_tokens": 100, "seed": seed,
-                                                             "stream": True}) as response:
+        with client.stream(
+            "POST", "/v1/completions", json={"prompt": "tick", "max_tokens": 100, "seed": seed, "stream": True}
+        ) as response:
             assert response.status_code == 200  # the first token came in time
             lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"

@@ -8,11 +8,18 @@ from llmkit.errors import Cancelled, QueueFull, RequestTimeout
 from llmkit.params import parse_params
 from tests.server_helpers import completions, run_steps, scheduler_request
 
-PROMPTS = ["Once upon a time", "The sea at night is dark and quiet, and the boats rest", "Hello",
-           "Caf\u00e9, na\u00efve, \u00fcber, \u65e5\u672c\u8a9e"]
-SPECS = [dict(greedy=True, max_new_tokens=20), dict(seed=3, temperature=1.0, max_new_tokens=25),
-         dict(seed=5, temperature=0.9, top_p=0.9, num_sequences=2, max_new_tokens=15),
-         dict(seed=7, repetition_penalty=1.3, temperature=0.7, min_p=0.05, max_new_tokens=18, stop=["e"])]
+PROMPTS = [
+    "Once upon a time",
+    "The sea at night is dark and quiet, and the boats rest",
+    "Hello",
+    "Caf\u00e9, na\u00efve, \u00fcber, \u65e5\u672c\u8a9e",
+]
+SPECS = [
+    dict(greedy=True, max_new_tokens=20),
+    dict(seed=3, temperature=1.0, max_new_tokens=25),
+    dict(seed=5, temperature=0.9, top_p=0.9, num_sequences=2, max_new_tokens=15),
+    dict(seed=7, repetition_penalty=1.3, temperature=0.7, min_p=0.05, max_new_tokens=18, stop=["e"]),
+]
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +126,7 @@ def test_a_burst_fills_free_rows_first_and_only_the_rest_counts_against_the_queu
 POISON_SEED = 666
 
 
-def test_a_request_whose_sampling_fails_leaves_alone_and_its_batch_mates_finish(tiny_engine, references,
-                                                                                  monkeypatch):
+def test_a_request_whose_sampling_fails_leaves_alone_and_its_batch_mates_finish(tiny_engine, references, monkeypatch):
     """A row forced to fail while sampling, in the same sampling group as a healthy request (same settings)
     and batched with others: only it fails; the others give exactly the text they give alone."""
     import llmkit.engine.batch as batch
@@ -179,8 +185,9 @@ def test_a_request_whose_text_handling_fails_leaves_alone(tiny_engine, reference
         assert completions(sink.final.result) == completions(reference)
 
 
-def test_a_failed_forward_pass_fails_its_batch_is_counted_and_the_next_batch_works(tiny_engine, references,
-                                                                                     monkeypatch):
+def test_a_failed_forward_pass_fails_its_batch_is_counted_and_the_next_batch_works(
+    tiny_engine, references, monkeypatch
+):
     scheduler = BatchScheduler(tiny_engine)
     real_step = tiny_engine.forward_step
     calls = {"n": 0}

@@ -43,18 +43,23 @@ def post_raw(server, path: str, body: bytes, content_type: str = "application/js
 # --- 1. extreme settings cannot hurt the batch; a failing row leaves alone ------------------------------------
 
 EXTREME_SETTINGS = [
-    {"top_p": 1e-50}, {"top_p": 1e-300, "temperature": 2.0}, {"min_p": 1.0}, {"temperature": 1e-30},
-    {"top_k": 1, "top_p": 1e-50, "min_p": 1.0, "repetition_penalty": 2.0}, {"top_k": 100000, "temperature": 2.0},
+    {"top_p": 1e-50},
+    {"top_p": 1e-300, "temperature": 2.0},
+    {"min_p": 1.0},
+    {"temperature": 1e-30},
+    {"top_k": 1, "top_p": 1e-50, "min_p": 1.0, "repetition_penalty": 2.0},
+    {"top_k": 100000, "temperature": 2.0},
     {"repetition_penalty": 0.5, "min_p": 1e-30},
 ]
 
 
 def test_extreme_settings_run_beside_healthy_streams_which_finish_unchanged(server, tiny_engine):
     """The issue's poison: {"top_p": 1e-50} made NaN probabilities and failed every row of its batch."""
-    healthy = [{"prompt": f"Once upon a time {i}", "max_tokens": 12, "seed": i, "temperature": 0.9}
-               for i in range(4)]
-    expected = [tiny_engine.generate(b["prompt"], parse_params(max_new_tokens=12, seed=b["seed"], temperature=0.9))
-                for b in healthy]
+    healthy = [{"prompt": f"Once upon a time {i}", "max_tokens": 12, "seed": i, "temperature": 0.9} for i in range(4)]
+    expected = [
+        tiny_engine.generate(b["prompt"], parse_params(max_new_tokens=12, seed=b["seed"], temperature=0.9))
+        for b in healthy
+    ]
 
     def stream(body):
         with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -63,8 +68,9 @@ def test_extreme_settings_run_beside_healthy_streams_which_finish_unchanged(serv
                 return list(sse_events(response))
 
     def poison(spec):
-        return httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4, "seed": 1, **spec},
-                          timeout=30)
+        return httpx.post(
+            server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4, "seed": 1, **spec}, timeout=30
+        )
 
     with concurrent.futures.ThreadPoolExecutor(len(healthy) + len(EXTREME_SETTINGS)) as pool:
         streams = [pool.submit(stream, body) for body in healthy]
@@ -145,8 +151,9 @@ def test_a_failing_forward_pass_fails_its_requests_and_health_says_so(inprocess)
         assert metric(client.get("/metrics").text, "llmkit_failures_total", scope="step") == FAILING_AFTER_STEPS
 
 
-def test_a_request_failing_alone_gets_its_own_error_and_the_stream_beside_it_finishes(inprocess, tiny_engine,
-                                                                                    monkeypatch):
+def test_a_request_failing_alone_gets_its_own_error_and_the_stream_beside_it_finishes(
+    inprocess, tiny_engine, monkeypatch
+):
     """A row forced to fail (its stop-string handling raises from its 4th token) next to a healthy stream, through
     HTTP: the failing request gets its own 500, or, streaming, its own error event and [DONE]."""
     from llmkit.engine.detokenize import StopMatcher
@@ -164,8 +171,9 @@ def test_a_request_failing_alone_gets_its_own_error_and_the_stream_beside_it_fin
     seed = seed_without_eos(tiny_engine, "steady", 30)
     expected = tiny_engine.generate("steady", parse_params(seed=seed, max_new_tokens=30)).text
     with httpx.Client(base_url=url, timeout=30) as client:
-        with client.stream("POST", "/v1/completions", json={"prompt": "steady", "max_tokens": 30, "seed": seed,
-                                                             "stream": True}) as healthy:
+        with client.stream(
+            "POST", "/v1/completions", json={"prompt": "steady", "max_tokens": 30, "seed": seed, "stream": True}
+        ) as healthy:
             events = sse_events(healthy)
             first = next(events)
             poison = {"prompt": "Once upon a time", "max_tokens": 9, "temperature": 0, "stop": ["POISON"]}
@@ -188,17 +196,31 @@ def test_a_request_failing_alone_gets_its_own_error_and_the_stream_beside_it_fin
 SURROGATE = "\\ud800"  # the six characters of the JSON escape
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/v1/completions", f'{{"prompt": "a{SURROGATE}b"}}', "prompt"),
-    ("/v1/completions", f'{{"prompt": ["{SURROGATE}"]}}', "prompt[0]"),
-    ("/v1/completions", f'{{"prompt": "ok", "stop": ["x{SURROGATE}"]}}', "stop[0]"),
-    ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": "{SURROGATE}"}}]}}', "messages[0].content"),
-    ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": [{{"type": "text", "text": "{SURROGATE}"}}]}}]}}',
-     "messages[0].content[0].text"),
-    ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": "{SURROGATE}"}}', "stop"),
-    ("/generate", f'{{"prompt": "{SURROGATE}"}}', "prompt"),
-    ("/generate", f'{{"prompt": "ok", "max_length": 200, "stop": "\\udfff"}}', "stop"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", f'{{"prompt": "a{SURROGATE}b"}}', "prompt"),
+        ("/v1/completions", f'{{"prompt": ["{SURROGATE}"]}}', "prompt[0]"),
+        ("/v1/completions", f'{{"prompt": "ok", "stop": ["x{SURROGATE}"]}}', "stop[0]"),
+        (
+            "/v1/chat/completions",
+            f'{{"messages": [{{"role": "user", "content": "{SURROGATE}"}}]}}',
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            f'{{"messages": [{{"role": "user", "content": [{{"type": "text", "text": "{SURROGATE}"}}]}}]}}',
+            "messages[0].content[0].text",
+        ),
+        (
+            "/v1/chat/completions",
+            f'{{"messages": [{{"role": "user", "content": "hi"}}], "stop": "{SURROGATE}"}}',
+            "stop",
+        ),
+        ("/generate", f'{{"prompt": "{SURROGATE}"}}', "prompt"),
+        ("/generate", '{"prompt": "ok", "max_length": 200, "stop": "\\udfff"}', "stop"),
+    ],
+)
 def test_lone_surrogates_are_400_naming_the_field_before_any_work(server, path, body, param):
     started = time.monotonic()
     response = post_raw(server, path, body.encode())
@@ -216,32 +238,68 @@ def test_a_valid_surrogate_pair_is_text(server):
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize(("body", "content_type", "status", "param", "message"), [
-    (b'{"prompt": "x", "stream": "yes"}', "application/json", 400, "stream", "stream must be true or false (got 'yes')"),
-    (b'{"prompt": "x", "stream": 1}', "application/json", 400, "stream", "stream must be true or false"),
-    (b'{"prompt": "x", "presence_penalty": false}', "application/json", 400, "presence_penalty",
-     "presence_penalty must be a number (got False)"),
-    (b'{"prompt": "x", "max_tokens": "5"}', "application/json", 400, "max_tokens", "max_tokens must be an integer"),
-    (b'{"prompt": "x", "max_tokens": 2.5}', "application/json", 400, "max_tokens", "max_tokens must be an integer"),
-    (b'{"prompt": 5}', "application/json", 400, "prompt", "prompt must be a string or a list"),
-    (b'{"prompt": "x"}', "text/plain", 415, "content-type", "Content-Type must be application/json (got 'text/plain')"),
-    (b'{"prompt": "x"}', "application/x-www-form-urlencoded", 415, "content-type", "Content-Type must be"),
-    (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "application/json", 400, "max_tokens",
-     "an integer of 5000 digits is out of range"),
-    (b'{"prompt": "x", "seed": 1' + b"0" * 30 + b"}", "application/json", 400, "seed", "out of range"),
-    (b'{"prompt": "x", "temperature": NaN}', "application/json", 400, "temperature", "NaN is not a JSON number"),
-    (b'{"prompt": "x", "temperature": 1e999}', "application/json", 400, "temperature", "out of range"),
-    (b'{"prompt": "x", "logit_bias": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}", "application/json", 400,
-     None, "nests too deeply"),
-    (b'{"prompt": "x", "logit_bias": ' + b"[" * 40 + b"]" * 40 + b"}", "application/json", 400, "logit_bias",
-     "nests deeper than 32 levels"),
-    (b'{"prompt": "caf\xe9"}', "application/json", 400, None, "not valid UTF-8"),
-    (b'{"prompt": "x",}', "application/json", 400, None, "not valid JSON"),
-    (b"", "application/json", 400, None, "request body is empty"),
-    (b"[1, 2]", "application/json", 400, None, "request body must be a JSON object (got list)"),
-])
-def test_types_are_strict_and_malformed_bodies_get_a_sentence_naming_the_field(server, body, content_type, status,
-                                                                             param, message):
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "param", "message"),
+    [
+        (
+            b'{"prompt": "x", "stream": "yes"}',
+            "application/json",
+            400,
+            "stream",
+            "stream must be true or false (got 'yes')",
+        ),
+        (b'{"prompt": "x", "stream": 1}', "application/json", 400, "stream", "stream must be true or false"),
+        (
+            b'{"prompt": "x", "presence_penalty": false}',
+            "application/json",
+            400,
+            "presence_penalty",
+            "presence_penalty must be a number (got False)",
+        ),
+        (b'{"prompt": "x", "max_tokens": "5"}', "application/json", 400, "max_tokens", "max_tokens must be an integer"),
+        (b'{"prompt": "x", "max_tokens": 2.5}', "application/json", 400, "max_tokens", "max_tokens must be an integer"),
+        (b'{"prompt": 5}', "application/json", 400, "prompt", "prompt must be a string or a list"),
+        (
+            b'{"prompt": "x"}',
+            "text/plain",
+            415,
+            "content-type",
+            "Content-Type must be application/json (got 'text/plain')",
+        ),
+        (b'{"prompt": "x"}', "application/x-www-form-urlencoded", 415, "content-type", "Content-Type must be"),
+        (
+            b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+            "application/json",
+            400,
+            "max_tokens",
+            "an integer of 5000 digits is out of range",
+        ),
+        (b'{"prompt": "x", "seed": 1' + b"0" * 30 + b"}", "application/json", 400, "seed", "out of range"),
+        (b'{"prompt": "x", "temperature": NaN}', "application/json", 400, "temperature", "NaN is not a JSON number"),
+        (b'{"prompt": "x", "temperature": 1e999}', "application/json", 400, "temperature", "out of range"),
+        (
+            b'{"prompt": "x", "logit_bias": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}",
+            "application/json",
+            400,
+            None,
+            "nests too deeply",
+        ),
+        (
+            b'{"prompt": "x", "logit_bias": ' + b"[" * 40 + b"]" * 40 + b"}",
+            "application/json",
+            400,
+            "logit_bias",
+            "nests deeper than 32 levels",
+        ),
+        (b'{"prompt": "caf\xe9"}', "application/json", 400, None, "not valid UTF-8"),
+        (b'{"prompt": "x",}', "application/json", 400, None, "not valid JSON"),
+        (b"", "application/json", 400, None, "request body is empty"),
+        (b"[1, 2]", "application/json", 400, None, "request body must be a JSON object (got list)"),
+    ],
+)
+def test_types_are_strict_and_malformed_bodies_get_a_sentence_naming_the_field(
+    server, body, content_type, status, param, message
+):
     response = post_raw(server, "/v1/completions", body, content_type)
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -299,8 +357,11 @@ def test_a_prompt_that_cannot_fit_the_context_is_refused_by_its_length_before_to
     bound = tiny_engine.max_prompt_chars
     assert bound is not None and bound < 900_000
     started = time.monotonic()
-    response = httpx.post(server.url + "/v1/chat/completions", timeout=30,
-                          json={"messages": [{"role": "user", "content": "word " * 180_000}]})
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "word " * 180_000}]},
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
     assert "more than the model's context" in response.json()["error"]["message"]
     assert time.monotonic() - started < 2.0
@@ -317,8 +378,10 @@ def test_tokenizing_runs_off_the_event_loop(inprocess, tiny_engine, monkeypatch)
 
     monkeypatch.setattr(type(tiny_engine), "prompt_ids", slow_prompt_ids)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        slow = [pool.submit(httpx.post, url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
-                for _ in range(3)]
+        slow = [
+            pool.submit(httpx.post, url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+            for _ in range(3)
+        ]
         time.sleep(0.2)
         latencies = []
         while not all(f.done() for f in slow):
@@ -335,8 +398,9 @@ def test_tokenizing_runs_off_the_event_loop(inprocess, tiny_engine, monkeypatch)
 
 def test_a_burst_gets_the_free_rows_plus_the_queue(tiny_model_dir, tmp_path, tiny_engine):
     seed = seed_without_eos(tiny_engine, "burst", 40)
-    with ServerProcess(tiny_model_dir, tmp_path / "server.log", "--max-batch-size", "4", "--max-queue", "2",
-                       env=STEP_DELAY) as process:
+    with ServerProcess(
+        tiny_model_dir, tmp_path / "server.log", "--max-batch-size", "4", "--max-queue", "2", env=STEP_DELAY
+    ) as process:
         body = {"prompt": "burst", "max_tokens": 40, "seed": seed}  # >= 0.8 s each: all arrive while they run
         barrier = threading.Barrier(10)
 
@@ -354,12 +418,16 @@ def test_a_burst_gets_the_free_rows_plus_the_queue(tiny_model_dir, tmp_path, tin
 
 def test_a_non_streaming_client_that_hangs_up_frees_its_row_within_a_second(tiny_model_dir, tmp_path, tiny_engine):
     seed = seed_without_eos(tiny_engine, "long", 200)
-    with ServerProcess(tiny_model_dir, tmp_path / "server.log", "--max-batch-size", "1",
-                       env=STEP_DELAY) as process, process.client() as http:
+    with (
+        ServerProcess(tiny_model_dir, tmp_path / "server.log", "--max-batch-size", "1", env=STEP_DELAY) as process,
+        process.client() as http,
+    ):
         body = json.dumps({"prompt": "long", "max_tokens": 200, "seed": seed}).encode()  # about 4 s of steps
         with socket.create_connection(("127.0.0.1", process.port)) as sock:
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
             time.sleep(0.5)  # generating now
         hung_up = time.monotonic()
         while metric(http.get("/metrics").text, "llmkit_requests_ended_total", reason="disconnect") < 1:
@@ -385,8 +453,11 @@ def test_a_bug_while_streaming_still_ends_the_stream_with_an_error_event_and_don
     monkeypatch.setattr(routes.Renderer, "chunk", buggy_chunk)
     app, url = inprocess
     with httpx.Client(base_url=url, timeout=30) as client:
-        with client.stream("POST", "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 20,
-                                                             "temperature": 0, "stream": True}) as response:
+        with client.stream(
+            "POST",
+            "/v1/completions",
+            json={"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0, "stream": True},
+        ) as response:
             events = list(sse_events(response))
         assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
         assert client.get("/health").status_code == 200

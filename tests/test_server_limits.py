@@ -21,9 +21,19 @@ RATE = 30  # high enough for the other tests here; the rate test uses a client a
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     process = ServerProcess(
-        tiny_model_dir, tmp_path_factory.mktemp("serve-limits") / "server.log",
-        "--max-batch-size", "1", "--max-queue", "1", "--request-timeout", "3", "--rate-limit", f"{RATE}/minute",
-        env={**STEP_DELAY, "LLMKIT_API_KEY": API_KEY}, api_key=API_KEY)
+        tiny_model_dir,
+        tmp_path_factory.mktemp("serve-limits") / "server.log",
+        "--max-batch-size",
+        "1",
+        "--max-queue",
+        "1",
+        "--request-timeout",
+        "3",
+        "--rate-limit",
+        f"{RATE}/minute",
+        env={**STEP_DELAY, "LLMKIT_API_KEY": API_KEY},
+        api_key=API_KEY,
+    )
     with process:
         yield process
 
@@ -51,8 +61,11 @@ def test_api_key_is_required_except_for_health(server, http):
         wrong = anonymous.post("/v1/completions", json={"prompt": "hi"}, headers={"authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "invalid API key" in wrong.json()["error"]["message"]
         assert anonymous.get("/metrics").status_code == 401
-        assert anonymous.get("/generate").json() == {"error": "missing API key; send it as 'Authorization: Bearer "
-                                                              "<key>'", "field": None, "type": "authentication_error"}
+        assert anonymous.get("/generate").json() == {
+            "error": "missing API key; send it as 'Authorization: Bearer <key>'",
+            "field": None,
+            "type": "authentication_error",
+        }
         assert anonymous.get("/health").status_code == 200
     assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
     assert httpx.get(server.url + "/v1/models", headers={"x-api-key": API_KEY}).status_code == 200
@@ -68,8 +81,9 @@ def test_api_key_is_required_except_for_health(server, http):
 
 def test_full_queue_answers_503_with_retry_after(server, http, tiny_engine):
     seed = seed_without_eos(tiny_engine, "a", 40)
-    with http.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 40, "seed": seed,
-                                                       "stream": True}) as running:
+    with http.stream(
+        "POST", "/v1/completions", json={"prompt": "a", "max_tokens": 40, "seed": seed, "stream": True}
+    ) as running:
         events = sse_events(running)
         next(events)  # running: it holds the only batch slot
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -94,13 +108,15 @@ def test_timeout_answers_504_and_stops_generation(server, http, tiny_engine):
 
 def test_client_disconnect_mid_stream_stops_generation(server, http, tiny_engine):
     seed = seed_without_eos(tiny_engine, "bye", 90)
-    with http.stream("POST", "/v1/completions", json={"prompt": "bye", "max_tokens": 90, "seed": seed,
-                                                       "stream": True}) as response:
+    with http.stream(
+        "POST", "/v1/completions", json={"prompt": "bye", "max_tokens": 90, "seed": seed, "stream": True}
+    ) as response:
         events = sse_events(response)
         next(events)
         next(events)
-    wait_until(lambda: metric(http.get("/metrics").text, "llmkit_requests_ended_total", reason="disconnect") >= 1,
-               timeout=3)
+    wait_until(
+        lambda: metric(http.get("/metrics").text, "llmkit_requests_ended_total", reason="disconnect") >= 1, timeout=3
+    )
     # the abandoned request (90 steps, 1.8 s) no longer holds the slot
     after = answers_quickly(http, within_s=1.0, prompt="next", max_tokens=3)
     assert after.json()["usage"]["completion_tokens"] <= 3
@@ -123,9 +139,17 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_model_dir, t
     seed = seed_without_eos(tiny_engine, "Once", 60)
     with ServerProcess(tiny_model_dir, tmp_path / "server.log", "--grace-period", "20", env=STEP_DELAY) as process:
         with process.client() as http:
-            with http.stream("POST", "/v1/completions", json={"prompt": "Once", "max_tokens": 60, "stream": True,
-                                                               "seed": seed, "stream_options": {"include_usage": True}}
-                             ) as response:
+            with http.stream(
+                "POST",
+                "/v1/completions",
+                json={
+                    "prompt": "Once",
+                    "max_tokens": 60,
+                    "stream": True,
+                    "seed": seed,
+                    "stream_options": {"include_usage": True},
+                },
+            ) as response:
                 events = sse_events(response)
                 next(events)
                 process.signal(signal.SIGTERM)

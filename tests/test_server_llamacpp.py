@@ -32,7 +32,9 @@ from tests.server_helpers import (
 )
 from tests.tiny_gguf import write_tiny_gguf
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]' from the checkout)")
+pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llamacpp]' from the checkout)"
+)
 
 PROMPT = "hello world"
 CHAT_TEMPLATE = (
@@ -61,9 +63,12 @@ def llama(tiny_gguf):
 def test_scheduler_gives_the_engines_text_one_request_after_another(llama):
     from llmkit.engine.serial import SerialScheduler
 
-    specs = [dict(greedy=True, max_new_tokens=12), dict(seed=3, temperature=1.0, max_new_tokens=15),
-             dict(seed=5, temperature=0.9, top_p=0.9, num_sequences=2, max_new_tokens=10),
-             dict(seed=7, repetition_penalty=1.3, temperature=0.7, max_new_tokens=14)]
+    specs = [
+        dict(greedy=True, max_new_tokens=12),
+        dict(seed=3, temperature=1.0, max_new_tokens=15),
+        dict(seed=5, temperature=0.9, top_p=0.9, num_sequences=2, max_new_tokens=10),
+        dict(seed=7, repetition_penalty=1.3, temperature=0.7, max_new_tokens=14),
+    ]
     prompts = [PROMPT, "The quick brown fox", "Once upon a time", "hello"]
     steps = []
     scheduler = SerialScheduler(llama, on_step=lambda kind, rows, seconds: steps.append((kind, rows)))
@@ -178,8 +183,15 @@ def test_scheduler_thread_drains_on_close_and_fails_all_on_abort(llama):
 
 @pytest.fixture(scope="module")
 def server(tiny_gguf, tmp_path_factory):
-    process = ServerProcess(tiny_gguf, tmp_path_factory.mktemp("serve-llamacpp") / "server.log",
-                            "--engine", "llama.cpp", "--request-timeout", str(REQUEST_TIMEOUT_S), env=STEP_DELAY)
+    process = ServerProcess(
+        tiny_gguf,
+        tmp_path_factory.mktemp("serve-llamacpp") / "server.log",
+        "--engine",
+        "llama.cpp",
+        "--request-timeout",
+        str(REQUEST_TIMEOUT_S),
+        env=STEP_DELAY,
+    )
     with process:
         yield process
 
@@ -219,12 +231,27 @@ def test_completions_give_the_engines_text_streamed_or_not(http, llama):
 
 
 def test_seed_gives_the_same_text_as_llmkit_generate(http, cli, tiny_gguf):
-    result = cli("generate", "-m", str(tiny_gguf), "--engine", "llama.cpp", "--seed", "11", "--max-new-tokens", "12",
-                 "--temperature", "1.2", "--json", PROMPT)
+    result = cli(
+        "generate",
+        "-m",
+        str(tiny_gguf),
+        "--engine",
+        "llama.cpp",
+        "--seed",
+        "11",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1.2",
+        "--json",
+        PROMPT,
+    )
     assert result.exit_code == 0, result.stderr
     cli_text = json.loads(result.stdout)["completions"][0]["text"]
-    responses = [http.post("/v1/completions", json={"prompt": PROMPT, "seed": 11, "max_tokens": 12, "temperature": 1.2})
-                 for _ in range(2)]
+    responses = [
+        http.post("/v1/completions", json={"prompt": PROMPT, "seed": 11, "max_tokens": 12, "temperature": 1.2})
+        for _ in range(2)
+    ]
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     served = [r.json()["choices"][0]["text"] for r in responses]
     assert served == [cli_text, cli_text]
@@ -262,14 +289,14 @@ def ascii_stop(llama, prompt):
     for seed in range(64):
         text = llama.generate(prompt, parse_params(seed=seed, max_new_tokens=30)).text
         for start in range(2, len(text) - 3):
-            if text[start:start + 3].isascii() and text[start:start + 3].isalpha():
-                return seed, text, text[start:start + 3]
+            if text[start : start + 3].isascii() and text[start : start + 3].isalpha():
+                return seed, text, text[start : start + 3]
     raise AssertionError("no seed gave three ascii letters in a row")
 
 
 def test_stop_strings_cut_the_text_and_never_leak(http, llama):
     seed, free, stop = ascii_stop(llama, "The quick brown fox")
-    cut = free[:free.find(stop)]
+    cut = free[: free.find(stop)]
     reference = llama.generate("The quick brown fox", parse_params(seed=seed, max_new_tokens=30, stop=[stop]))
     assert reference.text == cut
     body = {"prompt": "The quick brown fox", "seed": seed, "max_tokens": 30, "stop": stop}
@@ -313,8 +340,9 @@ def test_timeout_answers_504_and_frees_the_model(http, llama):
 
 def test_stream_disconnect_frees_the_model(server, http, llama):
     seed = seed_without_eos(llama, "bye", 120)
-    with http.stream("POST", "/v1/completions", json={"prompt": "bye", "max_tokens": 120, "seed": seed,
-                                                       "stream": True}) as response:
+    with http.stream(
+        "POST", "/v1/completions", json={"prompt": "bye", "max_tokens": 120, "seed": seed, "stream": True}
+    ) as response:
         events = sse_events(response)
         next(events)
         next(events)
@@ -327,7 +355,22 @@ def test_stream_disconnect_frees_the_model(server, http, llama):
 def test_serve_rejects_a_bad_engine_and_a_folder_for_llamacpp(cli, tiny_model_dir, tmp_path):
     bad = cli("serve", "-m", str(tiny_model_dir), "--engine", "vllm")
     assert bad.exit_code == 2 and "engine must be one of" in bad.stderr
-    folder = subprocess.run([sys.executable, "-m", "llmkit", "serve", "-m", str(tiny_model_dir), "--engine",
-                             "llama.cpp", "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    folder = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "serve",
+            "-m",
+            str(tiny_model_dir),
+            "--engine",
+            "llama.cpp",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert folder.returncode != 0
     assert "llama.cpp engine loads GGUF files" in folder.stderr

@@ -27,7 +27,7 @@ QUICK_S = 0.5  # /health must answer within this while connections misbehave
 
 def json_records(text: str) -> list[dict]:
     """Each complete non-empty line parsed as JSON (raises on one that is not); a line still being written is left."""
-    complete = text[:text.rfind("\n") + 1]
+    complete = text[: text.rfind("\n") + 1]
     return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
@@ -107,9 +107,18 @@ def seconds_until_closed(sock: socket.socket, since: float) -> tuple[float, byte
 @pytest.fixture(scope="module")
 def timeouts_server(tiny_model_dir, tmp_path_factory):
     """Short connection timeouts; also the default for X-Forwarded-For (trusted from nobody)."""
-    with ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("serve-timeouts") / "server.log",
-                       "--idle-timeout", str(IDLE_S), "--read-timeout", str(READ_S), "--rate-limit",
-                       f"{RATE}/minute", "--log-format", "json") as process:
+    with ServerProcess(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("serve-timeouts") / "server.log",
+        "--idle-timeout",
+        str(IDLE_S),
+        "--read-timeout",
+        str(READ_S),
+        "--rate-limit",
+        f"{RATE}/minute",
+        "--log-format",
+        "json",
+    ) as process:
         yield process
 
 
@@ -133,8 +142,10 @@ def test_idle_connections_are_closed_after_the_idle_timeout(timeouts_server):
 HALF_SENT = {
     "request line": [b"GET /heal"],
     "headers": [b"GET /health HTTP/1.1\r\nHost: t\r\n"],
-    "body": [b'POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n'
-             b'Content-Length: 100\r\n\r\n{"prompt": '],
+    "body": [
+        b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"prompt": '
+    ],
     "drip": [bytes([byte]) for byte in b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"],  # a byte every 0.4 s
 }
 DRIP_EVERY_S = 0.4  # under the idle timeout: only a timer from the request's first byte can stop it
@@ -163,8 +174,9 @@ def test_half_sent_requests_are_closed_after_the_read_timeout(timeouts_server):
 
 def test_connections_beyond_the_cap_are_refused_while_earlier_ones_work(tiny_model_dir, tmp_path):
     cap = 4
-    with ServerProcess(tiny_model_dir, tmp_path / "server.log", "--max-connections", str(cap),
-                       "--idle-timeout", "30") as process:
+    with ServerProcess(
+        tiny_model_dir, tmp_path / "server.log", "--max-connections", str(cap), "--idle-timeout", "30"
+    ) as process:
         time.sleep(0.2)  # the start-up health checks' connections are gone
         held = [connect(process.port) for _ in range(cap)]
         seconds, refused = seconds_until_closed(connect(process.port), time.monotonic())
@@ -194,8 +206,9 @@ def access_clients(server: ServerProcess, path: str, count: int) -> list[str]:
     """The client address of each access line for `path`, once there are `count` (a line follows its response)."""
     deadline = time.monotonic() + 5
     while True:
-        clients = [r["client"] for r in json_records(server.log())
-                   if r.get("logger") == "llmkit.access" and r["path"] == path]
+        clients = [
+            r["client"] for r in json_records(server.log()) if r.get("logger") == "llmkit.access" and r["path"] == path
+        ]
         if len(clients) >= count or time.monotonic() > deadline:
             return clients
         time.sleep(0.05)
@@ -205,8 +218,9 @@ def forged_requests(url: str, local_address: str, prefix: str) -> list[int]:
     """Statuses of RATE + 1 requests from `local_address`, each claiming another client in X-Forwarded-For."""
     transport = httpx.HTTPTransport(local_address=local_address)
     with httpx.Client(base_url=url, transport=transport, timeout=10) as client:
-        return [client.get("/v1/models", headers={"x-forwarded-for": f"{prefix}.{i}"}).status_code
-                for i in range(RATE + 1)]
+        return [
+            client.get("/v1/models", headers={"x-forwarded-for": f"{prefix}.{i}"}).status_code for i in range(RATE + 1)
+        ]
 
 
 def test_x_forwarded_for_from_loopback_is_not_trusted_by_default(timeouts_server):
@@ -216,8 +230,16 @@ def test_x_forwarded_for_from_loopback_is_not_trusted_by_default(timeouts_server
 
 
 def test_x_forwarded_for_is_honoured_from_a_trusted_proxy_only(tiny_model_dir, tmp_path):
-    with ServerProcess(tiny_model_dir, tmp_path / "server.log", "--rate-limit", f"{RATE}/minute", "--log-format",
-                       "json", "--forwarded-allow-ips", "127.0.0.2") as process:
+    with ServerProcess(
+        tiny_model_dir,
+        tmp_path / "server.log",
+        "--rate-limit",
+        f"{RATE}/minute",
+        "--log-format",
+        "json",
+        "--forwarded-allow-ips",
+        "127.0.0.2",
+    ) as process:
         assert forged_requests(process.url, "127.0.0.2", "10.0.0") == [200] * (RATE + 1)  # a limit per client
         assert forged_requests(process.url, "127.0.0.1", "10.1.0") == [200] * RATE + [429]  # not in the list
         clients = access_clients(process, "/v1/models", 2 * (RATE + 1))
@@ -243,23 +265,26 @@ def test_json_log_format_writes_only_json_lines(tiny_model_dir, tmp_path):
 
 
 def run_serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmkit", "serve", *args], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-m", "llmkit", "serve", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_json_log_format_reports_startup_failures_as_json(tiny_model_dir, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port_in_use = run_serve("-m", str(tiny_model_dir), "--port", str(taken.getsockname()[1]),
-                                "--log-format", "json")
+        port_in_use = run_serve(
+            "-m", str(tiny_model_dir), "--port", str(taken.getsockname()[1]), "--log-format", "json"
+        )
     bad_option = run_serve("-m", str(tiny_model_dir), "--max-connections", "0", "--log-format", "json")
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": "many"}')
     load_failure = run_serve("-m", str(broken), "--port", str(free_port()), "--log-format", "json")
-    for result, code, words in ((port_in_use, 1, "cannot listen on"), (bad_option, 2, "max-connections"),
-                                (load_failure, 1, "could not load the model")):
+    for result, code, words in (
+        (port_in_use, 1, "cannot listen on"),
+        (bad_option, 2, "max-connections"),
+        (load_failure, 1, "could not load the model"),
+    ):
         assert result.stdout == ""
         records = json_records(result.stderr)  # raises on any line that is not JSON
         assert result.returncode == code, result.stderr
@@ -267,23 +292,28 @@ def test_json_log_format_reports_startup_failures_as_json(tiny_model_dir, tmp_pa
 
 
 def test_json_log_format_turns_warnings_and_thread_crashes_into_json():
-    code = ("import threading, warnings\nfrom llmkit.server import logs\nlogs.configure('json')\n"
-            "warnings.warn('a library warns')\nlogs.route_library_logging()\n"
-            "from transformers.utils import logging as hf\nhf.get_logger('transformers.x').error('from transformers')\n"
-            "thread = threading.Thread(target=lambda: 1 / 0, name='worker')\nthread.start()\nthread.join()\n")
+    code = (
+        "import threading, warnings\nfrom llmkit.server import logs\nlogs.configure('json')\n"
+        "warnings.warn('a library warns')\nlogs.route_library_logging()\n"
+        "from transformers.utils import logging as hf\nhf.get_logger('transformers.x').error('from transformers')\n"
+        "thread = threading.Thread(target=lambda: 1 / 0, name='worker')\nthread.start()\nthread.join()\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     records = json_records(result.stderr)  # raises on any line that is not JSON
     assert [r["logger"] for r in records] == ["py.warnings", "transformers.x", "llmkit.crash"], records
     assert "ZeroDivisionError" in records[-1]["traceback"] and "worker" in records[-1]["message"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--idle-timeout", "0"], "idle-timeout must be more than 0"),
-    (["--read-timeout", "-1"], "read-timeout must be more than 0"),
-    (["--max-connections", "0"], "max-connections must be at least 1"),
-    (["--forwarded-allow-ips", "10.0.0.300"], "forwarded-allow-ips must be"),
-    (["--forwarded-allow-ips", "*,10.0.0.1"], "forwarded-allow-ips must be"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--idle-timeout", "0"], "idle-timeout must be more than 0"),
+        (["--read-timeout", "-1"], "read-timeout must be more than 0"),
+        (["--max-connections", "0"], "max-connections must be at least 1"),
+        (["--forwarded-allow-ips", "10.0.0.300"], "forwarded-allow-ips must be"),
+        (["--forwarded-allow-ips", "*,10.0.0.1"], "forwarded-allow-ips must be"),
+    ],
+)
 def test_bad_connection_options_exit_2_before_loading(cli, tmp_path, args, message):
     result = cli("serve", "-m", str(tmp_path / "no-such-model.gguf"), *args)
     assert result.exit_code == 2 and message in result.stderr

@@ -24,8 +24,13 @@ from tests.server_helpers import ServerProcess
 
 EXAMPLES = {GenerationMode.POSITIVE: 60, GenerationMode.NEGATIVE: 40}
 SEED = 20261201
-CONFORMANCE = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-               response_headers_conformance]
+CONFORMANCE = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,13 @@ def operations(server):
 def _fuzz(server, operation, mode: GenerationMode) -> None:
     checks = CONFORMANCE + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
 
-    @settings(max_examples=EXAMPLES[mode], deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES[mode],
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
         case.call_and_validate(base_url=server.url, checks=checks, timeout=30)
@@ -58,8 +68,17 @@ def _fuzz(server, operation, mode: GenerationMode) -> None:
     run()
 
 
-@pytest.mark.parametrize("label", ["POST /v1/completions", "POST /v1/chat/completions", "POST /generate",
-                                   "GET /v1/models", "GET /health", "GET /metrics"])
+@pytest.mark.parametrize(
+    "label",
+    [
+        "POST /v1/completions",
+        "POST /v1/chat/completions",
+        "POST /generate",
+        "GET /v1/models",
+        "GET /health",
+        "GET /metrics",
+    ],
+)
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 def test_the_server_answers_as_its_openapi_says(server, operations, label, mode):
     if mode is GenerationMode.NEGATIVE and label.startswith("GET"):

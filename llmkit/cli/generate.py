@@ -46,9 +46,15 @@ def generate(
     prompt: PromptArg = None,
     *,
     model: options.ModelOpt = None,
-    input_file: Annotated[Optional[Path], typer.Option(
-        "--input-file", "-f", help="JSONL file, one {\"prompt\": ...} object per line (other keys: any "
-        "generation parameter, and an id echoed back); - for stdin. Writes one JSON line per result.")] = None,
+    input_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--input-file",
+            "-f",
+            help='JSONL file, one {"prompt": ...} object per line (other keys: any '
+            "generation parameter, and an id echoed back); - for stdin. Writes one JSON line per result.",
+        ),
+    ] = None,
     generation: dict[str, Any],  # {field: value typed, or None}: the generation options, from the decorator
     chat: ChatOpt = False,
     system: SystemOpt = None,
@@ -91,14 +97,16 @@ def read_jobs(path: Path, cli_values: dict[str, Any]) -> list[Job]:
         except json.JSONDecodeError as exc:
             raise InvalidParams(f"{origin}: not valid JSON ({exc.msg})", field="input_file") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise InvalidParams(f"{origin}: needs a JSON object with a non-empty \"prompt\" string",
-                                field="input_file")
+            raise InvalidParams(f'{origin}: needs a JSON object with a non-empty "prompt" string', field="input_file")
         check_text(record["prompt"], f"{origin}: the prompt", "prompt")
         overrides = {k: v for k, v in record.items() if k in PARAM_NAMES}
         unknown = set(record) - set(overrides) - {"prompt", "id"}
         if unknown:
-            raise InvalidParams(f"{origin}: unknown key(s) {', '.join(sorted(unknown))}; use prompt, id or "
-                                f"generation parameters ({', '.join(PARAM_NAMES)})", field="input_file")
+            raise InvalidParams(
+                f"{origin}: unknown key(s) {', '.join(sorted(unknown))}; use prompt, id or "
+                f"generation parameters ({', '.join(PARAM_NAMES)})",
+                field="input_file",
+            )
         try:
             params = parse_params({**cli_values, **overrides})
         except InvalidParams as exc:
@@ -110,8 +118,7 @@ def read_jobs(path: Path, cli_values: dict[str, Any]) -> list[Job]:
     return jobs
 
 
-def run_one(engine, job: Job, *, chat: bool, system: str | None, as_json: bool, stream: bool,
-            quiet: bool) -> None:
+def run_one(engine, job: Job, *, chat: bool, system: str | None, as_json: bool, stream: bool, quiet: bool) -> None:
     generation = engine.stream(job.prompt, job.params, chat=chat, system=system)
     n = job.params.num_sequences
     live = stream and not as_json and n == 1
@@ -155,5 +162,5 @@ def run_batch(engine, jobs: list[Job], *, chat: bool, system: str | None, quiet:
         if not quiet:
             render.timing_line(result, threads=engine.info.threads)
     if failures:
-        render.error(f"{failures} of {len(jobs)} prompts failed (see their \"error\" lines)")
+        render.error(f'{failures} of {len(jobs)} prompts failed (see their "error" lines)')
         raise typer.Exit(1)

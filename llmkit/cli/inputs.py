@@ -16,8 +16,10 @@ if TYPE_CHECKING:
     from llmkit.engine import LoadOptions
     from llmkit.engine.base import Engine
 
-PROMPT_HELP = ("The prompt; quotes are optional, the words are joined with spaces (as `ollama run` does). "
-               "Use - (or leave it out) to read it from stdin.")
+PROMPT_HELP = (
+    "The prompt; quotes are optional, the words are joined with spaces (as `ollama run` does). "
+    "Use - (or leave it out) to read it from stdin."
+)
 PromptArg = Annotated[Optional[list[str]], typer.Argument(show_default=False, help=PROMPT_HELP)]
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", show_default=False, help="System message for --chat.")]
@@ -32,14 +34,18 @@ def read_prompt(prompt: str | None, *, input_file: bool = False) -> str:
     """The prompt from the argument or stdin; `input_file`: the command has --input-file (the hint says so)."""
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
-            ways = "pass one as an argument, pipe it on stdin, or use --input-file" if input_file else \
-                "pass one as an argument or pipe it on stdin"
+            ways = (
+                "pass one as an argument, pipe it on stdin, or use --input-file"
+                if input_file
+                else "pass one as an argument or pipe it on stdin"
+            )
             raise InvalidParams(f"no prompt: {ways}", field="prompt")
         try:
             prompt = sys.stdin.read()
         except UnicodeDecodeError as exc:
-            raise InvalidParams(f"stdin is not UTF-8 text (byte {exc.start}); convert it, e.g. with iconv",
-                                field="prompt") from None
+            raise InvalidParams(
+                f"stdin is not UTF-8 text (byte {exc.start}); convert it, e.g. with iconv", field="prompt"
+            ) from None
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo` adds one newline
     if not prompt.strip():
         raise InvalidParams("the prompt is empty", field="prompt")

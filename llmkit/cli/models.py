@@ -26,13 +26,16 @@ def models(
     cache_bytes = sum(e.bytes for e in entries)
     removable_bytes = sum(e.bytes for e in entries if e.removable)
     if as_json:
-        render.json_document({
-            "cache_dir": str(cache_dir()),
-            "cache_bytes": cache_bytes,
-            "cache_removable_bytes": removable_bytes,
-            "aliases": [asdict(s) for s in statuses],
-            "conversions": [{"path": str(p), "bytes": size} for p, size in conversions],
-        })
+        render.json_document(
+            {
+                "cache_dir": str(cache_dir()),
+                "cache_bytes": cache_bytes,
+                "cache_removable_bytes": removable_bytes,
+                "aliases": [asdict(s) for s in statuses],
+                "conversions": [{"path": str(p), "bytes": size} for p, size in conversions],
+            }
+        )
     else:
-        render.models_table(statuses, conversions, str(cache_dir()), wide=wide, cache_bytes=cache_bytes,
-                            removable_bytes=removable_bytes)
+        render.models_table(
+            statuses, conversions, str(cache_dir()), wide=wide, cache_bytes=cache_bytes, removable_bytes=removable_bytes
+        )

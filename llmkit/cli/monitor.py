@@ -27,19 +27,33 @@ EPILOG = """Examples:
 def monitor(
     *,
     model: options.ModelOpt = None,
-    prompt: Annotated[Optional[str], typer.Option(
-        "--prompt", "-p", show_default=False, help="Prompt to run (default: a fixed ~35-token paragraph).")] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option(
-        "--prompt-file", show_default=False, help="Read the prompt from this file.")] = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option(
+            "--prompt", "-p", show_default=False, help="Prompt to run (default: a fixed ~35-token paragraph)."
+        ),
+    ] = None,
+    prompt_file: Annotated[
+        Optional[Path], typer.Option("--prompt-file", show_default=False, help="Read the prompt from this file.")
+    ] = None,
     runs: Annotated[int, typer.Option("--runs", "-r", help="Measured runs.")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", "-w", help="Runs before measuring, not counted.")] = 1,
-    max_new_tokens: Annotated[int, typer.Option(
-        "--max-new-tokens", *options.OTHER_NAMES["max_new_tokens"], help="Tokens per run (greedy).")] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", *options.OTHER_NAMES["max_new_tokens"], help="Tokens per run (greedy).")
+    ] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document with every figure.")] = False,
-    timeline: Annotated[Optional[Path], typer.Option(
-        "--timeline", show_default=False, help="Write the raw samples (time, phase, rss, cpu, gpu) as CSV.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(
-        "--plot", show_default=False, help="Draw memory and CPU over time, phases marked (needs matplotlib).")] = None,
+    timeline: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--timeline", show_default=False, help="Write the raw samples (time, phase, rss, cpu, gpu) as CSV."
+        ),
+    ] = None,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--plot", show_default=False, help="Draw memory and CPU over time, phases marked (needs matplotlib)."
+        ),
+    ] = None,
     load: LoadOptions,  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Measure load time, memory, CPU/GPU, TTFT and tokens/s of a model over repeated runs."""
@@ -47,10 +61,10 @@ def monitor(
 
     if prompt is not None and prompt_file is not None:
         raise InvalidParams("give either --prompt or --prompt-file, not both", field="prompt")
-    text = read_prompt_file(prompt_file) if prompt_file is not None else (prompt if prompt is not None
-                                                                          else DEFAULT_PROMPT)
-    spec = MonitorSpec(model=model, prompt=text, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
-                       load=load)
+    text = (
+        read_prompt_file(prompt_file) if prompt_file is not None else (prompt if prompt is not None else DEFAULT_PROMPT)
+    )
+    spec = MonitorSpec(model=model, prompt=text, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens, load=load)
     check_spec(spec)
     from llmkit.models import check_model
 

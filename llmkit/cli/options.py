@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Annotated, Any, Callable, Optional, Sequence, Union, get_args, get_origin
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
 import typer
 
@@ -36,8 +37,16 @@ def complete_model(incomplete: str) -> list[tuple[str, str]]:
     Nothing matching leaves the shell's own file completion, for folders and .gguf files."""
     from llmkit.models import ALIASES, alias_installed
 
-    return [(name, alias.description if alias_installed(alias) else f"{alias.description} (not installed: "
-             f"{alias.install_hint})") for name, alias in ALIASES.items() if name.startswith(incomplete)]
+    return [
+        (
+            name,
+            alias.description
+            if alias_installed(alias)
+            else f"{alias.description} (not installed: {alias.install_hint})",
+        )
+        for name, alias in ALIASES.items()
+        if name.startswith(incomplete)
+    ]
 
 
 def _param_help(name: str, model: type[GenerationParams] = GenerationParams) -> str:
@@ -62,8 +71,10 @@ def param_option(name: str, model: type[GenerationParams] = GenerationParams) ->
     """The Annotated type of the option that sets field `name`: its flags, short flag and help from the table."""
     spec = param_table(model)[name]
     flags = (f"--{name.replace('_', '-')}", *spec.cli_aliases, *((spec.short,) if spec.short else ()))
-    return Annotated[_cli_type(model.model_fields[name].annotation), typer.Option(
-        *flags, rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help(name, model))]
+    return Annotated[
+        _cli_type(model.model_fields[name].annotation),
+        typer.Option(*flags, rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help(name, model)),
+    ]
 
 
 def _typed(value: Any) -> Any:
@@ -73,8 +84,9 @@ def _typed(value: Any) -> Any:
     return value
 
 
-def _expand(command: Callable, into: str, added: list[inspect.Parameter],
-            build: Callable[[dict[str, Any]], Any]) -> Callable:
+def _expand(
+    command: Callable, into: str, added: list[inspect.Parameter], build: Callable[[dict[str, Any]], Any]
+) -> Callable:
     """`command` with its parameter `into` replaced by the keyword-only options `added`; when it runs, it gets
     `into` = build({option name: value}). Typer reads the new signature, so the options appear where `into`
     stands in --help."""
@@ -82,8 +94,10 @@ def _expand(command: Callable, into: str, added: list[inspect.Parameter],
     names = [parameter.name for parameter in added]
     taken = set(signature.parameters) & set(names)
     if into not in signature.parameters or taken:
-        raise TypeError(f"{command.__name__} needs a parameter {into!r} and no parameter named like one of its "
-                        f"options (clashes: {', '.join(sorted(taken)) or 'none'})")
+        raise TypeError(
+            f"{command.__name__} needs a parameter {into!r} and no parameter named like one of its "
+            f"options (clashes: {', '.join(sorted(taken)) or 'none'})"
+        )
     parameters = []
     for parameter in signature.parameters.values():
         parameters.extend(added if parameter.name == into else [parameter])
@@ -98,17 +112,24 @@ def _expand(command: Callable, into: str, added: list[inspect.Parameter],
     return run
 
 
-def generation_options(into: str = "generation", *, names: Sequence[str] | None = None,
-                       option: Callable[[str, type[GenerationParams]], Any] = param_option,
-                       model: type[GenerationParams] = GenerationParams) -> Callable[[Callable], Callable]:
+def generation_options(
+    into: str = "generation",
+    *,
+    names: Sequence[str] | None = None,
+    option: Callable[[str, type[GenerationParams]], Any] = param_option,
+    model: type[GenerationParams] = GenerationParams,
+) -> Callable[[Callable], Callable]:
     """Decorator: the command's parameter `into` becomes one keyword-only option per field of the table
     (`names`: only these), each declared by `option(name, model)`; the command gets `into` as a dict
     {field: value or None}, ready for parse_params, with the options in field order."""
     fields = tuple(names or model.model_fields)
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option(name, model))
-             for name in fields]
-    return lambda command: _expand(command, into, added,
-                                   lambda values: {name: _typed(value) for name, value in values.items()})
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option(name, model))
+        for name in fields
+    ]
+    return lambda command: _expand(
+        command, into, added, lambda values: {name: _typed(value) for name, value in values.items()}
+    )
 
 
 def load_options(into: str = "load", *, engine: bool = True, deferred: bool = False) -> Callable[[Callable], Callable]:
@@ -118,46 +139,91 @@ def load_options(into: str = "load", *, engine: bool = True, deferred: bool = Fa
     instead, for a command that must set up its error output first (serve --log-format json)."""
     from llmkit.engine import DEFAULT_ENGINE, LoadOptions
 
-    declared = {"device": (DeviceOpt, "auto"), "dtype": (DtypeOpt, "auto"), "quantize": (QuantizeOpt, "none"),
-                "engine": (EngineOpt, DEFAULT_ENGINE), "threads": (ThreadsOpt, None)}
+    declared = {
+        "device": (DeviceOpt, "auto"),
+        "dtype": (DtypeOpt, "auto"),
+        "quantize": (QuantizeOpt, "none"),
+        "engine": (EngineOpt, DEFAULT_ENGINE),
+        "threads": (ThreadsOpt, None),
+    }
     if not engine:
         del declared["engine"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, (annotation, default) in declared.items()]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, (annotation, default) in declared.items()
+    ]
     if deferred:
         return lambda command: _expand(command, into, added, lambda values: functools.partial(LoadOptions, **values))
     return lambda command: _expand(command, into, added, lambda values: LoadOptions(**values))
 
 
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", envvar=MODEL_ENV, rich_help_panel=MODEL_PANEL, show_default=False,
-    autocompletion=complete_model,
-    help=f"Alias ({DEFAULT_MODEL}, a base model; smollm2-135m, which can chat: it has a chat template; see "
-         "`llmkit models`), Hugging Face Hub id, save_pretrained folder or .gguf file. "
-         f"(default: {DEFAULT_MODEL})")]
-DeviceOpt = Annotated[str, typer.Option(
-    "--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda, cuda:N or mps (auto: CUDA when present).")]
-DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", rich_help_panel=MODEL_PANEL,
-    help="auto, float32, bfloat16 or float16 (auto: $LLMKIT_DTYPE when set, else bfloat16 on CUDA and on "
-         "CPUs with native BF16, else float32).")]
-QuantizeOpt = Annotated[str, typer.Option(
-    "--quantize", rich_help_panel=MODEL_PANEL,
-    help="none or int8 (transformers engine on the CPU: int8 weights, bfloat16 compute; faster, "
-         "slightly different text).")]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        envvar=MODEL_ENV,
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+        autocompletion=complete_model,
+        help=f"Alias ({DEFAULT_MODEL}, a base model; smollm2-135m, which can chat: it has a chat template; see "
+        "`llmkit models`), Hugging Face Hub id, save_pretrained folder or .gguf file. "
+        f"(default: {DEFAULT_MODEL})",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", rich_help_panel=MODEL_PANEL, help="auto, cpu, cuda, cuda:N or mps (auto: CUDA when present)."
+    ),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        rich_help_panel=MODEL_PANEL,
+        help="auto, float32, bfloat16 or float16 (auto: $LLMKIT_DTYPE when set, else bfloat16 on CUDA and on "
+        "CPUs with native BF16, else float32).",
+    ),
+]
+QuantizeOpt = Annotated[
+    str,
+    typer.Option(
+        "--quantize",
+        rich_help_panel=MODEL_PANEL,
+        help="none or int8 (transformers engine on the CPU: int8 weights, bfloat16 compute; faster, "
+        "slightly different text).",
+    ),
+]
 
-ThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--threads", rich_help_panel=MODEL_PANEL, show_default=False,
-    help=f"CPU threads that compute: torch's intra-op threads, llama.cpp's -t and -tb (default: ${THREADS_ENV} when "
-         "set, else one per physical core). On a shared or busy machine use fewer: when the load average "
-         "(uptime) is near or above the number of cores, --threads 1 is often several times faster, as every "
-         "step waits for its slowest thread.")]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+        help="CPU threads that compute: torch's intra-op threads, llama.cpp's -t and -tb (default: "
+        f"${THREADS_ENV} when set, else one per physical core). On a shared or busy machine use fewer: when the "
+        "load average (uptime) is near or above the number of cores, --threads 1 is often several times faster, "
+        "as every step waits for its slowest thread.",
+    ),
+]
 
-EngineOpt = Annotated[str, typer.Option(
-    "--engine", rich_help_panel=MODEL_PANEL,
-    help="transformers (any model), llama.cpp (GGUF files and aliases; needs llama-cpp-python, the llamacpp "
-         "extra) or auto (llama.cpp for a GGUF model on the CPU when installed).")]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        rich_help_panel=MODEL_PANEL,
+        help="transformers (any model), llama.cpp (GGUF files and aliases; needs llama-cpp-python, the llamacpp "
+        "extra) or auto (llama.cpp for a GGUF model on the CPU when installed).",
+    ),
+]
 
-WideOpt = Annotated[bool, typer.Option(
-    "--wide", help="Show every column of the table, even past the terminal's width (by default a table leaves "
-                   "out the columns that do not fit, and says which).")]
+WideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wide",
+        help="Show every column of the table, even past the terminal's width (by default a table leaves "
+        "out the columns that do not fit, and says which).",
+    ),
+]

@@ -48,8 +48,11 @@ def refuse_flag_values(command, ctx, args: list[str]) -> None:
         if word in flags and args[position + 1].lower() in FLAG_VALUES:
             param, value = flags[word], args[position + 1]
             false = f"{param.secondary_opts[0]} for false" if param.secondary_opts else "leave it out for false"
-            raise typer.BadParameter(f"{word} is a flag and takes no value: write {word} alone ({false}). A prompt "
-                                     f"that starts with '{value}' goes before the options, or in quotes.", ctx=ctx)
+            raise typer.BadParameter(
+                f"{word} is a flag and takes no value: write {word} alone ({false}). A prompt "
+                f"that starts with '{value}' goes before the options, or in quotes.",
+                ctx=ctx,
+            )
         position += 1
 
 

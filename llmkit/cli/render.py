@@ -10,9 +10,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.markup import escape
@@ -74,8 +75,11 @@ def prompt_echo(prompt: str) -> None:
 
 def sequence_header(index: int, total: int) -> None:
     if total > 1:
-        out.print(f"[bold]--- sequence {index + 1} of {total} ---[/]" if out.is_terminal
-                  else f"--- sequence {index + 1} of {total} ---")
+        out.print(
+            f"[bold]--- sequence {index + 1} of {total} ---[/]"
+            if out.is_terminal
+            else f"--- sequence {index + 1} of {total} ---"
+        )
 
 
 def end_text() -> None:
@@ -91,8 +95,10 @@ def timing_line(result, threads: int | None = None) -> None:
     seed = f" · seed {result.seed}" if result.seed is not None else ""
     if threads is not None:
         decode += f" · {threads} thread{'' if threads == 1 else 's'}"
-    err.print(f"[dim]{result.usage.prompt_tokens} prompt tok · {result.usage.completion_tokens} generated tok · "
-              f"TTFT {t.ttft_s * 1000:.0f} ms · {decode} · finish {reasons}{seed}[/]")
+    err.print(
+        f"[dim]{result.usage.prompt_tokens} prompt tok · {result.usage.completion_tokens} generated tok · "
+        f"TTFT {t.ttft_s * 1000:.0f} ms · {decode} · finish {reasons}{seed}[/]"
+    )
 
 
 def human_bytes(count: int | None) -> str:
@@ -140,8 +146,14 @@ def natural_width(table: Table, console: Console | None = None) -> int:
     return Measurement.get(console, console.options.update(max_width=100_000), table).maximum
 
 
-def fit_columns(columns: list[Column], *, wide: bool = False, width: int | None = None,
-                console: Console | None = None, **options: Any) -> tuple[Table, list[str]]:
+def fit_columns(
+    columns: list[Column],
+    *,
+    wide: bool = False,
+    width: int | None = None,
+    console: Console | None = None,
+    **options: Any,
+) -> tuple[Table, list[str]]:
     """A compact table of the columns that fit `width` (the console's), and the headers left out."""
     console = console or out
     width = width or console.width
@@ -162,8 +174,15 @@ def fit_columns(columns: list[Column], *, wide: bool = False, width: int | None 
     return table, [c.header for c in columns if c not in shown]
 
 
-def print_fitted(columns: list[Column], *, wide: bool = False, hint: str = WIDE_NOTE, title: str | None = None,
-                 console: Console | None = None, **options: Any) -> list[str]:
+def print_fitted(
+    columns: list[Column],
+    *,
+    wide: bool = False,
+    hint: str = WIDE_NOTE,
+    title: str | None = None,
+    console: Console | None = None,
+    **options: Any,
+) -> list[str]:
     """Print a title line (wrapped between words), fit_columns' table and, when columns were left out, one dim
     line naming them and `hint`."""
     console = console or out
@@ -172,25 +191,41 @@ def print_fitted(columns: list[Column], *, wide: bool = False, hint: str = WIDE_
     table, hidden = fit_columns(columns, wide=wide, console=console, **options)
     console.print(table, crop=False)
     if hidden:
-        console.print(f"[dim]not shown at {console.width} columns: {escape(', '.join(hidden))} ({escape(hint)})[/]",
-                      soft_wrap=False)
+        console.print(
+            f"[dim]not shown at {console.width} columns: {escape(', '.join(hidden))} ({escape(hint)})[/]",
+            soft_wrap=False,
+        )
     return hidden
 
 
-def models_table(statuses, conversions, cache_root: str, *, wide: bool = False,
-                 cache_bytes: int | None = None, removable_bytes: int | None = None) -> None:
+def models_table(
+    statuses,
+    conversions,
+    cache_root: str,
+    *,
+    wide: bool = False,
+    cache_bytes: int | None = None,
+    removable_bytes: int | None = None,
+) -> None:
     """The aliases (columns that do not fit left out, see fit_columns), install hints, and the cache's total."""
-    hidden = print_fitted([
-        Column("alias", [escape(s.name) for s in statuses], justify="left"),
-        Column("installed", ["[green]yes[/]" if s.installed else "[red]no[/]" for s in statuses], justify="left"),
-        Column("cached", [human_bytes(s.cache_bytes) if s.cached else "no" for s in statuses]),
-        Column("GGUF", [human_bytes(s.gguf_bytes) for s in statuses], priority=2),
-        Column("licence", [escape(s.licence) for s in statuses], justify="left", priority=3),
-        Column("model", [escape(s.description) for s in statuses], justify="left", priority=1),
-    ], wide=wide, title="Model aliases (work offline once installed)")
+    hidden = print_fitted(
+        [
+            Column("alias", [escape(s.name) for s in statuses], justify="left"),
+            Column("installed", ["[green]yes[/]" if s.installed else "[red]no[/]" for s in statuses], justify="left"),
+            Column("cached", [human_bytes(s.cache_bytes) if s.cached else "no" for s in statuses]),
+            Column("GGUF", [human_bytes(s.gguf_bytes) for s in statuses], priority=2),
+            Column("licence", [escape(s.licence) for s in statuses], justify="left", priority=3),
+            Column("model", [escape(s.description) for s in statuses], justify="left", priority=1),
+        ],
+        wide=wide,
+        title="Model aliases (work offline once installed)",
+    )
     gguf = "" if "GGUF" in hidden else " · GGUF: the model file's size"
-    out.print(f"[dim]cached: the safetensors conversion's size (later loads take seconds); no: the first load "
-              f"converts the GGUF file{gguf}[/]", soft_wrap=False)
+    out.print(
+        f"[dim]cached: the safetensors conversion's size (later loads take seconds); no: the first load "
+        f"converts the GGUF file{gguf}[/]",
+        soft_wrap=False,
+    )
     for s in statuses:
         if not s.installed:
             out.print(f"{escape(s.name)} is not installed: {escape(s.install_hint)}", soft_wrap=False)
@@ -207,8 +242,12 @@ def models_table(statuses, conversions, cache_root: str, *, wide: bool = False,
 # --- cache ---
 
 CACHE_ACTION = {True: "removes", False: "keeps"}
-CACHE_KIND_TEXT = {"conversion": "safetensors conversion", "joined-gguf": "GGUF file joined from its packages",
-                   "staging": "unfinished write", "unknown": "not llmkit's"}
+CACHE_KIND_TEXT = {
+    "conversion": "safetensors conversion",
+    "joined-gguf": "GGUF file joined from its packages",
+    "staging": "unfinished write",
+    "unknown": "not llmkit's",
+}
 
 
 def cache_table(entries, root: str, packages: list[tuple[str, int]]) -> None:
@@ -221,6 +260,7 @@ def cache_table(entries, root: str, packages: list[tuple[str, int]]) -> None:
     if not entries:
         out.print("[dim]empty: nothing converted or joined yet[/]")
     else:
+
         def table_for(rows: list[tuple[str, str, str | Text, bool]], longest: int) -> Table:
             table = compact_table()
             table.add_column("size", justify="right", no_wrap=True)
@@ -244,12 +284,18 @@ def cache_table(entries, root: str, packages: list[tuple[str, int]]) -> None:
         out.print(table, crop=False)
     total = sum(e.bytes for e in entries)
     removable = sum(e.bytes for e in entries if e.removable)
-    out.print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} · {human_bytes(total)} · "
-              f"llmkit cache --clean frees {human_bytes(removable)}", soft_wrap=False)
+    out.print(
+        f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} · {human_bytes(total)} · "
+        f"llmkit cache --clean frees {human_bytes(removable)}",
+        soft_wrap=False,
+    )
     if packages:
         listed = " · ".join(f"{escape(name)} {human_bytes(size)}" for name, size in packages)
-        out.print(f"[dim]Outside the cache, in the aliases' packages (pip uninstall removes them, --clean never "
-                  f"does): {listed}[/]", soft_wrap=False)
+        out.print(
+            f"[dim]Outside the cache, in the aliases' packages (pip uninstall removes them, --clean never "
+            f"does): {listed}[/]",
+            soft_wrap=False,
+        )
 
 
 def cache_cleaned(result) -> None:
@@ -258,17 +304,20 @@ def cache_cleaned(result) -> None:
     for entry in result.removed:
         out.print(f"{verb} {escape(entry.name)} ({human_bytes(entry.bytes)})", soft_wrap=False)
     for entry in result.kept:
-        out.print(f"[dim]kept {escape(entry.name)} ({human_bytes(entry.bytes)}): {escape(entry.reason)}[/]",
-                  soft_wrap=False)
+        out.print(
+            f"[dim]kept {escape(entry.name)} ({human_bytes(entry.bytes)}): {escape(entry.reason)}[/]", soft_wrap=False
+        )
     for entry, message in result.failed:
         error(f"could not remove {entry.name}: {message}")
     count = f"{len(result.removed)} entr{'y' if len(result.removed) == 1 else 'ies'}"
     if result.dry_run:
-        out.print(f"Would remove {count} and free {human_bytes(result.freed_bytes)} in {escape(result.root)}; "
-                  "llmkit cache --clean removes them", soft_wrap=False)
+        out.print(
+            f"Would remove {count} and free {human_bytes(result.freed_bytes)} in {escape(result.root)}; "
+            "llmkit cache --clean removes them",
+            soft_wrap=False,
+        )
     else:
-        out.print(f"Removed {count}, freed {human_bytes(result.freed_bytes)} in {escape(result.root)}",
-                  soft_wrap=False)
+        out.print(f"Removed {count}, freed {human_bytes(result.freed_bytes)} in {escape(result.root)}", soft_wrap=False)
 
 
 @contextmanager
@@ -279,8 +328,13 @@ def loading(model_name: str) -> Iterator[Any]:
     if os.environ.get("LLMKIT_NO_PROGRESS") or not err.is_terminal:
         yield None  # a redirected stderr gets no animation frames
         return
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
-               TimeElapsedColumn()]
+    columns = [
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[count]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task(f"loading {model_name}", total=None, count="")
 
@@ -288,10 +342,12 @@ def loading(model_name: str) -> Iterator[Any]:
             description = stage if total is not None else f"{stage}…"
             if stage.startswith("de-quantizing"):
                 description += " (first use only; later loads take seconds)"
-            progress.update(task, description=description, completed=done, total=total,
-                            count=f"{done}/{total}" if total else "")
+            progress.update(
+                task, description=description, completed=done, total=total, count=f"{done}/{total}" if total else ""
+            )
 
         yield report
+
 
 # --- monitor ---
 
@@ -320,8 +376,10 @@ def monitor_live(sampler, spec) -> Iterator[Any]:
         progress = f" {state['done']}/{state['total']}" if state["total"] else ""
         line = Text()
         line.append(f"{state['phase']}{progress}", style="bold cyan")
-        line.append(f"  RSS {mib(sample.rss_bytes)}  CPU {sample.cpu_percent:.0f}%  "
-                    f"{sampler.elapsed():.1f} s  ({len(sampler.samples)} samples)")
+        line.append(
+            f"  RSS {mib(sample.rss_bytes)}  CPU {sample.cpu_percent:.0f}%  "
+            f"{sampler.elapsed():.1f} s  ({len(sampler.samples)} samples)"
+        )
         if sample.gpu_util_percent is not None:
             line.append(f"  GPU {sample.gpu_util_percent:.0f}% {mib(sample.gpu_memory_bytes)}")
         return line
@@ -354,49 +412,81 @@ MONITOR_METRICS = (
     ("generated_tokens", "tokens", lambda v: f"{v:.0f}", "tokenizer"),
 )
 MONITOR_STATS = (("mean", 2), ("median", 0), ("p95", 1), ("stddev", 3), ("min", 2), ("max", 2))  # name, priority
-MONITOR_LEGEND = ("TTFT: time to first token · pp tok/s: prompt tokens per second · tg tok/s: generated tokens "
-                  "per second (pp and tg as llama-bench defines them) · TPOT: time per output token after the "
-                  "first · ITL: inter-token latency, pooled over all runs · E2E: end-to-end latency (TTFT, TPOT, "
-                  "ITL and E2E as vLLM defines them) · tokens: generated tokens, counted by the tokenizer")
+MONITOR_LEGEND = (
+    "TTFT: time to first token · pp tok/s: prompt tokens per second · tg tok/s: generated tokens "
+    "per second (pp and tg as llama-bench defines them) · TPOT: time per output token after the "
+    "first · ITL: inter-token latency, pooled over all runs · E2E: end-to-end latency (TTFT, TPOT, "
+    "ITL and E2E as vLLM defines them) · tokens: generated tokens, counted by the tokenizer"
+)
 MONITOR_HINT = "--json has every figure"
 
 
 def monitor_report(report: dict[str, Any]) -> None:
     """The final tables of `llmkit monitor` from its JSON document."""
     model, env, config = report["model"], report["environment"], report["config"]
-    out.print(f"[bold]{escape(model['model'])}[/] · {model['parameters'] / 1e6:,.0f}M parameters · "
-              f"{model['device']} {model['dtype']} · {model.get('threads') or env['torch_threads']} threads · "
-              f"{escape(env['cpu_model'])}")
-    out.print(f"prompt {config['prompt_tokens']} tokens · {config['max_new_tokens']} new tokens (greedy) · "
-              f"{config['runs']} runs after {config['warmup']} warm-up · sampler "
-              f"{report['sampler']['samples_per_s'] or 0:.0f} samples/s")
+    out.print(
+        f"[bold]{escape(model['model'])}[/] · {model['parameters'] / 1e6:,.0f}M parameters · "
+        f"{model['device']} {model['dtype']} · {model.get('threads') or env['torch_threads']} threads · "
+        f"{escape(env['cpu_model'])}"
+    )
+    out.print(
+        f"prompt {config['prompt_tokens']} tokens · {config['max_new_tokens']} new tokens (greedy) · "
+        f"{config['runs']} runs after {config['warmup']} warm-up · sampler "
+        f"{report['sampler']['samples_per_s'] or 0:.0f} samples/s"
+    )
 
     for name, why in model.get("choices", {}).items():
         out.print(f"  [dim]{escape(name)}:[/] {escape(why)}")
 
     rows = report["phases"]
-    print_fitted([
-        Column("phase", [row["name"] for row in rows], justify="left"),
-        Column("wall", [_seconds(row["wall_s"]) for row in rows]),
-        Column("CPU", ["-" if row["cpu_percent"] is None else f"{row['cpu_percent']:.0f}%" for row in rows]),
-        Column("peak RSS", [mib(row["rss_peak_bytes"]) for row in rows]),
-        Column("GPU util", ["-" if row["gpu_util_percent"] is None else f"{row['gpu_util_percent']:.0f}%"
-                            for row in rows], priority=1),
-        Column("GPU mem peak", [mib(row["cuda_peak_allocated_bytes"] if row["cuda_peak_allocated_bytes"] is not None
-                                    else row["gpu_memory_peak_bytes"]) for row in rows], priority=1),
-    ], hint=MONITOR_HINT, title="Phases")
+    print_fitted(
+        [
+            Column("phase", [row["name"] for row in rows], justify="left"),
+            Column("wall", [_seconds(row["wall_s"]) for row in rows]),
+            Column("CPU", ["-" if row["cpu_percent"] is None else f"{row['cpu_percent']:.0f}%" for row in rows]),
+            Column("peak RSS", [mib(row["rss_peak_bytes"]) for row in rows]),
+            Column(
+                "GPU util",
+                ["-" if row["gpu_util_percent"] is None else f"{row['gpu_util_percent']:.0f}%" for row in rows],
+                priority=1,
+            ),
+            Column(
+                "GPU mem peak",
+                [
+                    mib(
+                        row["cuda_peak_allocated_bytes"]
+                        if row["cuda_peak_allocated_bytes"] is not None
+                        else row["gpu_memory_peak_bytes"]
+                    )
+                    for row in rows
+                ],
+                priority=1,
+            ),
+        ],
+        hint=MONITOR_HINT,
+        title="Phases",
+    )
 
     memory = report["memory"]
-    out.print(f"RSS before load {mib(memory['rss_before_load_bytes'])} · after load "
-              f"{mib(memory['rss_after_load_bytes'])} · peak during load {mib(memory['rss_peak_load_bytes'])} · "
-              f"peak during inference {mib(memory['rss_peak_inference_bytes'])} · system available "
-              f"{mib(memory['system_available_bytes'])}")
+    out.print(
+        f"RSS before load {mib(memory['rss_before_load_bytes'])} · after load "
+        f"{mib(memory['rss_after_load_bytes'])} · peak during load {mib(memory['rss_peak_load_bytes'])} · "
+        f"peak during inference {mib(memory['rss_peak_inference_bytes'])} · system available "
+        f"{mib(memory['system_available_bytes'])}"
+    )
 
     summary = [(label, fmt, report["summary"].get(key)) for key, label, fmt, _ in MONITOR_METRICS]
-    print_fitted([Column("metric", [label for label, _, _ in summary], justify="left"),
-                  *(Column(stat, [fmt(stats[stat]) if stats else "-" for _, fmt, stats in summary], priority=priority)
-                    for stat, priority in MONITOR_STATS)],
-                 hint=MONITOR_HINT, title="Latency over measured runs")
+    print_fitted(
+        [
+            Column("metric", [label for label, _, _ in summary], justify="left"),
+            *(
+                Column(stat, [fmt(stats[stat]) if stats else "-" for _, fmt, stats in summary], priority=priority)
+                for stat, priority in MONITOR_STATS
+            ),
+        ],
+        hint=MONITOR_HINT,
+        title="Latency over measured runs",
+    )
     out.print(f"[dim]{escape(MONITOR_LEGEND)}[/]", soft_wrap=False)  # prose: wrapped between words
 
 
@@ -506,10 +596,16 @@ def sweep_tables(sweep, *, wide: bool = False) -> None:
         seed_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
     sampled = f" · {sweep.samples} samples each (greedy: 1), {seed_text}" if seeds else ""
     common = f" · all with {_explore_knobs(sweep.common)}" if sweep.common else ""
-    out.print(Text.assemble(("Sweep", "bold"), f" of {len(sweep.settings)} settings on ", (sweep.model, "bold"),
-                            f" · {limit}{sampled}{common}"), soft_wrap=False)
-    out.print(Text.assemble(f"Prompt ({sweep.prompt_tokens} tokens): ", (repr(sweep.prompt), "dim")),
-              soft_wrap=False)
+    out.print(
+        Text.assemble(
+            ("Sweep", "bold"),
+            f" of {len(sweep.settings)} settings on ",
+            (sweep.model, "bold"),
+            f" · {limit}{sampled}{common}",
+        ),
+        soft_wrap=False,
+    )
+    out.print(Text.assemble(f"Prompt ({sweep.prompt_tokens} tokens): ", (repr(sweep.prompt), "dim")), soft_wrap=False)
 
     labels = [run.label for run in sweep.settings]
     text_header = "text" if wide else EXPLORE_TEXT_HEADER
@@ -525,10 +621,12 @@ def sweep_tables(sweep, *, wide: bool = False) -> None:
         texts.add_column(text_header, no_wrap=True, overflow="ellipsis", ratio=1, min_width=len(text_header))
     for number, run in enumerate(sweep.settings):
         for j, sample in enumerate(run.samples):
-            texts.add_row(pack_label(run.label, label_width) if j == 0 else "",
-                          "-" if sample.seed is None else str(sample.seed),
-                          Text(_one_line(sample.text.strip()) or "(empty)"),
-                          end_section=j == len(run.samples) - 1 and number < len(sweep.settings) - 1)
+            texts.add_row(
+                pack_label(run.label, label_width) if j == 0 else "",
+                "-" if sample.seed is None else str(sample.seed),
+                Text(_one_line(sample.text.strip()) or "(empty)"),
+                end_section=j == len(run.samples) - 1 and number < len(sweep.settings) - 1,
+            )
     out.print(texts)
 
     def metrics_table(shown_labels: list[str]) -> Table:
@@ -539,9 +637,17 @@ def sweep_tables(sweep, *, wide: bool = False) -> None:
         for label, run in zip(shown_labels, sweep.settings):
             m = run.metrics
             ppl = None if m.perplexity is None else _explore_num(m.perplexity, 1 if m.perplexity < 100 else 0)
-            table.add_row(label, str(m.samples), _explore_num(m.distinct_1), _explore_num(m.distinct_2),
-                          _explore_num(m.repetition), _explore_num(m.mean_logprob), ppl or "-",
-                          f"{m.mean_tokens:.1f}", _explore_num(m.tokens_per_s, 1))
+            table.add_row(
+                label,
+                str(m.samples),
+                _explore_num(m.distinct_1),
+                _explore_num(m.distinct_2),
+                _explore_num(m.repetition),
+                _explore_num(m.mean_logprob),
+                ppl or "-",
+                f"{m.mean_tokens:.1f}",
+                _explore_num(m.tokens_per_s, 1),
+            )
         return table
 
     numbers_width = natural_width(metrics_table([""] * len(labels))) - len("setting")
@@ -551,22 +657,30 @@ def sweep_tables(sweep, *, wide: bool = False) -> None:
     if size > out.width:  # one knob wider than the room left: run past the terminal rather than cut it
         metrics.width = size
     out.print(metrics, crop=False)
-    out.print(Text("n: samples · dist-n: distinct-n, unique / all word n-grams over the samples (higher: more "
-                   "diverse) · rep-3: share of a sample's word trigrams that repeat an earlier one (higher: "
-                   "loops) · log p: mean log-probability of the generated tokens under the unmodified model; "
-                   "ppl = exp(-log p) · tokens: mean per sample · tok/s: decode speed", style="dim"),
-              soft_wrap=False)
+    out.print(
+        Text(
+            "n: samples · dist-n: distinct-n, unique / all word n-grams over the samples (higher: more "
+            "diverse) · rep-3: share of a sample's word trigrams that repeat an earlier one (higher: "
+            "loops) · log p: mean log-probability of the generated tokens under the unmodified model; "
+            "ppl = exp(-log p) · tokens: mean per sample · tok/s: decode speed",
+            style="dim",
+        ),
+        soft_wrap=False,
+    )
 
 
 def sweep_summary(sweep, threads: int | None = None) -> None:
     runs = sum(len(s.samples) for s in sweep.settings)
     tokens = sum(len(x.token_ids) for s in sweep.settings for x in s.samples)
+
     def count(n: int, noun: str) -> str:
         return f"{n} {noun}{'' if n == 1 else 's'}"
 
     threads_text = f" · {count(threads, 'thread')}" if threads is not None else ""
-    err.print(f"[dim]{count(len(sweep.settings), 'setting')} · {count(runs, 'generation')} · "
-              f"{count(tokens, 'generated token')} · {sweep.elapsed_s:.1f} s{threads_text} · seed {sweep.seed}[/]")
+    err.print(
+        f"[dim]{count(len(sweep.settings), 'setting')} · {count(runs, 'generation')} · "
+        f"{count(tokens, 'generated token')} · {sweep.elapsed_s:.1f} s{threads_text} · seed {sweep.seed}[/]"
+    )
 
 
 def explore_csv(rows: list[dict[str, Any]]) -> None:
@@ -587,12 +701,18 @@ def next_token_tables(view) -> None:
     from rich import box
     from rich.text import Text
 
-    out.print(Text.assemble("Next token after ", (repr(view.prompt), "bold"), " on ", (view.model, "bold")),
-              soft_wrap=False)
+    out.print(
+        Text.assemble("Next token after ", (repr(view.prompt), "bold"), " on ", (view.model, "bold")), soft_wrap=False
+    )
     common = f" · all with {_explore_knobs(view.common)}" if view.common else ""
-    out.print(Text(f"{view.prompt_tokens} prompt tokens · vocabulary {view.vocab_size:,} · model entropy "
-                   f"{view.model_entropy_bits:.2f} bits (temperature 1, nothing cut){common}", style="dim"),
-              soft_wrap=False)
+    out.print(
+        Text(
+            f"{view.prompt_tokens} prompt tokens · vocabulary {view.vocab_size:,} · model entropy "
+            f"{view.model_entropy_bits:.2f} bits (temperature 1, nothing cut){common}",
+            style="dim",
+        ),
+        soft_wrap=False,
+    )
     from rich.cells import cell_len
 
     cell_width = EXPLORE_BAR_WIDTH + 1 + 6
@@ -627,18 +747,25 @@ def next_token_tables(view) -> None:
                 if cell.cut_by:
                     cells.append(Text(f"cut: {cell.cut_by}", style="dim"))
                 else:
-                    cells.append(Text.assemble((_explore_bar(cell.prob), "cyan"), " ",
-                                               _explore_prob(cell.prob).rjust(6)))
-            table.add_row(str(row.rank), Text(repr(row.token)), *cells,
-                          end_section=index == len(group[0].rows) - 1)
+                    cells.append(
+                        Text.assemble((_explore_bar(cell.prob), "cyan"), " ", _explore_prob(cell.prob).rjust(6))
+                    )
+            table.add_row(str(row.rank), Text(repr(row.token)), *cells, end_section=index == len(group[0].rows) - 1)
         table.add_row("", Text("entropy bits", style="dim"), *(f"{s.entropy_bits:.2f}" for s in group))
         table.add_row("", Text("tokens kept", style="dim"), *(f"{s.kept_tokens:,}" for s in group))
-        table.add_row("", Text("mass cut", style="dim"),
-                      *(_explore_prob(s.cut_mass) if s.cut_mass > 0 else "-" for s in group))
+        table.add_row(
+            "", Text("mass cut", style="dim"), *(_explore_prob(s.cut_mass) if s.cut_mass > 0 else "-" for s in group)
+        )
         out.print(table)
-    out.print(Text("Bars: probability under each setting (full width = 100%); cut: removed by that filter. "
-                   "Temperature reshapes the whole distribution; top-k, top-p and min-p cut its tail and "
-                   "renormalise what is left.", style="dim"), soft_wrap=False)
+    out.print(
+        Text(
+            "Bars: probability under each setting (full width = 100%); cut: removed by that filter. "
+            "Temperature reshapes the whole distribution; top-k, top-p and min-p cut its tail and "
+            "renormalise what is left.",
+            style="dim",
+        ),
+        soft_wrap=False,
+    )
 
 
 # --- compare ---
@@ -656,8 +783,13 @@ def compare_progress(total: int) -> Iterator[Any]:
     if not err.is_terminal or os.environ.get("LLMKIT_NO_PROGRESS"):
         yield quiet
         return
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn()]
+    columns = [
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("comparing", total=total)
 
@@ -693,8 +825,19 @@ def _compare_cell(key: str, value: Any) -> str:
 
 # compare's columns at 80: the highest number is left out first (ties: the rightmost); 0 always shows.
 # The greedy sample is never a column: it is listed under the table.
-COMPARE_PRIORITY = {"model": 0, "tg_tokens_per_s": 0, "peak_rss_bytes": 1, "ttft_s": 1, "bits_per_byte": 1,
-                    "parameters": 2, "load_s": 3, "disk_bytes": 3, "relative_speed": 4, "perplexity": 4, "dtype": 5}
+COMPARE_PRIORITY = {
+    "model": 0,
+    "tg_tokens_per_s": 0,
+    "peak_rss_bytes": 1,
+    "ttft_s": 1,
+    "bits_per_byte": 1,
+    "parameters": 2,
+    "load_s": 3,
+    "disk_bytes": 3,
+    "relative_speed": 4,
+    "perplexity": 4,
+    "dtype": 5,
+}
 
 
 def compare_table(rows, spec, console: Console | None = None, *, wide: bool = False) -> None:
@@ -713,19 +856,33 @@ def compare_table(rows, spec, console: Console | None = None, *, wide: bool = Fa
         for row in ok:
             cell = escape(_compare_cell(key, row.get(key)))
             cells.append(f"[bold green]{cell}[/]" if key in best and row.get(key) == best[key] else cell)
-        columns.append(Column(label, cells, justify="left" if key in ("model", "dtype") else "right",
-                              priority=COMPARE_PRIORITY.get(key, 3)))
-    print_fitted(columns, wide=wide, console=console,
-                 title=f"{len(rows)} models · {spec.runs} runs of {spec.max_new_tokens} greedy tokens after "
-                       f"{spec.warmup} warm-up · perplexity on {escape(spec.text_name)}")
-    console.print("[dim]speed: decode tokens/s relative to the fastest; perplexity is per token and not "
-                  "comparable across tokenizers, bits/byte is.[/]", soft_wrap=False)
+        columns.append(
+            Column(
+                label,
+                cells,
+                justify="left" if key in ("model", "dtype") else "right",
+                priority=COMPARE_PRIORITY.get(key, 3),
+            )
+        )
+    print_fitted(
+        columns,
+        wide=wide,
+        console=console,
+        title=f"{len(rows)} models · {spec.runs} runs of {spec.max_new_tokens} greedy tokens after "
+        f"{spec.warmup} warm-up · perplexity on {escape(spec.text_name)}",
+    )
+    console.print(
+        "[dim]speed: decode tokens/s relative to the fastest; perplexity is per token and not "
+        "comparable across tokenizers, bits/byte is.[/]",
+        soft_wrap=False,
+    )
     samples = [row for row in ok if row.get("sample") is not None]
     if samples:
         console.print(f"[dim]greedy samples (first {SAMPLE_CHARS} characters; --format json has them whole):[/]")
         for row in samples:
-            console.print(f"  [bold]{escape(row['model'])}[/]: {escape(_compare_cell('sample', row['sample']))}",
-                          soft_wrap=False)
+            console.print(
+                f"  [bold]{escape(row['model'])}[/]: {escape(_compare_cell('sample', row['sample']))}", soft_wrap=False
+            )
     _compare_threads_line(rows, console)
     for row in rows:
         if not row.get("ok"):
@@ -756,11 +913,27 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
     from llmkit.compare import COLUMNS, flat_rows
 
     if output_format == "json":
-        return json.dumps({"spec": {"models": list(spec.models), "prompt": spec.prompt, "text": spec.text_name,
-                                    "runs": spec.runs, "warmup": spec.warmup,
-                                    "max_new_tokens": spec.max_new_tokens, "window": spec.window,
-                                    "stride": spec.effective_stride, "threads": spec.load.threads},
-                           "rows": rows}, indent=2, ensure_ascii=False) + "\n"
+        return (
+            json.dumps(
+                {
+                    "spec": {
+                        "models": list(spec.models),
+                        "prompt": spec.prompt,
+                        "text": spec.text_name,
+                        "runs": spec.runs,
+                        "warmup": spec.warmup,
+                        "max_new_tokens": spec.max_new_tokens,
+                        "window": spec.window,
+                        "stride": spec.effective_stride,
+                        "threads": spec.load.threads,
+                    },
+                    "rows": rows,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
     if output_format == "csv":
         buffer = io.StringIO()
         records = flat_rows(rows)
@@ -770,8 +943,10 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
         return buffer.getvalue()
     if output_format == "markdown":
         numeric = [key not in ("model", "dtype", "sample") for key, _, _ in COLUMNS]
-        lines = ["| " + " | ".join(label for _, label, _ in COLUMNS) + " |",
-                 "|" + "|".join("---:" if right else "---" for right in numeric) + "|"]
+        lines = [
+            "| " + " | ".join(label for _, label, _ in COLUMNS) + " |",
+            "|" + "|".join("---:" if right else "---" for right in numeric) + "|",
+        ]
         for row in rows:
             if row.get("ok"):
                 cells = [_compare_cell(key, row.get(key)).replace("|", "\\|") for key, _, _ in COLUMNS]
@@ -791,27 +966,56 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
 # --- serve ---
 
 
-def serve_banner(url: str, model: str, *, api_key: bool, rate_limit: str | None, max_batch_size: int,
-                 max_queue: int, request_timeout_s: float, engine: str = "transformers",
-                 threads: int | None = None) -> None:
+def serve_banner(
+    url: str,
+    model: str,
+    *,
+    api_key: bool,
+    rate_limit: str | None,
+    max_batch_size: int,
+    max_queue: int,
+    request_timeout_s: float,
+    engine: str = "transformers",
+    threads: int | None = None,
+) -> None:
     """What `llmkit serve` listens on and how it is configured (stderr; never shows the API key); threads: those
     asked for (None: the engine's default, which /health and the "ready" line report once loaded)."""
     if _message_log:
-        _message_log.info("llmkit serve on %s: loading %s in the background", url, model, extra={
-            "event": "starting", "url": url, "model": model, "engine": engine, "max_batch_size": max_batch_size,
-            "max_queue": max_queue, "request_timeout_s": request_timeout_s, "api_key_required": api_key,
-            "rate_limit": rate_limit, "threads": threads})
+        _message_log.info(
+            "llmkit serve on %s: loading %s in the background",
+            url,
+            model,
+            extra={
+                "event": "starting",
+                "url": url,
+                "model": model,
+                "engine": engine,
+                "max_batch_size": max_batch_size,
+                "max_queue": max_queue,
+                "request_timeout_s": request_timeout_s,
+                "api_key_required": api_key,
+                "rate_limit": rate_limit,
+                "threads": threads,
+            },
+        )
         return
     err.print(f"[bold]llmkit serve[/] · {escape(url)} · loading [cyan]{escape(model)}[/] in the background")
-    err.print(f"[dim]  OpenAI API {escape(url)}/v1 (completions, chat/completions, models) · simple API "
-              f"POST /generate · GET /health · GET /metrics[/]")
-    batching = {"transformers": f"batches up to {max_batch_size} sequences",
-                "llama.cpp": "llama.cpp engine: one request at a time"}.get(
-        engine, f"engine {engine}: batches up to {max_batch_size} sequences with transformers, one at a time "
-                "with llama.cpp")
-    err.print(f"[dim]  {batching} · queue {max_queue} · timeout "
-              f"{request_timeout_s:g} s · API key {'required' if api_key else 'off'} · rate limit "
-              f"{rate_limit or 'off'} · threads {threads or 'default'} · Ctrl-C stops gracefully[/]")
+    err.print(
+        f"[dim]  OpenAI API {escape(url)}/v1 (completions, chat/completions, models) · simple API "
+        f"POST /generate · GET /health · GET /metrics[/]"
+    )
+    batching = {
+        "transformers": f"batches up to {max_batch_size} sequences",
+        "llama.cpp": "llama.cpp engine: one request at a time",
+    }.get(
+        engine,
+        f"engine {engine}: batches up to {max_batch_size} sequences with transformers, one at a time with llama.cpp",
+    )
+    err.print(
+        f"[dim]  {batching} · queue {max_queue} · timeout "
+        f"{request_timeout_s:g} s · API key {'required' if api_key else 'off'} · rate limit "
+        f"{rate_limit or 'off'} · threads {threads or 'default'} · Ctrl-C stops gracefully[/]"
+    )
 
 
 def serve_stopped() -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-from typing import Annotated, Callable, Optional
+from collections.abc import Callable
+from typing import Annotated, Optional
 
 import typer
 
@@ -49,70 +50,143 @@ EPILOG = """Examples:
 def serve(
     *,
     model: options.ModelOpt = None,
-    host: Annotated[str, typer.Option("--host", rich_help_panel=SERVER_PANEL,
-                                      help="Address to bind; 0.0.0.0 exposes the server to the network.")]
-    = server_settings.DEFAULT_HOST,
-    port: Annotated[int, typer.Option("--port", "-p", rich_help_panel=SERVER_PANEL, help="TCP port.")]
-    = server_settings.DEFAULT_PORT,
-    max_batch_size: Annotated[int, typer.Option(
-        "--max-batch-size", rich_help_panel=SERVER_PANEL,
-        help="Sequences decoded together in one forward pass (a request with n=k takes k). "
-             "The llama.cpp engine serves one request at a time.")]
-    = server_settings.DEFAULT_MAX_BATCH_SIZE,
-    max_queue: Annotated[int, typer.Option(
-        "--max-queue", rich_help_panel=LIMITS_PANEL,
-        help="Requests that may wait for room in the batch; beyond it: 503 with Retry-After.")]
-    = server_settings.DEFAULT_MAX_QUEUE,
-    request_timeout: Annotated[float, typer.Option(
-        "--request-timeout", rich_help_panel=LIMITS_PANEL,
-        help="Seconds from arrival to the last token; beyond it generation stops and the answer is 504.")]
-    = server_settings.DEFAULT_REQUEST_TIMEOUT_S,
-    api_key: Annotated[Optional[str], typer.Option(
-        "--api-key", envvar=server_settings.API_KEY_ENV, rich_help_panel=LIMITS_PANEL, show_default=False,
-        help="Require 'Authorization: Bearer KEY' on every endpoint but /health. Prefer the environment "
-             "variable: a command line is visible to other users.")] = None,
-    rate_limit: Annotated[Optional[str], typer.Option(
-        "--rate-limit", rich_help_panel=LIMITS_PANEL, show_default=False,
-        help="Requests per client address, e.g. 60/minute (N/second, N/minute, N/hour); beyond it: 429.")] = None,
-    max_body_bytes: Annotated[int, typer.Option(
-        "--max-body-bytes", rich_help_panel=LIMITS_PANEL, help="Largest request body accepted; beyond it: 413.")]
-    = server_settings.DEFAULT_MAX_BODY_BYTES,
-    grace_period: Annotated[float, typer.Option(
-        "--grace-period", rich_help_panel=SERVER_PANEL,
-        help="Seconds in-flight requests get to finish after SIGTERM or Ctrl-C; then each one left is answered "
-             "503, or its stream ends with an error event and [DONE].")] = server_settings.DEFAULT_GRACE_S,
-    log_format: Annotated[str, typer.Option(
-        "--log-format", rich_help_panel=SERVER_PANEL,
-        help="text or json: one JSON object per line on stderr for everything the server writes, banner and "
-             "errors included.")]
-    = "text",
-    idle_timeout: Annotated[float, typer.Option(
-        "--idle-timeout", rich_help_panel=CONNECTIONS_PANEL,
-        help="Seconds a connection may stay open with no request in progress (a new one before its first byte, "
-             "a keep-alive one between requests); then it is closed.")] = server_settings.DEFAULT_IDLE_TIMEOUT_S,
-    read_timeout: Annotated[float, typer.Option(
-        "--read-timeout", rich_help_panel=CONNECTIONS_PANEL,
-        help="Seconds from a request's first byte to the last byte of its body; a request not received whole "
-             "by then has its connection closed.")] = server_settings.DEFAULT_READ_TIMEOUT_S,
-    max_connections: Annotated[int, typer.Option(
-        "--max-connections", rich_help_panel=CONNECTIONS_PANEL,
-        help="Open connections at most; a new one beyond it is answered 503 (Connection: close) and closed.")]
-    = server_settings.DEFAULT_MAX_CONNECTIONS,
-    forwarded_allow_ips: Annotated[Optional[str], typer.Option(
-        "--forwarded-allow-ips", rich_help_panel=CONNECTIONS_PANEL, show_default=False,
-        help="Proxies whose X-Forwarded-For/-Proto are believed: comma-separated addresses or networks "
-             "(10.0.0.0/8), or '*'. Default: nobody, so the client address (rate limit, access log) is the "
-             "connection's own.")] = None,
-    make_load_options: Callable[[], LoadOptions],  # --device, --dtype, --quantize, --engine, --threads: from the decorator
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host", rich_help_panel=SERVER_PANEL, help="Address to bind; 0.0.0.0 exposes the server to the network."
+        ),
+    ] = server_settings.DEFAULT_HOST,
+    port: Annotated[
+        int, typer.Option("--port", "-p", rich_help_panel=SERVER_PANEL, help="TCP port.")
+    ] = server_settings.DEFAULT_PORT,
+    max_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--max-batch-size",
+            rich_help_panel=SERVER_PANEL,
+            help="Sequences decoded together in one forward pass (a request with n=k takes k). "
+            "The llama.cpp engine serves one request at a time.",
+        ),
+    ] = server_settings.DEFAULT_MAX_BATCH_SIZE,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue",
+            rich_help_panel=LIMITS_PANEL,
+            help="Requests that may wait for room in the batch; beyond it: 503 with Retry-After.",
+        ),
+    ] = server_settings.DEFAULT_MAX_QUEUE,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            rich_help_panel=LIMITS_PANEL,
+            help="Seconds from arrival to the last token; beyond it generation stops and the answer is 504.",
+        ),
+    ] = server_settings.DEFAULT_REQUEST_TIMEOUT_S,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key",
+            envvar=server_settings.API_KEY_ENV,
+            rich_help_panel=LIMITS_PANEL,
+            show_default=False,
+            help="Require 'Authorization: Bearer KEY' on every endpoint but /health. Prefer the environment "
+            "variable: a command line is visible to other users.",
+        ),
+    ] = None,
+    rate_limit: Annotated[
+        Optional[str],
+        typer.Option(
+            "--rate-limit",
+            rich_help_panel=LIMITS_PANEL,
+            show_default=False,
+            help="Requests per client address, e.g. 60/minute (N/second, N/minute, N/hour); beyond it: 429.",
+        ),
+    ] = None,
+    max_body_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-body-bytes", rich_help_panel=LIMITS_PANEL, help="Largest request body accepted; beyond it: 413."
+        ),
+    ] = server_settings.DEFAULT_MAX_BODY_BYTES,
+    grace_period: Annotated[
+        float,
+        typer.Option(
+            "--grace-period",
+            rich_help_panel=SERVER_PANEL,
+            help="Seconds in-flight requests get to finish after SIGTERM or Ctrl-C; then each one left is answered "
+            "503, or its stream ends with an error event and [DONE].",
+        ),
+    ] = server_settings.DEFAULT_GRACE_S,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            rich_help_panel=SERVER_PANEL,
+            help="text or json: one JSON object per line on stderr for everything the server writes, banner and "
+            "errors included.",
+        ),
+    ] = "text",
+    idle_timeout: Annotated[
+        float,
+        typer.Option(
+            "--idle-timeout",
+            rich_help_panel=CONNECTIONS_PANEL,
+            help="Seconds a connection may stay open with no request in progress (a new one before its first byte, "
+            "a keep-alive one between requests); then it is closed.",
+        ),
+    ] = server_settings.DEFAULT_IDLE_TIMEOUT_S,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            "--read-timeout",
+            rich_help_panel=CONNECTIONS_PANEL,
+            help="Seconds from a request's first byte to the last byte of its body; a request not received whole "
+            "by then has its connection closed.",
+        ),
+    ] = server_settings.DEFAULT_READ_TIMEOUT_S,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            rich_help_panel=CONNECTIONS_PANEL,
+            help="Open connections at most; a new one beyond it is answered 503 (Connection: close) and closed.",
+        ),
+    ] = server_settings.DEFAULT_MAX_CONNECTIONS,
+    forwarded_allow_ips: Annotated[
+        Optional[str],
+        typer.Option(
+            "--forwarded-allow-ips",
+            rich_help_panel=CONNECTIONS_PANEL,
+            show_default=False,
+            help="Proxies whose X-Forwarded-For/-Proto are believed: comma-separated addresses or networks "
+            "(10.0.0.0/8), or '*'. Default: nobody, so the client address (rate limit, access log) is the "
+            "connection's own.",
+        ),
+    ] = None,
+    make_load_options: Callable[
+        [], LoadOptions
+    ],  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat (continuous batching with transformers)."""
     if log_format == "json":  # from here on every line is JSON, a bad option's error included
         _log_as_json()
     settings = ServerSettings(
-        host=host, port=port, model_name=model or "model", api_key=api_key, rate_limit=parse_rate_limit(rate_limit),
-        max_queue=max_queue, max_batch_size=max_batch_size, request_timeout_s=request_timeout,
-        grace_s=grace_period, max_body_bytes=max_body_bytes, log_format=log_format,
-        idle_timeout_s=idle_timeout, read_timeout_s=read_timeout, max_connections=max_connections,
+        host=host,
+        port=port,
+        model_name=model or "model",
+        api_key=api_key,
+        rate_limit=parse_rate_limit(rate_limit),
+        max_queue=max_queue,
+        max_batch_size=max_batch_size,
+        request_timeout_s=request_timeout,
+        grace_s=grace_period,
+        max_body_bytes=max_body_bytes,
+        log_format=log_format,
+        idle_timeout_s=idle_timeout,
+        read_timeout_s=read_timeout,
+        max_connections=max_connections,
         forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     ).check()
     load_options = make_load_options()
@@ -122,8 +196,10 @@ def serve(
     settings = ServerSettings(**{**settings.__dict__, "model_name": source.name})
     _check_port_free(settings)
     if not settings.is_loopback and not settings.api_key:
-        render.warning(f"listening on {settings.host} without an API key: anyone who can reach this machine "
-                       f"can use the model; set {server_settings.API_KEY_ENV}")
+        render.warning(
+            f"listening on {settings.host} without an API key: anyone who can reach this machine "
+            f"can use the model; set {server_settings.API_KEY_ENV}"
+        )
 
     from llmkit.server import logs
     from llmkit.server.app import build_app
@@ -143,11 +219,17 @@ def serve(
     model_host = app.state.host
     model_host.on_fatal = lambda message: setattr(server, "should_exit", True)
 
-    render.serve_banner(settings.url, settings.model_name, api_key=bool(settings.api_key),
-                        rate_limit=str(settings.rate_limit) if settings.rate_limit else None,
-                        max_batch_size=settings.max_batch_size, engine=load_options.engine,
-                        max_queue=settings.max_queue,
-                        request_timeout_s=settings.request_timeout_s, threads=_threads_asked(load_options.threads))
+    render.serve_banner(
+        settings.url,
+        settings.model_name,
+        api_key=bool(settings.api_key),
+        rate_limit=str(settings.rate_limit) if settings.rate_limit else None,
+        max_batch_size=settings.max_batch_size,
+        engine=load_options.engine,
+        max_queue=settings.max_queue,
+        request_timeout_s=settings.request_timeout_s,
+        threads=_threads_asked(load_options.threads),
+    )
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the handler that was
     # installed before it started; a no-op handler there makes a graceful stop exit 0 instead of dying by signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -179,5 +261,7 @@ def _check_port_free(settings: ServerSettings) -> None:
         try:
             probe.bind((settings.host, settings.port))
         except OSError as exc:
-            raise PortInUse(f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}); pick another "
-                            "--port or stop the program using it") from None
+            raise PortInUse(
+                f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}); pick another "
+                "--port or stop the program using it"
+            ) from None

@@ -43,8 +43,9 @@ def require_llamacpp() -> None:
         from llmkit.errors import UnsupportedFeature
         from llmkit.extras import install_hint
 
-        raise UnsupportedFeature(f"the llama.cpp engine needs llama-cpp-python: {install_hint('llamacpp')} "
-                                 "(it compiles for several minutes)")
+        raise UnsupportedFeature(
+            f"the llama.cpp engine needs llama-cpp-python: {install_hint('llamacpp')} (it compiles for several minutes)"
+        )
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,9 @@ def _options(options: LoadOptions | None, settings: dict[str, Any]) -> LoadOptio
     return options if options is not None else LoadOptions(**settings)
 
 
-def prepare(model: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None,
-            **settings: Any) -> Any:
+def prepare(
+    model: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None, **settings: Any
+) -> Any:
     """One-time work before a load (a GGUF conversion for transformers, joining a chunked alias),
     so that measurements of the load itself exclude it. settings: LoadOptions fields, when no options."""
     options = _options(options, settings)
@@ -126,8 +128,9 @@ def prepare(model: str | None = None, options: LoadOptions | None = None, *, pro
     return local_folder(resolve(model), progress)
 
 
-def load_engine(model: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None,
-                **settings: Any) -> Engine:
+def load_engine(
+    model: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None, **settings: Any
+) -> Engine:
     """Load `model` (alias, folder, .gguf file or Hub id) once, as `options` say; or with LoadOptions fields
     as keywords: load_engine("smollm2-135m", dtype="float32", threads=2).
 
@@ -147,5 +150,18 @@ def load_engine(model: str | None = None, options: LoadOptions | None = None, *,
     return loaded
 
 
-__all__ = ["Chunk", "Completion", "ENGINES", "EngineInfo", "LoadOptions", "Result", "Timings", "Usage", "check_engine",
-           "check_load_options", "choose_engine", "load_engine", "prepare"]
+__all__ = [
+    "Chunk",
+    "Completion",
+    "ENGINES",
+    "EngineInfo",
+    "LoadOptions",
+    "Result",
+    "Timings",
+    "Usage",
+    "check_engine",
+    "check_load_options",
+    "choose_engine",
+    "load_engine",
+    "prepare",
+]

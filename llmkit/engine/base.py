@@ -20,7 +20,8 @@ from __future__ import annotations
 import abc
 import functools
 import time
-from typing import TYPE_CHECKING, Any, Generator, Mapping, Protocol, Sequence
+from collections.abc import Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmkit.engine.sequence import choose_seed
 from llmkit.engine.types import Chunk, EngineInfo, Result
@@ -49,8 +50,9 @@ class Tokenizer(Protocol):
         """The text of `ids` (incremental detokenizing calls it on short windows)."""
         ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = False
+    ) -> str:
         """The prompt text the model's chat template makes of `messages`."""
         ...
 
@@ -127,9 +129,12 @@ class Engine(abc.ABC):
             return
         bound = self.max_prompt_chars
         if bound is not None and chars > bound:
-            raise InvalidParams(f"{field} has {chars} characters, more than the model's context of "
-                                f"{self.info.context_length} tokens can hold (at most {bound} characters); "
-                                "shorten it", field=field)
+            raise InvalidParams(
+                f"{field} has {chars} characters, more than the model's context of "
+                f"{self.info.context_length} tokens can hold (at most {bound} characters); "
+                "shorten it",
+                field=field,
+            )
 
     def prompt_ids(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
         """Token ids for a prompt; with chat=True, through the model's chat template."""
@@ -142,7 +147,8 @@ class Engine(abc.ABC):
 
                 raise UnsupportedFeature(no_chat_template(self.info.model))
             messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
+                {"role": "user", "content": prompt}
+            ]
             return self.chat_ids(messages, field="prompt")[1]
         ids = self.encode(prompt, "prompt", add_special_tokens=True)
         if not ids:
@@ -154,8 +160,9 @@ class Engine(abc.ABC):
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja's TemplateError: e.g. roles that must alternate
-            raise InvalidParams(f"{field}: the model's chat template rejected them: {one_line(exc)}",
-                                field=field) from None
+            raise InvalidParams(
+                f"{field}: the model's chat template rejected them: {one_line(exc)}", field=field
+            ) from None
         ids = self.encode(text, field, add_special_tokens=False)
         if not ids:
             raise InvalidParams(f"{field} are empty after applying the chat template", field=field)
@@ -170,9 +177,11 @@ class Engine(abc.ABC):
         if limit and len(text) > head_chars:
             head = self.tokenizer(text[:head_chars], add_special_tokens=add_special_tokens)["input_ids"]
             if len(head) > limit + 1:  # + 1: the last token of the head may merge with what follows it
-                raise InvalidParams(f"{field} has more than {limit} tokens, the model's context (its first "
-                                    f"{head_chars} characters alone are {len(head)} tokens); shorten it",
-                                    field=field)
+                raise InvalidParams(
+                    f"{field} has more than {limit} tokens, the model's context (its first "
+                    f"{head_chars} characters alone are {len(head)} tokens); shorten it",
+                    field=field,
+                )
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def count_tokens(self, text: str) -> int:
@@ -184,33 +193,39 @@ class Engine(abc.ABC):
             raise InvalidParams(
                 f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
                 f"the model's context of {limit} tokens; shorten the prompt or lower max_new_tokens",
-                field="max_new_tokens")
+                field="max_new_tokens",
+            )
 
     def check_length(self, tokens: int, what: str) -> None:
         """For scoring: `what` (e.g. 'the prompt') must fit in the context on its own."""
         limit = self.info.context_length
         if limit and tokens > limit:
-            raise InvalidParams(f"{what} has {tokens} tokens, more than the model's context of {limit} "
-                                "tokens; shorten it", field="prompt")
+            raise InvalidParams(
+                f"{what} has {tokens} tokens, more than the model's context of {limit} tokens; shorten it",
+                field="prompt",
+            )
 
     # --- generation -------------------------------------------------------------------------
 
-    def stream(self, prompt: str, params: GenerationParams, *, chat: bool = False,
-               system: str | None = None) -> Generation:
+    def stream(
+        self, prompt: str, params: GenerationParams, *, chat: bool = False, system: str | None = None
+    ) -> Generation:
         """Start generating; iterate the returned Generation for Chunks, then read `.result`."""
         started = time.perf_counter()
         ids = self.prompt_ids(prompt, chat=chat, system=system)
         self.check_context(len(ids), params)
         return self.stream_ids(prompt, ids, params, seed=choose_seed(params), started=started)
 
-    def stream_ids(self, prompt: str, ids: list[int], params: GenerationParams, *, seed: int | None,
-                   started: float) -> Generation:
+    def stream_ids(
+        self, prompt: str, ids: list[int], params: GenerationParams, *, seed: int | None, started: float
+    ) -> Generation:
         """stream() for ids made and checked elsewhere: the server tokenizes (and applies chat templates) on
         its own thread, and its timings count from `started`, the request's arrival."""
         return Generation(self._decode(prompt, ids, params, seed, started))
 
-    def generate(self, prompt: str, params: GenerationParams, *, chat: bool = False,
-                 system: str | None = None) -> Result:
+    def generate(
+        self, prompt: str, params: GenerationParams, *, chat: bool = False, system: str | None = None
+    ) -> Result:
         generation = self.stream(prompt, params, chat=chat, system=system)
         for _ in generation:
             pass
@@ -219,8 +234,9 @@ class Engine(abc.ABC):
     # --- what each engine implements ----------------------------------------------------------
 
     @abc.abstractmethod
-    def _decode(self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None,
-                started: float) -> Decode:
+    def _decode(
+        self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None, started: float
+    ) -> Decode:
         """Yield Chunks for the prompt `ids` (`prompt` is their text), then return the Result; sequence i samples
         with seed + i (None: greedy), and the Result's timings count from `started` (a perf_counter value)."""
 
@@ -252,7 +268,13 @@ class BatchingEngine(Engine):
         [rows, heads, columns, head_dim] of one shape in every layer, and `batch_select_indices(index)`."""
 
     @abc.abstractmethod
-    def forward_step(self, input_ids: torch.Tensor, cache: Any = None, *, attention_mask: torch.Tensor | None = None,
-                     position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        cache: Any = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Any]:
         """One forward pass of `input_ids` [rows, new columns] extending `cache` (None: the engine starts one);
         returns (the last position's logits [rows, vocab], the cache)."""

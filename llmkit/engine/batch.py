@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -65,7 +66,6 @@ from llmkit.engine.scheduling import (
 from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.errors import GenerationFailed, LlmkitError, OutOfMemory
 from llmkit.params import GenerationParams, sampling_key
-
 
 log = logging.getLogger("llmkit.server")
 
@@ -98,9 +98,15 @@ def _sampling_key(params: GenerationParams) -> tuple:
 class BatchScheduler(Scheduler):
     """Continuous batching over one loaded BatchingEngine (engine/base.py); see the module docstring."""
 
-    def __init__(self, engine: BatchingEngine, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_queue: int = DEFAULT_MAX_QUEUE, step_delay_s: float | None = None,
-                 on_step: StepHook | None = None):
+    def __init__(
+        self,
+        engine: BatchingEngine,
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        step_delay_s: float | None = None,
+        on_step: StepHook | None = None,
+    ):
         super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -144,12 +150,16 @@ class BatchScheduler(Scheduler):
                 return False
             self.failures.step_worked()
         except (MemoryError, torch.OutOfMemoryError) as exc:
-            self._fail_step(newcomers, exc, OutOfMemory(
-                "ran out of memory while generating; lower max_tokens or n, or send fewer requests at once"))
+            self._fail_step(
+                newcomers,
+                exc,
+                OutOfMemory(
+                    "ran out of memory while generating; lower max_tokens or n, or send fewer requests at once"
+                ),
+            )
         except Exception as exc:  # a bug in the forward pass: fail this batch, keep serving
             log.exception("generation step failed for %d requests", len(self._active) + len(newcomers))
-            self._fail_step(newcomers, exc,
-                            GenerationFailed("generation failed inside the model (see the server log)"))
+            self._fail_step(newcomers, exc, GenerationFailed("generation failed inside the model (see the server log)"))
         finally:
             self._admitting = []
         self.steps += 1
@@ -195,8 +205,8 @@ class BatchScheduler(Scheduler):
         input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, ids in enumerate(rows):
-            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[i, width - len(ids):] = 1
+            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[i, width - len(ids) :] = 1
         input_ids, mask = input_ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.engine.new_cache()
@@ -213,9 +223,10 @@ class BatchScheduler(Scheduler):
         assert self._mask is not None and self._pending is not None
         ones = torch.ones((self._mask.shape[0], 1), dtype=self._mask.dtype, device=self._device)
         self._mask = torch.cat([self._mask, ones], dim=1)
-        positions = (self._mask.sum(-1, keepdim=True) - 1)
-        logits, self._cache = self.engine.forward_step(self._pending[:, None], self._cache, attention_mask=self._mask,
-                                                       position_ids=positions)
+        positions = self._mask.sum(-1, keepdim=True) - 1
+        logits, self._cache = self.engine.forward_step(
+            self._pending[:, None], self._cache, attention_mask=self._mask, position_ids=positions
+        )
         tokens = self._sample(self._active, logits)
         self._pending = tokens
         if self.on_step:
@@ -234,8 +245,9 @@ class BatchScheduler(Scheduler):
         params = request.params
         generators = None
         if request.seed is not None:
-            generators = [torch.Generator(device=self._device).manual_seed(request.seed + i)
-                          for i in range(request.rows)]
+            generators = [
+                torch.Generator(device=self._device).manual_seed(request.seed + i) for i in range(request.rows)
+            ]
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.tensor([request.prompt_ids] * request.rows, device=self._device)
@@ -304,16 +316,17 @@ class BatchScheduler(Scheduler):
         """One request's share of a step: its tokens become Chunks, and its Result once every row has finished."""
         request = active.request
         active.token_times.append(now - request.started)
-        picked = values[row:row + request.rows]
+        picked = values[row : row + request.rows]
         if active.seen is not None:
-            active.seen = torch.cat([active.seen, tokens[row:row + request.rows, None]], dim=1)
+            active.seen = torch.cat([active.seen, tokens[row : row + request.rows, None]], dim=1)
         for seq, token in zip(active.sequences, picked):
             chunk = seq.advance(token, self.eos_ids)
             if chunk is not None:
                 request.sink(chunk)
         if active.finished:
-            result = build_result(request.prompt, request.prompt_ids, request.params, request.seed,
-                                  active.sequences, active.token_times)
+            result = build_result(
+                request.prompt, request.prompt_ids, request.params, request.seed, active.sequences, active.token_times
+            )
             queue_s = active.admitted - request.started
             request.sink(Finished(result, queue_s=queue_s, prefill_s=active.token_times[0] - queue_s))
 
@@ -323,12 +336,23 @@ class BatchScheduler(Scheduler):
             return
         active.failed = True
         request = active.request
-        log.error("request %s failed alone: %s: %s", request.request_id or "?", type(exc).__name__, exc,
-                  exc_info=exc, extra={"request_id": request.request_id, "event": "request_failed"})
+        log.error(
+            "request %s failed alone: %s: %s",
+            request.request_id or "?",
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+            extra={"request_id": request.request_id, "event": "request_failed"},
+        )
         self.failures.request_failed(f"{type(exc).__name__}: {exc}")
         try:
-            request.sink(Failed(GenerationFailed(
-                "generation failed for this request (see the server log); other requests were not affected")))
+            request.sink(
+                Failed(
+                    GenerationFailed(
+                        "generation failed for this request (see the server log); other requests were not affected"
+                    )
+                )
+            )
         except Exception:  # its sink is gone too; nothing left to tell
             log.debug("could not deliver the failure of request %s", request.request_id, exc_info=True)
 

@@ -9,7 +9,7 @@ string, so a stream never shows text past a stop and never loses text before it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -33,12 +33,12 @@ class IncrementalDetokenizer:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset:])
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
         if len(after) <= len(before) or (after.endswith(REPLACEMENT_CHAR) and not final):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 class StopMatcher:
@@ -55,11 +55,11 @@ class StopMatcher:
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True
-            cut, self.pending = self.pending[:min(hits)], ""
+            cut, self.pending = self.pending[: min(hits)], ""
             return cut, True
         keep = self._partial_stop_length()
-        ready = self.pending[:len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
+        ready = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
         return ready, False
 
     def flush(self, text: str = "") -> str:

@@ -21,7 +21,7 @@ CPU kernel for bfloat16 activations and int8 weights. The same layers took 4.5-5
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -52,12 +52,12 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     weight_int8 = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(rows, dtype=torch.float32)
     for start in range(0, rows, QUANTIZE_BLOCK_ROWS):
-        block = weight[start:start + QUANTIZE_BLOCK_ROWS].to(torch.float32, copy=True)  # never in place
+        block = weight[start : start + QUANTIZE_BLOCK_ROWS].to(torch.float32, copy=True)  # never in place
         scale = torch.maximum(block.amax(dim=1), -block.amin(dim=1)).div_(127.0)
         scale.clamp_(min=torch.finfo(torch.float32).tiny)
         block.div_(scale[:, None]).round_().clamp_(-127, 127)
-        weight_int8[start:start + QUANTIZE_BLOCK_ROWS] = block.to(torch.int8)
-        scales[start:start + QUANTIZE_BLOCK_ROWS] = scale
+        weight_int8[start : start + QUANTIZE_BLOCK_ROWS] = block.to(torch.int8)
+        scales[start : start + QUANTIZE_BLOCK_ROWS] = scale
     return weight_int8.to(weight.device), scales.to(device=weight.device, dtype=torch.bfloat16)
 
 
@@ -69,8 +69,11 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         weight_int8, scales = quantize_rows(linear.weight.detach())
         self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scales", scales)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().to(torch.bfloat16),
-                                                                         requires_grad=False)
+        self.bias = (
+            None
+            if linear.bias is None
+            else torch.nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+        )
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

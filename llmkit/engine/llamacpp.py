@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from llmkit.engine import LoadOptions
 from llmkit.engine.base import Decode, Engine
@@ -86,8 +86,10 @@ def gguf_path_for(reference: str | None, progress: Progress | None = None) -> Pa
         return Path(source.location)
     if source.kind == "alias":
         return assemble_alias(ALIASES[source.location], progress)
-    raise UnsupportedFeature(f"the llama.cpp engine loads GGUF files; {source.name} is a {source.kind} model: "
-                             "use --engine transformers, or point --model at a .gguf file")
+    raise UnsupportedFeature(
+        f"the llama.cpp engine loads GGUF files; {source.name} is a {source.kind} model: "
+        "use --engine transformers, or point --model at a .gguf file"
+    )
 
 
 def _file_type_name(code: str | None) -> str:
@@ -141,8 +143,9 @@ class LlamaCppTokenizer:
         template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
         bos = self.decode([self.bos_token_id], skip_special_tokens=False) if self.bos_token_id is not None else ""
         eos = self.decode([self.eos_token_id], skip_special_tokens=False) if self.eos_token_id is not None else ""
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos, eos_token=eos)
+        return template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
+        )
 
 
 class LlamaCppEngine(Engine):
@@ -157,21 +160,28 @@ class LlamaCppEngine(Engine):
         self.eos_ids = frozenset(t for t in (llm.token_eos(), llm._model.token_eot()) if t >= 0)
 
     @classmethod
-    def load(cls, reference: str | None = None, options: LoadOptions | None = None, *,
-             progress: Progress | None = None) -> "LlamaCppEngine":
+    def load(
+        cls, reference: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None
+    ) -> LlamaCppEngine:
         from llmkit.devices import requested_threads, use_threads
+
         options = options or LoadOptions(engine=ENGINE_NAME)
         device, dtype, quantize, threads = options.device, options.dtype, options.quantize, options.threads
         asked_threads = requested_threads(threads)[0]
         if device not in ("auto", "cpu"):
-            raise UnsupportedFeature("llmkit's llama.cpp engine runs on the CPU; use --device cpu or "
-                                     "--engine transformers")
+            raise UnsupportedFeature(
+                "llmkit's llama.cpp engine runs on the CPU; use --device cpu or --engine transformers"
+            )
         if dtype != "auto":
-            raise UnsupportedFeature("the llama.cpp engine computes in the GGUF file's own quantized types; "
-                                     "drop --dtype, or use --engine transformers")
+            raise UnsupportedFeature(
+                "the llama.cpp engine computes in the GGUF file's own quantized types; "
+                "drop --dtype, or use --engine transformers"
+            )
         if quantize != "none":
-            raise UnsupportedFeature("the llama.cpp engine runs the GGUF file's own quantization; drop "
-                                     "--quantize, or use --engine transformers")
+            raise UnsupportedFeature(
+                "the llama.cpp engine runs the GGUF file's own quantization; drop "
+                "--quantize, or use --engine transformers"
+            )
         if not llamacpp_installed():
             raise UnsupportedFeature(f"the llama.cpp engine needs llama-cpp-python: {install_hint()}")
         path = gguf_path_for(reference, progress)
@@ -187,8 +197,13 @@ class LlamaCppEngine(Engine):
         if progress:
             progress(f"loading {path.name} with llama.cpp", 0, None)
         try:
-            llm = Llama(model_path=str(path), n_ctx=DEFAULT_CONTEXT, n_threads=thread_count,
-                        n_threads_batch=asked_threads, verbose=False)
+            llm = Llama(
+                model_path=str(path),
+                n_ctx=DEFAULT_CONTEXT,
+                n_threads=thread_count,
+                n_threads_batch=asked_threads,
+                verbose=False,
+            )
         except Exception as exc:  # llama.cpp reports every failure as a ValueError or RuntimeError
             raise ModelLoadError(f"llama.cpp could not load {path}: {one_line(exc)}") from None
         context = min(llm._model.n_ctx_train(), llm.n_ctx())
@@ -204,10 +219,13 @@ class LlamaCppEngine(Engine):
             has_chat_template=bool(llm.metadata.get("tokenizer.chat_template")),
             load_s=time.perf_counter() - started,
             threads=llm.n_threads,
-            choices={"dtype": "the GGUF file's own tensor types", "quantize": "as stored in the GGUF",
-                     "decode_matmul": f"llama.cpp ggml kernels, {llm.n_threads} threads",
-                     "kv_cache": f"llama.cpp, {DEFAULT_CONTEXT} tokens",
-                     "threads": f"{llm.n_threads} ({threads_why}); prompt batches {llm.n_threads_batch}"},
+            choices={
+                "dtype": "the GGUF file's own tensor types",
+                "quantize": "as stored in the GGUF",
+                "decode_matmul": f"llama.cpp ggml kernels, {llm.n_threads} threads",
+                "kv_cache": f"llama.cpp, {DEFAULT_CONTEXT} tokens",
+                "threads": f"{llm.n_threads} ({threads_why}); prompt batches {llm.n_threads_batch}",
+            },
         )
         return cls(llm, info)
 
@@ -221,8 +239,9 @@ class LlamaCppEngine(Engine):
         view = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
         return torch.from_numpy(view.copy())[None, :]
 
-    def _decode(self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None,
-                started: float) -> Decode:
+    def _decode(
+        self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None, started: float
+    ) -> Decode:
         import torch
 
         sequences = [SequenceState.start(i, self.tokenizer, ids, params) for i in range(params.num_sequences)]

@@ -24,8 +24,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from llmkit.engine.sequence import choose_seed
 from llmkit.engine.types import Chunk, Result
@@ -80,8 +80,9 @@ class BatchRequest:
     cancel_reason: str | None = None  # set from any thread; the loop drops the request at its next step
 
     def __post_init__(self) -> None:
-        self.seed = None if self.params.is_greedy else (self.seed if self.seed is not None
-                                                        else choose_seed(self.params))
+        self.seed = (
+            None if self.params.is_greedy else (self.seed if self.seed is not None else choose_seed(self.params))
+        )
 
     @property
     def rows(self) -> int:
@@ -95,8 +96,9 @@ class BatchRequest:
         if self.cancel_reason is not None:
             return Cancelled(f"request {self.cancel_reason}")
         if self.deadline is not None and now >= self.deadline:
-            return RequestTimeout("the request took longer than the server's --request-timeout; "
-                                  "lower max_tokens or retry later")
+            return RequestTimeout(
+                "the request took longer than the server's --request-timeout; lower max_tokens or retry later"
+            )
         return None
 
 
@@ -132,8 +134,9 @@ class Scheduler:
 
     max_batch_size: int
 
-    def __init__(self, *, max_queue: int = DEFAULT_MAX_QUEUE, step_delay_s: float | None = None,
-                 on_step: StepHook | None = None):
+    def __init__(
+        self, *, max_queue: int = DEFAULT_MAX_QUEUE, step_delay_s: float | None = None, on_step: StepHook | None = None
+    ):
         self.max_queue = max_queue
         self.step_delay_s = float(os.environ.get(STEP_DELAY_ENV) or 0) if step_delay_s is None else step_delay_s
         self.on_step = on_step  # metrics hook
@@ -158,8 +161,10 @@ class Scheduler:
                 raise ShuttingDown("the server is shutting down; retry on another instance")
             queued, fits = self._queued_beyond_room(request)
             if not fits and queued >= self.max_queue:
-                raise QueueFull(f"the server is at capacity ({self.running_requests} requests running, {queued} "
-                                f"waiting for room, --max-queue {self.max_queue}); retry shortly")
+                raise QueueFull(
+                    f"the server is at capacity ({self.running_requests} requests running, {queued} "
+                    f"waiting for room, --max-queue {self.max_queue}); retry shortly"
+                )
             self._waiting.append(request)
             self._cv.notify()
 
@@ -206,7 +211,7 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self._waiting) or self.running_requests > 0
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self._thread = threading.Thread(target=self.run_forever, name="llmkit-inference", daemon=True)
         self._thread.start()
         return self

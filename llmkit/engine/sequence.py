@@ -9,8 +9,9 @@ makes a stream from the CLI and from the server behave the same.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from llmkit.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llmkit.engine.types import Chunk, Completion, Result, Timings, Usage
@@ -38,10 +39,9 @@ class SequenceState:
     finish_reason: Literal["stop", "length"] | None = None
 
     @classmethod
-    def start(cls, index: int, tokenizer, prompt_ids: Sequence[int], params: GenerationParams) -> "SequenceState":
+    def start(cls, index: int, tokenizer, prompt_ids: Sequence[int], params: GenerationParams) -> SequenceState:
         context = list(prompt_ids)[-DETOKENIZE_CONTEXT_TOKENS:]
-        return cls(index, IncrementalDetokenizer(tokenizer, context), StopMatcher(params.stop),
-                   params.max_new_tokens)
+        return cls(index, IncrementalDetokenizer(tokenizer, context), StopMatcher(params.stop), params.max_new_tokens)
 
     def advance(self, token: int, eos_ids: frozenset[int]) -> Chunk | None:
         """Feed one sampled token; return the Chunk to emit, if any (the last one has finish_reason)."""
@@ -63,11 +63,16 @@ class SequenceState:
         return None
 
 
-def build_result(prompt: str, prompt_ids: Sequence[int], params: GenerationParams, seed: int | None,
-                 sequences: Sequence[SequenceState], token_times: Sequence[float]) -> Result:
+def build_result(
+    prompt: str,
+    prompt_ids: Sequence[int],
+    params: GenerationParams,
+    seed: int | None,
+    sequences: Sequence[SequenceState],
+    token_times: Sequence[float],
+) -> Result:
     """token_times: seconds from request start at which each decode step produced its tokens."""
-    completions = tuple(Completion(s.index, s.text, s.finish_reason or "length", tuple(s.token_ids))
-                        for s in sequences)
+    completions = tuple(Completion(s.index, s.text, s.finish_reason or "length", tuple(s.token_ids)) for s in sequences)
     generated = sum(len(s.token_ids) for s in sequences)
     ttft = token_times[0]
     total = token_times[-1]

@@ -48,8 +48,14 @@ class SerialScheduler(Scheduler):
 
     max_batch_size = 1
 
-    def __init__(self, engine, *, max_queue: int = DEFAULT_MAX_QUEUE, step_delay_s: float | None = None,
-                 on_step: StepHook | None = None):
+    def __init__(
+        self,
+        engine,
+        *,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        step_delay_s: float | None = None,
+        on_step: StepHook | None = None,
+    ):
         super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
         self.engine = engine
         self._running: _Running | None = None  # touched only by the loop thread
@@ -107,8 +113,9 @@ class SerialScheduler(Scheduler):
             request = self._waiting.popleft()
             self._starting = True
         try:
-            generation = self.engine.stream_ids(request.prompt, request.prompt_ids, request.params,
-                                                seed=request.seed, started=request.started)
+            generation = self.engine.stream_ids(
+                request.prompt, request.prompt_ids, request.params, seed=request.seed, started=request.started
+            )
             return _Running(request, generation, admitted=time.perf_counter())
         finally:
             self._starting = False

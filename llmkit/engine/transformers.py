@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from llmkit.engine import LoadOptions
 from llmkit.engine.base import BatchingEngine, Decode
@@ -54,14 +55,19 @@ class TransformersEngine(BatchingEngine):
     # --- loading ----------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, reference: str | None = None, options: LoadOptions | None = None, *,
-             progress: Progress | None = None) -> "TransformersEngine":
+    def load(
+        cls, reference: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None
+    ) -> TransformersEngine:
         from llmkit.devices import choose_dtype, resolve_device, use_threads
+
         options = options or LoadOptions()
         quantize = options.quantize
         if quantize == "int8" and options.dtype not in ("auto", "bfloat16"):
-            raise InvalidParams(f"--quantize int8 computes in bfloat16 (its kernel takes bfloat16 activations); "
-                                f"drop --dtype {options.dtype} or use --dtype bfloat16", field="dtype")
+            raise InvalidParams(
+                f"--quantize int8 computes in bfloat16 (its kernel takes bfloat16 activations); "
+                f"drop --dtype {options.dtype} or use --dtype bfloat16",
+                field="dtype",
+            )
         source = resolve(reference)
         started = time.perf_counter()
         _quiet_transformers()
@@ -72,10 +78,16 @@ class TransformersEngine(BatchingEngine):
             folder = local_folder(source, progress)
             device_name = resolve_device(options.device)
             if quantize == "int8" and device_name != "cpu":
-                raise InvalidParams(f"--quantize int8 runs on the CPU only (device {device_name}); use "
-                                    "--dtype bfloat16 on a GPU, or --device cpu", field="quantize")
-            torch_dtype, dtype_why = (torch.bfloat16, "int8 weight-only computes in bfloat16") \
-                if quantize == "int8" else choose_dtype(options.dtype, device_name)
+                raise InvalidParams(
+                    f"--quantize int8 runs on the CPU only (device {device_name}); use "
+                    "--dtype bfloat16 on a GPU, or --device cpu",
+                    field="quantize",
+                )
+            torch_dtype, dtype_why = (
+                (torch.bfloat16, "int8 weight-only computes in bfloat16")
+                if quantize == "int8"
+                else choose_dtype(options.dtype, device_name)
+            )
             if progress:
                 progress(f"loading {source.name}", 0, None)
             if folder is not None:
@@ -90,8 +102,9 @@ class TransformersEngine(BatchingEngine):
 
                 replaced = quantize_int8(model)
         except (MemoryError, torch.OutOfMemoryError):
-            raise OutOfMemory(f"not enough memory to load {source.name}; try a smaller model or "
-                              "--dtype bfloat16") from None
+            raise OutOfMemory(
+                f"not enough memory to load {source.name}; try a smaller model or --dtype bfloat16"
+            ) from None
         info = EngineInfo(
             model=source.name,
             source_kind=source.kind,
@@ -105,8 +118,10 @@ class TransformersEngine(BatchingEngine):
             load_s=time.perf_counter() - started,
             quantize=quantize,
             threads=thread_count,
-            choices={**_speed_choices(device_name, torch_dtype, dtype_why, replaced),
-                     "threads": f"{thread_count} ({threads_why})"},
+            choices={
+                **_speed_choices(device_name, torch_dtype, dtype_why, replaced),
+                "threads": f"{thread_count} ({threads_why})",
+            },
             capabilities=Capabilities(batching=True),
         )
         return cls(model, tokenizer, info)
@@ -133,17 +148,30 @@ class TransformersEngine(BatchingEngine):
 
         return DynamicCache()
 
-    def forward_step(self, input_ids: torch.Tensor, cache: Any = None, *, attention_mask: torch.Tensor | None = None,
-                     position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        cache: Any = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Any]:
         with self.step_context(input_ids.numel()):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )
         return out.logits[:, -1, :], out.get("cache", out.get("past_key_values"))
 
     # --- generation ------------------------------------------------------------------------------
 
-    def _decode(self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None,
-                started: float) -> Decode:
+    def _decode(
+        self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None, started: float
+    ) -> Decode:
         import torch
 
         n = params.num_sequences
@@ -160,8 +188,9 @@ class TransformersEngine(BatchingEngine):
             with torch.inference_mode():
                 for _step in range(params.max_new_tokens):
                     logits, cache = self.forward_step(input_ids, cache)
-                    next_ids = pick_tokens(logits, params, generators,
-                                           seen if params.repetition_penalty != 1.0 else None)
+                    next_ids = pick_tokens(
+                        logits, params, generators, seen if params.repetition_penalty != 1.0 else None
+                    )
                     token_times.append(time.perf_counter() - started)
                     seen = torch.cat([seen, next_ids[:, None]], dim=1)
                     input_ids = next_ids[:, None]
@@ -172,8 +201,9 @@ class TransformersEngine(BatchingEngine):
                     if all(seq.finish_reason for seq in sequences):
                         break
         except (MemoryError, torch.OutOfMemoryError):
-            raise OutOfMemory("ran out of memory while generating; lower --max-new-tokens or "
-                              "--num-sequences, or use a smaller model") from None
+            raise OutOfMemory(
+                "ran out of memory while generating; lower --max-new-tokens or --num-sequences, or use a smaller model"
+            ) from None
         return build_result(prompt, ids, params, seed, sequences, token_times)
 
     def next_token_logits(self, prompt: str, *, chat: bool = False, system: str | None = None) -> torch.Tensor:
@@ -184,8 +214,9 @@ class TransformersEngine(BatchingEngine):
         self.check_length(len(ids), "the prompt")
         try:
             with torch.inference_mode():
-                out = self.model(input_ids=torch.tensor([ids], device=self.model.device), use_cache=False,
-                                 logits_to_keep=1)
+                out = self.model(
+                    input_ids=torch.tensor([ids], device=self.model.device), use_cache=False, logits_to_keep=1
+                )
         except (MemoryError, torch.OutOfMemoryError):
             raise OutOfMemory("ran out of memory scoring the prompt; shorten it or use a smaller model") from None
         return out.logits[0, -1].float().cpu()
@@ -211,12 +242,13 @@ class TransformersEngine(BatchingEngine):
                 logits = self.model(input_ids=input_ids, use_cache=False).logits[0, :-1]
                 targets = input_ids[0, 1:]
                 for start in range(0, logits.shape[0], block_size):
-                    block = logits[start:start + block_size].float()
-                    picked = block.gather(1, targets[start:start + block_size, None]).squeeze(1)
+                    block = logits[start : start + block_size].float()
+                    picked = block.gather(1, targets[start : start + block_size, None]).squeeze(1)
                     values.extend((picked - torch.logsumexp(block, dim=-1)).tolist())
         except (MemoryError, torch.OutOfMemoryError):
-            raise OutOfMemory(f"ran out of memory scoring {len(ids)} tokens; score a shorter text or use a "
-                              "smaller model") from None
+            raise OutOfMemory(
+                f"ran out of memory scoring {len(ids)} tokens; score a shorter text or use a smaller model"
+            ) from None
         return values
 
 
@@ -234,9 +266,10 @@ def _speed_choices(device: str, torch_dtype, dtype_why: str, int8_layers: int) -
     else:
         choices["quantize"] = "none"
         choices["decode_matmul"] = (
-            f"torch gemv for steps of <= {GEMV_MAX_ROWS} token rows (oneDNN off), oneDNN for prefill and larger "
-            "batches" if uses_gemv_switch(device, torch_dtype)
-            else f"torch default ({'oneDNN/MKL' if device == 'cpu' else device})")
+            f"torch gemv for steps of <= {GEMV_MAX_ROWS} token rows (oneDNN off), oneDNN for prefill and larger batches"
+            if uses_gemv_switch(device, torch_dtype)
+            else f"torch default ({'oneDNN/MKL' if device == 'cpu' else device})"
+        )
     choices["kv_cache"] = "dynamic (static cache + torch.compile did not pay off on the CPU; see docs/performance.md)"
     return choices
 
@@ -261,11 +294,14 @@ def _load_pretrained(location: str, torch_dtype, *, local_only: bool):
     except OSError:
         if not local_only:
             raise
-        raise ModelLoadError(f"could not read the model files in {location}; the folder may be incomplete "
-                             "(save it again with save_pretrained)") from None
+        raise ModelLoadError(
+            f"could not read the model files in {location}; the folder may be incomplete "
+            "(save it again with save_pretrained)"
+        ) from None
     except ValueError as exc:
-        raise ModelLoadError(f"transformers cannot load {location} as a causal language model: "
-                             f"{one_line(exc)}") from None
+        raise ModelLoadError(
+            f"transformers cannot load {location} as a causal language model: {one_line(exc)}"
+        ) from None
     return model, tokenizer
 
 
@@ -291,12 +327,16 @@ def _check_hub_reachable(repo_id: str) -> None:
     try:
         model_info(repo_id)
     except (RepositoryNotFoundError, HFValidationError):
-        raise UnknownModel(f"model '{repo_id}' is not an alias, a local folder or .gguf file, or a "
-                           f"Hugging Face Hub model; offline aliases: {offline_aliases}") from None
+        raise UnknownModel(
+            f"model '{repo_id}' is not an alias, a local folder or .gguf file, or a "
+            f"Hugging Face Hub model; offline aliases: {offline_aliases}"
+        ) from None
     except Exception:
-        raise ModelUnavailableOffline(f"model '{repo_id}' is not in the local Hugging Face cache and the Hub "
-                                      f"cannot be reached; connect to the network, or use an alias that "
-                                      f"works offline: {offline_aliases}") from None
+        raise ModelUnavailableOffline(
+            f"model '{repo_id}' is not in the local Hugging Face cache and the Hub "
+            f"cannot be reached; connect to the network, or use an alias that "
+            f"works offline: {offline_aliases}"
+        ) from None
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

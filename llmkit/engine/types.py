@@ -73,13 +73,19 @@ class Result:
         return {
             "prompt": self.prompt,
             "completions": [
-                {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                 "generated_tokens": len(c.token_ids)}
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "generated_tokens": len(c.token_ids),
+                }
                 for c in self.completions
             ],
-            "usage": {"prompt_tokens": self.usage.prompt_tokens,
-                      "completion_tokens": self.usage.completion_tokens,
-                      "total_tokens": self.usage.total_tokens},
+            "usage": {
+                "prompt_tokens": self.usage.prompt_tokens,
+                "completion_tokens": self.usage.completion_tokens,
+                "total_tokens": self.usage.total_tokens,
+            },
             "timings": timings,
             "seed": self.seed,
             "params": self.params,
@@ -119,5 +125,11 @@ class EngineInfo:
 
     def setup(self) -> dict[str, Any]:
         """The speed-relevant setup, for --json lines: engine, device, dtype, quantize, threads and why."""
-        return {"engine": self.engine, "device": self.device, "dtype": self.dtype, "quantize": self.quantize,
-                "threads": self.threads, "choices": dict(self.choices)}
+        return {
+            "engine": self.engine,
+            "device": self.device,
+            "dtype": self.dtype,
+            "quantize": self.quantize,
+            "threads": self.threads,
+            "choices": dict(self.choices),
+        }

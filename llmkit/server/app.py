@@ -21,10 +21,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.routing import APIRoute
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit import __version__
@@ -42,17 +42,25 @@ log = logging.getLogger("llmkit.server")
 
 RETRY_AFTER_S = {"queue_full": 1, "model_not_ready": 5, "shutting_down": 5}
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\])$")
-STATUS_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_exceeded"}
+STATUS_KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+}
 
 
 def build_app(engine, settings: ServerSettings) -> FastAPI:
     metrics = Metrics()
     host = ModelHost(engine, settings, on_step=metrics.observe_step)
-    metrics.bind(waiting=lambda: host.scheduler.waiting if host.scheduler else 0,
-                 running=lambda: host.scheduler.running_rows if host.scheduler else 0,
-                 ready=lambda: 1.0 if host.ready else 0.0,
-                 failures=lambda: host.scheduler.failures if host.scheduler else None)
+    metrics.bind(
+        waiting=lambda: host.scheduler.waiting if host.scheduler else 0,
+        running=lambda: host.scheduler.running_rows if host.scheduler else 0,
+        ready=lambda: 1.0 if host.ready else 0.0,
+        failures=lambda: host.scheduler.failures if host.scheduler else None,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,8 +68,12 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
         yield
         await run_in_threadpool(host.stop)
 
-    app = FastAPI(title="llmkit serve", version=__version__, lifespan=lifespan,
-                  summary="OpenAI-compatible completions with continuous batching, and a simple /generate API.")
+    app = FastAPI(
+        title="llmkit serve",
+        version=__version__,
+        lifespan=lifespan,
+        summary="OpenAI-compatible completions with continuous batching, and a simple /generate API.",
+    )
     app.state.host = host
     app.state.metrics = metrics
     app.state.settings = settings
@@ -87,10 +99,21 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
     return app
 
 
-def _error(request: Request, status: int, message: str, *, kind: str, param: str | None = None,
-           headers: dict[str, str] | None = None, errors: list[tuple[str | None, str]] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(request.url.path, message, kind=kind, param=param, errors=errors),
-                        status_code=status, headers=headers)
+def _error(
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    kind: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    errors: list[tuple[str | None, str]] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(request.url.path, message, kind=kind, param=param, errors=errors),
+        status_code=status,
+        headers=headers,
+    )
 
 
 def _field_path(loc) -> list[str | int]:
@@ -153,14 +176,27 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LlmkitError)
     async def llmkit_error(request: Request, exc: LlmkitError) -> JSONResponse:
         retry = RETRY_AFTER_S.get(exc.kind)
-        return _error(request, exc.http_status, str(exc), kind=exc.kind, param=getattr(exc, "field", None),
-                      headers={"retry-after": str(retry)} if retry else None, errors=getattr(exc, "errors", None))
+        return _error(
+            request,
+            exc.http_status,
+            str(exc),
+            kind=exc.kind,
+            param=getattr(exc, "field", None),
+            headers={"retry-after": str(retry)} if retry else None,
+            errors=getattr(exc, "errors", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _validation_errors(list(exc.errors()))
-        return _error(request, 400, "; ".join(message for _, message in errors), kind="invalid_request_error",
-                      param=errors[0][0], errors=errors)
+        return _error(
+            request,
+            400,
+            "; ".join(message for _, message in errors),
+            kind="invalid_request_error",
+            param=errors[0][0],
+            errors=errors,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -169,6 +205,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"no such endpoint: {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        return _error(request, exc.status_code, message, kind=STATUS_KINDS.get(exc.status_code, "error"),
-                      headers=getattr(exc, "headers", None))
-
+        return _error(
+            request,
+            exc.status_code,
+            message,
+            kind=STATUS_KINDS.get(exc.status_code, "error"),
+            headers=getattr(exc, "headers", None),
+        )

@@ -17,7 +17,6 @@ descriptors. This subclass adds:
 from __future__ import annotations
 
 import asyncio
-
 import json
 import time
 
@@ -26,12 +25,21 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 REFUSAL_LOG_EVERY_S = 10.0  # a flood of refused connections logs one warning per period, not one each
 RETRY_AFTER_S = 1
-_REFUSAL_BODY = json.dumps({"error": {"message": "the server has too many open connections; retry shortly",
-                                      "type": "too_many_connections", "param": None,
-                                      "code": "too_many_connections"}}).encode()
-REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-           b"content-length: %d\r\nretry-after: %d\r\nconnection: close\r\n\r\n%s"
-           % (len(_REFUSAL_BODY), RETRY_AFTER_S, _REFUSAL_BODY))
+_REFUSAL_BODY = json.dumps(
+    {
+        "error": {
+            "message": "the server has too many open connections; retry shortly",
+            "type": "too_many_connections",
+            "param": None,
+            "code": "too_many_connections",
+        }
+    }
+).encode()
+REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nretry-after: %d\r\nconnection: close\r\n\r\n%s"
+    % (len(_REFUSAL_BODY), RETRY_AFTER_S, _REFUSAL_BODY)
+)
 
 
 class BoundedH11Protocol(H11Protocol):
@@ -105,11 +113,17 @@ class BoundedH11Protocol(H11Protocol):
         now = time.monotonic()
         if now - BoundedH11Protocol._last_refusal_log >= REFUSAL_LOG_EVERY_S:
             BoundedH11Protocol._last_refusal_log = now
-            self.logger.warning("refusing new connections: %d open, the --max-connections limit",
-                                len(self.connections), extra={"event": "connections_refused"})
+            self.logger.warning(
+                "refusing new connections: %d open, the --max-connections limit",
+                len(self.connections),
+                extra={"event": "connections_refused"},
+            )
 
 
 def bounded_protocol(*, idle_timeout_s: float, read_timeout_s: float, max_connections: int) -> type:
     """The protocol class to pass as `uvicorn.Config(http=...)`, with these limits."""
-    return type("LlmkitH11Protocol", (BoundedH11Protocol,), {
-        "idle_timeout_s": idle_timeout_s, "read_timeout_s": read_timeout_s, "max_connections": max_connections})
+    return type(
+        "LlmkitH11Protocol",
+        (BoundedH11Protocol,),
+        {"idle_timeout_s": idle_timeout_s, "read_timeout_s": read_timeout_s, "max_connections": max_connections},
+    )

@@ -4,7 +4,8 @@ where one exists (time to first token, prompt and generation token counters)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -17,31 +18,67 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter("llmkit_requests", "HTTP requests by route and status code.",
-                                ["route", "status"], registry=registry)
-        self.latency = Histogram("llmkit_request_duration_seconds", "Request arrival to the last byte sent.",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.ttft = Histogram("llmkit_time_to_first_token_seconds", "Request arrival to its first generated token.",
-                              buckets=LATENCY_BUCKETS, registry=registry)
-        self.queue_time = Histogram("llmkit_queue_time_seconds", "Request arrival to admission into the batch.",
-                                    buckets=LATENCY_BUCKETS, registry=registry)
+        self.requests = Counter(
+            "llmkit_requests", "HTTP requests by route and status code.", ["route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "llmkit_request_duration_seconds",
+            "Request arrival to the last byte sent.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "llmkit_time_to_first_token_seconds",
+            "Request arrival to its first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            "llmkit_queue_time_seconds",
+            "Request arrival to admission into the batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.prompt_tokens = Counter("llmkit_prompt_tokens", "Prompt tokens of completed requests.", registry=registry)
-        self.generation_tokens = Counter("llmkit_generation_tokens", "Generated tokens of completed requests.",
-                                         registry=registry)
-        self.ended = Counter("llmkit_requests_ended", "Generation requests that did not complete, by reason "
-                             "(disconnect, timeout, shutdown, queue_full, rate_limited, error).", ["reason"], registry=registry)
-        self.steps = Histogram("llmkit_step_duration_seconds", "One forward pass of the batch loop.", ["kind"],
-                               buckets=STEP_BUCKETS, registry=registry)
-        self.step_rows = Histogram("llmkit_batch_rows", "Sequences in each decode step (the batch size).",
-                                   buckets=ROW_BUCKETS, registry=registry)
-        self.waiting = Gauge("llmkit_queue_waiting_requests", "Requests waiting for room in the batch.",
-                             registry=registry)
+        self.generation_tokens = Counter(
+            "llmkit_generation_tokens", "Generated tokens of completed requests.", registry=registry
+        )
+        self.ended = Counter(
+            "llmkit_requests_ended",
+            "Generation requests that did not complete, by reason "
+            "(disconnect, timeout, shutdown, queue_full, rate_limited, error).",
+            ["reason"],
+            registry=registry,
+        )
+        self.steps = Histogram(
+            "llmkit_step_duration_seconds",
+            "One forward pass of the batch loop.",
+            ["kind"],
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.step_rows = Histogram(
+            "llmkit_batch_rows",
+            "Sequences in each decode step (the batch size).",
+            buckets=ROW_BUCKETS,
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "llmkit_queue_waiting_requests", "Requests waiting for room in the batch.", registry=registry
+        )
         self.running = Gauge("llmkit_running_sequences", "Sequences in the running batch.", registry=registry)
-        self.ready = Gauge("llmkit_model_ready", "1 once the model is loaded and the batch loop runs.",
-                           registry=registry)
+        self.ready = Gauge(
+            "llmkit_model_ready", "1 once the model is loaded and the batch loop runs.", registry=registry
+        )
 
-    def bind(self, waiting: Callable[[], float], running: Callable[[], float], ready: Callable[[], float],
-             failures: Callable[[], Any] | None = None) -> None:
+    def bind(
+        self,
+        waiting: Callable[[], float],
+        running: Callable[[], float],
+        ready: Callable[[], float],
+        failures: Callable[[], Any] | None = None,
+    ) -> None:
         """Gauges read live values when scraped; `failures` returns the scheduler's FailureLog (or None)."""
         self.waiting.set_function(waiting)
         self.running.set_function(running)
@@ -66,9 +103,12 @@ class _FailureCounts:
         self.failures = failures
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("llmkit_failures", "Generation failures: 'step' is a shared forward pass that "
-                                     "failed every request in it; 'request' is one request that failed alone.",
-                                     labels=["scope"])
+        family = CounterMetricFamily(
+            "llmkit_failures",
+            "Generation failures: 'step' is a shared forward pass that "
+            "failed every request in it; 'request' is one request that failed alone.",
+            labels=["scope"],
+        )
         log = self.failures()
         family.add_metric(["step"], log.steps if log else 0)
         family.add_metric(["request"], log.requests if log else 0)

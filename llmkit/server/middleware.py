@@ -17,7 +17,8 @@ import secrets
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -38,8 +39,16 @@ MAX_TRACKED_CLIENTS = 10_000
 CLIENT_GONE = 499  # logged for a request that got no answer because its client left (nginx's code for it)
 
 
-async def send_error(send, path: str, status: int, message: str, *, kind: str, param: str | None = None,
-                     headers: dict[str, str] | None = None) -> None:
+async def send_error(
+    send,
+    path: str,
+    status: int,
+    message: str,
+    *,
+    kind: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> None:
     body = json.dumps(error_body(path, message, kind=kind, param=param), separators=(",", ":")).encode()  # as FastAPI
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -79,18 +88,31 @@ class AccessLog:
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 response.update(status=message["status"], started=True)
-                message = {**message, "headers": [*message.get("headers", []),
-                                                   (REQUEST_ID_HEADER, request_id.encode())]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())],
+                }
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            server_log.error("unexpected error in %s %s (request id %s)", scope["method"], scope["path"], request_id,
-                             exc_info=exc, extra={"request_id": request_id})
+            server_log.error(
+                "unexpected error in %s %s (request id %s)",
+                scope["method"],
+                scope["path"],
+                request_id,
+                exc_info=exc,
+                extra={"request_id": request_id},
+            )
             if not response["started"]:  # once a response has begun it cannot be replaced; uvicorn closes it
-                await send_error(send_with_id, scope["path"], 500, f"internal server error (request id "
-                                 f"{request_id}); see the server log", kind="server_error")
+                await send_error(
+                    send_with_id,
+                    scope["path"],
+                    500,
+                    f"internal server error (request id {request_id}); see the server log",
+                    kind="server_error",
+                )
         finally:
             self._log(scope, state, request_id, response["status"], time.perf_counter() - started)
 
@@ -101,15 +123,28 @@ class AccessLog:
         usage = state.get("usage") or {}
         client = scope.get("client")
         fields: dict[str, Any] = {
-            "request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
-            "latency_ms": round(elapsed * 1000, 1), "client": client[0] if client else None,
-            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "request_id": request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "latency_ms": round(elapsed * 1000, 1),
+            "client": client[0] if client else None,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
         }
         if state.get("ended_by"):
             fields["ended_by"] = state["ended_by"]
         tokens = f" tokens={usage['prompt_tokens']}+{usage['completion_tokens']}" if usage else ""
-        access_log.info("%s %s %s %.1fms id=%s%s", scope["method"], scope["path"], status, elapsed * 1000,
-                        request_id, tokens, extra=fields)
+        access_log.info(
+            "%s %s %s %.1fms id=%s%s",
+            scope["method"],
+            scope["path"],
+            status,
+            elapsed * 1000,
+            request_id,
+            tokens,
+            extra=fields,
+        )
 
 
 class BodyTooLarge(HTTPException):
@@ -130,8 +165,9 @@ class BodyLimit:
             try:
                 size = int(declared)
             except ValueError:
-                return await send_error(send, scope["path"], 400, "invalid Content-Length header",
-                                        kind="invalid_request_error")
+                return await send_error(
+                    send, scope["path"], 400, "invalid Content-Length header", kind="invalid_request_error"
+                )
             if size > self.max_bytes:
                 return await send_error(send, scope["path"], 413, too_large, kind="request_too_large")
         received = 0
@@ -175,10 +211,10 @@ class ApiKeyAuth:
         else:
             given = (_header(scope, b"x-api-key") or b"").strip()
         if not secrets.compare_digest(given, self.api_key):
-            message = ("invalid API key" if given else
-                       "missing API key; send it as 'Authorization: Bearer <key>'")
-            return await send_error(send, scope["path"], 401, message, kind="authentication_error",
-                                    headers={"www-authenticate": "Bearer"})
+            message = "invalid API key" if given else "missing API key; send it as 'Authorization: Bearer <key>'"
+            return await send_error(
+                send, scope["path"], 401, message, kind="authentication_error", headers={"www-authenticate": "Bearer"}
+            )
         await self.app(scope, receive, send)
 
 
@@ -206,8 +242,9 @@ class TokenBuckets:
             return (1.0 - tokens) / self.per_second
 
     def _forget_full(self, now: float) -> None:
-        self._buckets = {c: (t, last) for c, (t, last) in self._buckets.items()
-                         if t + (now - last) * self.per_second < self.capacity}
+        self._buckets = {
+            c: (t, last) for c, (t, last) in self._buckets.items() if t + (now - last) * self.per_second < self.capacity
+        }
 
 
 class RateLimiter:
@@ -225,9 +262,14 @@ class RateLimiter:
         if wait > 0:
             self.metrics.ended.labels("rate_limited").inc()
             retry = max(1, int(wait + 0.999))
-            return await send_error(send, scope["path"], 429,
-                                    f"rate limit exceeded ({self.limit} per client); retry in {retry} s",
-                                    kind="rate_limit_exceeded", headers={"retry-after": str(retry)})
+            return await send_error(
+                send,
+                scope["path"],
+                429,
+                f"rate limit exceeded ({self.limit} per client); retry in {retry} s",
+                kind="rate_limit_exceeded",
+                headers={"retry-after": str(retry)},
+            )
         await self.app(scope, receive, send)
 
 
@@ -324,14 +366,23 @@ class JsonBody:
         content_type = _header(scope, b"content-type")
         if content_type is not None and not _is_json(content_type):
             return await send_error(
-                send, scope["path"], 415, f"Content-Type must be application/json (got "
+                send,
+                scope["path"],
+                415,
+                f"Content-Type must be application/json (got "
                 f"{content_type.decode('latin-1')[:80]!r}); send the body as JSON "
-                "(curl: -H 'content-type: application/json')", kind="invalid_request_error", param="content-type")
+                "(curl: -H 'content-type: application/json')",
+                kind="invalid_request_error",
+                param="content-type",
+            )
         body, messages = await _read_body(receive)
         if body is None:  # the client left while sending
             return
-        problem = await run_in_threadpool(json_body_problem, body) if len(body) > JSON_OFF_LOOP_BYTES \
+        problem = (
+            await run_in_threadpool(json_body_problem, body)
+            if len(body) > JSON_OFF_LOOP_BYTES
             else json_body_problem(body)
+        )
         if problem is not None:
             message, field = problem
             return await send_error(send, scope["path"], 400, message, kind="invalid_request_error", param=field)

@@ -146,7 +146,7 @@ DOCUMENTED = (OpenAIError, PlainError, Completion, ChatCompletion, Generated, He
 
 WHEN = {
     400: "A parameter out of range or inconsistent, a wrong type, malformed JSON, a lone surrogate, a prompt "
-         "that does not fit the context; `param` names the field.",
+    "that does not fit the context; `param` names the field.",
     401: "Only with --api-key: the key is missing or wrong (send `Authorization: Bearer KEY`).",
     404: "The model cannot be found.",
     413: "The body is larger than --max-body-bytes.",
@@ -160,9 +160,11 @@ WHEN = {
 }
 GENERATION_ERRORS = (400, 401, 413, 415, 429, 499, 500, 503, 504, 507)
 READ_ERRORS = (401, 429, 500)
-STREAM_DESCRIPTION = ("With `stream: true`: server-sent events, one JSON chunk per `data:` line, then "
-                      "`data: [DONE]`; an error after the stream began is a last `data: {\"error\": ...}` "
-                      "event before `[DONE]`.")
+STREAM_DESCRIPTION = (
+    "With `stream: true`: server-sent events, one JSON chunk per `data:` line, then "
+    '`data: [DONE]`; an error after the stream began is a last `data: {"error": ...}` '
+    "event before `[DONE]`."
+)
 
 # path -> (the 200 body's model or content, the error statuses it can give)
 ROUTES: dict[str, tuple[Any, tuple[int, ...]]] = {
@@ -174,9 +176,14 @@ ROUTES: dict[str, tuple[Any, tuple[int, ...]]] = {
     "/metrics": ("text/plain", READ_ERRORS),
 }
 STREAMING = {"/v1/completions", "/v1/chat/completions"}
-REQUEST_ID = {"X-Request-ID": {"description": "The request's id (yours if you sent a valid one); it is in the "
-                                              "server's log line for the request.",
-                               "required": True, "schema": {"type": "string"}}}
+REQUEST_ID = {
+    "X-Request-ID": {
+        "description": "The request's id (yours if you sent a valid one); it is in the "
+        "server's log line for the request.",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}
 
 
@@ -186,11 +193,15 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 
 # One server-sent event, as a client's SSE parser sees it: `data` is a JSON chunk in the endpoint's shape,
 # or the literal [DONE] that ends the stream.
-SSE_EVENT = {"type": "object", "required": ["data"],
-             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+}
 
 
 def _ok(path: str, body: Any) -> dict[str, Any]:
+    content: dict[str, Any]
     if body == "text/plain":
         content = {"text/plain": {"schema": {"type": "string"}}}
         description = "Prometheus text exposition."
@@ -231,8 +242,9 @@ def install(app) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = describe(get_openapi(title=app.title, version=app.version, summary=app.summary,
-                                                      routes=app.routes))
+            app.openapi_schema = describe(
+                get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            )
         return app.openapi_schema
 
     app.openapi = openapi

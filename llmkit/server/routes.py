@@ -13,7 +13,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -55,8 +56,13 @@ class Renderer:
         self.object = "chat.completion" if kind == "chat" else "text_completion"
 
     def _chunk(self, choices: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
-        body = {"id": self.id, "object": self.object + (".chunk" if self.kind == "chat" else ""),
-                "created": self.created, "model": self.model, "choices": choices}
+        body = {
+            "id": self.id,
+            "object": self.object + (".chunk" if self.kind == "chat" else ""),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.include_usage:
             body["usage"] = None
         body.update(more)
@@ -65,8 +71,12 @@ class Renderer:
     def opening(self) -> list[dict[str, Any]]:
         if self.kind != "chat":
             return []
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for i in range(self.n)]
+        return [
+            self._chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
+            for i in range(self.n)
+        ]
 
     def chunk(self, chunk: Chunk, **more: Any) -> dict[str, Any]:
         if self.kind == "chat":
@@ -77,19 +87,38 @@ class Renderer:
         return self._chunk([choice], **more)
 
     def usage_chunk(self, finished) -> dict[str, Any]:
-        return {**self._chunk([]), "usage": usage_body(finished.result),
-                "timings": timings_body(finished.result, finished.queue_s)}
+        return {
+            **self._chunk([]),
+            "usage": usage_body(finished.result),
+            "timings": timings_body(finished.result, finished.queue_s),
+        }
 
     def complete(self, finished) -> dict[str, Any]:
         result = finished.result
         if self.kind == "chat":
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                        "finish_reason": c.finish_reason} for c in result.completions]
+            choices = [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in result.completions
+            ]
         else:
-            choices = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                       for c in result.completions]
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage_body(result), "timings": timings_body(result, finished.queue_s)}
+            choices = [
+                {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                for c in result.completions
+            ]
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage_body(result),
+            "timings": timings_body(result, finished.queue_s),
+        }
 
 
 def _record(request: Request, job: Job, finished=None) -> None:
@@ -110,17 +139,19 @@ def _record(request: Request, job: Job, finished=None) -> None:
         metrics.ended.labels(job.ended_by).inc()
 
 
-
-async def _openai_answer(request: Request, host: ModelHost, body, *, kind: str, prompt: str, ids: list[int],
-                         params) -> Any:
+async def _openai_answer(
+    request: Request, host: ModelHost, body, *, kind: str, prompt: str, ids: list[int], params
+) -> Any:
     """The shared tail of /v1/completions and /v1/chat/completions: context check, run, answer."""
     _check_context(host, ids, params, body._renames())
-    answer = await _run(request, kind=kind, prompt=prompt, ids=ids, params=params, stream=body.stream,
-                        include_usage=body.include_usage)
+    answer = await _run(
+        request, kind=kind, prompt=prompt, ids=ids, params=params, stream=body.stream, include_usage=body.include_usage
+    )
     if isinstance(answer, Response):
         return answer
     renderer, finished = answer
     return renderer.complete(finished)
+
 
 def _check_context(host: ModelHost, ids: list[int], params, renames: dict[str, str]) -> None:
     try:
@@ -129,8 +160,16 @@ def _check_context(host: ModelHost, ids: list[int], params, renames: dict[str, s
         raise rename_error(exc, renames) from None
 
 
-async def _run(request: Request, *, kind: str, prompt: str, ids: list[int], params, stream: bool = False,
-               include_usage: bool = False):
+async def _run(
+    request: Request,
+    *,
+    kind: str,
+    prompt: str,
+    ids: list[int],
+    params,
+    stream: bool = False,
+    include_usage: bool = False,
+):
     """Submit, then answer with one JSON body or an SSE stream. Returns (Renderer, Finished) when not streaming."""
     host = _host(request)
     try:
@@ -138,7 +177,9 @@ async def _run(request: Request, *, kind: str, prompt: str, ids: list[int], para
     except LlmkitError as exc:
         request.app.state.metrics.ended.labels(exc.kind).inc()
         raise
-    renderer = Renderer(kind, request.state.request_id, host.require_engine().info.model, params.num_sequences, include_usage)
+    renderer = Renderer(
+        kind, request.state.request_id, host.require_engine().info.model, params.num_sequences, include_usage
+    )
     events = host.events(job)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
@@ -158,8 +199,9 @@ async def _run(request: Request, *, kind: str, prompt: str, ids: list[int], para
         await events.aclose()
         _record(request, job, finished)
         return renderer, finished
-    return StreamingResponse(_stream(request, job, renderer, first, events), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return StreamingResponse(
+        _stream(request, job, renderer, first, events), media_type="text/event-stream", headers=SSE_HEADERS
+    )
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -175,7 +217,9 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
             return
 
 
-async def _stream(request: Request, job: Job, renderer: Renderer, first, events: AsyncGenerator) -> AsyncIterator[bytes]:
+async def _stream(
+    request: Request, job: Job, renderer: Renderer, first, events: AsyncGenerator
+) -> AsyncIterator[bytes]:
     """SSE body. The chunk that finishes the last open sequence is held back a moment, until the Result
     arrives (it follows at once), so that it can carry the timings."""
     open_sequences = renderer.n
@@ -204,8 +248,12 @@ async def _stream(request: Request, job: Job, renderer: Renderer, first, events:
         yield _sse("[DONE]")
     except Exception as exc:  # every stream that started ends with an error event and [DONE], a bug's too
         if not isinstance(exc, LlmkitError):
-            log.error("stream failed (request id %s)", job.request.request_id, exc_info=exc,
-                      extra={"request_id": job.request.request_id})
+            log.error(
+                "stream failed (request id %s)",
+                job.request.request_id,
+                exc_info=exc,
+                extra={"request_id": job.request.request_id},
+            )
             exc = GenerationFailed("the stream failed inside the server (see the server log)")
         _record(request, job)
         body = error_body("/v1/", str(exc), kind=exc.kind, param=getattr(exc, "field", None))
@@ -235,8 +283,10 @@ def build_router() -> APIRouter:
     async def models(request: Request) -> dict[str, Any]:
         host = _host(request)
         name = host.engine.info.model if host.engine is not None else host.settings.model_name
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(host.created),
-                                            "owned_by": "llmkit"}]}
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": int(host.created), "owned_by": "llmkit"}],
+        }
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -272,8 +322,15 @@ def build_router() -> APIRouter:
             "prompt": body.prompt,
             "generated_text": body.prompt + result.text,
             "completion": result.text,
-            "completions": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                             "generated_tokens": len(c.token_ids)} for c in result.completions],
+            "completions": [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "generated_tokens": len(c.token_ids),
+                }
+                for c in result.completions
+            ],
             "inference_time_seconds": round(result.timings.total_s, 3),
             "parameters": {**result.params, "max_length": params.max_new_tokens},
             "seed": result.seed,

@@ -23,12 +23,13 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable
+from typing import TYPE_CHECKING, Any
 
-from llmkit.engine.types import Chunk
 from starlette.concurrency import run_in_threadpool
 
+from llmkit.engine.types import Chunk
 from llmkit.errors import InvalidParams, LlmkitError, ModelNotReady, UnsupportedFeature
 from llmkit.server.settings import ServerSettings
 
@@ -107,9 +108,15 @@ class ModelHost:
         self.engine, self.scheduler = engine, scheduler
         if self.state == "loading":
             self.state = "ready"
-            log.info("model %s ready on %s (%s, threads %s), loaded in %.1f s", engine.info.model,
-                     engine.info.device, engine.info.dtype, engine.info.threads, engine.info.load_s,
-                     extra={"event": "ready", "threads": engine.info.threads})
+            log.info(
+                "model %s ready on %s (%s, threads %s), loaded in %.1f s",
+                engine.info.model,
+                engine.info.device,
+                engine.info.dtype,
+                engine.info.threads,
+                engine.info.load_s,
+                extra={"event": "ready", "threads": engine.info.threads},
+            )
         scheduler.run_forever()
         if self.state == "ready":
             log.error("the generation loop stopped unexpectedly")
@@ -120,8 +127,12 @@ class ModelHost:
         if engine.info.capabilities.batching:
             from llmkit.engine.batch import BatchScheduler
 
-            return BatchScheduler(engine, max_batch_size=self.settings.max_batch_size,
-                                  max_queue=self.settings.max_queue, on_step=self.on_step)
+            return BatchScheduler(
+                engine,
+                max_batch_size=self.settings.max_batch_size,
+                max_queue=self.settings.max_queue,
+                on_step=self.on_step,
+            )
         from llmkit.engine.serial import SerialScheduler
 
         return SerialScheduler(engine, max_queue=self.settings.max_queue, on_step=self.on_step)
@@ -172,13 +183,20 @@ class ModelHost:
         if failures.steps_in_a_row >= FAILING_AFTER_STEPS:
             return 503, {"status": "failing", "model": name, **_failure_fields(failures)}
         info = self.require_engine().info
-        return 200, {"status": "degraded" if failures.steps_in_a_row else "ok", "model": name,
-                     "engine": info.engine, "device": info.device,
-                     "dtype": info.dtype, "quantize": info.quantize, "threads": info.threads,
-                     "waiting": scheduler.waiting,
-                     "running": scheduler.running_rows,
-                     "max_batch_size": scheduler.max_batch_size,
-                     "uptime_s": round(time.monotonic() - self.started_at, 1), **_failure_fields(failures)}
+        return 200, {
+            "status": "degraded" if failures.steps_in_a_row else "ok",
+            "model": name,
+            "engine": info.engine,
+            "device": info.device,
+            "dtype": info.dtype,
+            "quantize": info.quantize,
+            "threads": info.threads,
+            "waiting": scheduler.waiting,
+            "running": scheduler.running_rows,
+            "max_batch_size": scheduler.max_batch_size,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            **_failure_fields(failures),
+        }
 
     @property
     def ready(self) -> bool:
@@ -209,8 +227,10 @@ class ModelHost:
     async def chat_ids(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
         engine = self.require_engine()
         if not engine.info.has_chat_template:
-            raise UnsupportedFeature(f"model {engine.info.model} has no chat template; use /v1/completions or "
-                                     "serve a chat model (e.g. smollm2-135m)")
+            raise UnsupportedFeature(
+                f"model {engine.info.model} has no chat template; use /v1/completions or "
+                "serve a chat model (e.g. smollm2-135m)"
+            )
         engine.check_prompt_chars(sum(len(m["content"]) for m in messages), field="messages")
         return await run_in_threadpool(engine.chat_ids, messages)
 
@@ -232,8 +252,15 @@ class ModelHost:
             except RuntimeError:  # the event loop is closed: the server is gone
                 pass
 
-        request = BatchRequest(prompt, ids, params, sink, started=arrived,
-                               deadline=arrived + self.settings.request_timeout_s, request_id=request_id)
+        request = BatchRequest(
+            prompt,
+            ids,
+            params,
+            sink,
+            started=arrived,
+            deadline=arrived + self.settings.request_timeout_s,
+            request_id=request_id,
+        )
         job = Job(request, queue)
         scheduler.submit(request)  # QueueFull / ShuttingDown propagate as 503
         return job
@@ -252,8 +279,10 @@ class ModelHost:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 job.cancel("timeout")
-                raise RequestTimeout("the request took longer than the server's --request-timeout "
-                                     f"({self.settings.request_timeout_s:g} s); lower max_tokens or retry later")
+                raise RequestTimeout(
+                    "the request took longer than the server's --request-timeout "
+                    f"({self.settings.request_timeout_s:g} s); lower max_tokens or retry later"
+                )
             try:
                 event = await asyncio.wait_for(job.queue.get(), timeout=remaining)
             except asyncio.TimeoutError:

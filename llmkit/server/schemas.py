@@ -60,8 +60,15 @@ OPENAI_PREFIX = "/v1/"
 # --- errors ----------------------------------------------------------------------------------
 
 
-def error_body(path: str, message: str, *, kind: str, param: str | None = None, code: str | None = None,
-               errors: list[tuple[str | None, str]] | None = None) -> dict[str, Any]:
+def error_body(
+    path: str,
+    message: str,
+    *,
+    kind: str,
+    param: str | None = None,
+    code: str | None = None,
+    errors: list[tuple[str | None, str]] | None = None,
+) -> dict[str, Any]:
     """The JSON error in the path's shape; `errors` (field, sentence) are listed when there are several."""
     errors = errors or []
     several = len(errors) > 1
@@ -210,14 +217,25 @@ class _OpenAIBody(RequestBody):
     logprobs: Any = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
-        return [("presence_penalty", bool(self.presence_penalty)), ("frequency_penalty", bool(self.frequency_penalty)),
-                ("logit_bias", bool(self.logit_bias)), ("logprobs", self.logprobs not in (None, False, 0)),
-                ("stream_options", self.stream_options is not None and not self.stream)]
+        return [
+            ("presence_penalty", bool(self.presence_penalty)),
+            ("frequency_penalty", bool(self.frequency_penalty)),
+            ("logit_bias", bool(self.logit_bias)),
+            ("logprobs", self.logprobs not in (None, False, 0)),
+            ("stream_options", self.stream_options is not None and not self.stream),
+        ]
 
     def _refused(self) -> list[tuple[str | None, str]]:
-        return [(name, "stream_options is only allowed with stream: true" if name == "stream_options"
-                 else f"{name} is not supported by llmkit serve; leave it out")
-                for name, refused in self._unsupported() if refused]
+        return [
+            (
+                name,
+                "stream_options is only allowed with stream: true"
+                if name == "stream_options"
+                else f"{name} is not supported by llmkit serve; leave it out",
+            )
+            for name, refused in self._unsupported()
+            if refused
+        ]
 
     @property
     def include_usage(self) -> bool:
@@ -233,16 +251,22 @@ class _CompletionBody(_OpenAIBody):
     best_of: Optional[int] = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
-        return super()._unsupported() + [("echo", bool(self.echo)), ("suffix", self.suffix is not None),
-                                          ("best_of", self.best_of not in (None, 1))]
+        return super()._unsupported() + [
+            ("echo", bool(self.echo)),
+            ("suffix", self.suffix is not None),
+            ("best_of", self.best_of not in (None, 1)),
+        ]
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
             return self.prompt
         if len(self.prompt) == 1:
             return self.prompt[0]
-        raise InvalidParams("prompt: llmkit serve takes one prompt per request; send one request per prompt "
-                            "(they are batched on the server)", field="prompt")
+        raise InvalidParams(
+            "prompt: llmkit serve takes one prompt per request; send one request per prompt "
+            "(they are batched on the server)",
+            field="prompt",
+        )
 
 
 class TextPart(BaseModel):
@@ -278,8 +302,11 @@ class _ChatBody(_OpenAIBody):
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         text_format = self.response_format is None or self.response_format.get("type") == "text"
-        return super()._unsupported() + [("response_format", not text_format), ("tools", bool(self.tools)),
-                                          ("tool_choice", self.tool_choice not in (None, "none"))]
+        return super()._unsupported() + [
+            ("response_format", not text_format),
+            ("tools", bool(self.tools)),
+            ("tool_choice", self.tool_choice not in (None, "none")),
+        ]
 
     def chat_messages(self) -> list[dict[str, str]]:
         """Messages as chat templates expect them ('developer' is OpenAI's newer name for 'system')."""
@@ -292,8 +319,10 @@ class _GenerateBody(RequestBody):
     prompt: str
 
 
-GENERATE_DOC = ("The simple API's /generate body (prompt, max_length, temperature); every llmkit generation "
-                "parameter\nis accepted too.")
+GENERATE_DOC = (
+    "The simple API's /generate body (prompt, max_length, temperature); every llmkit generation "
+    "parameter\nis accepted too."
+)
 
 
 class RequestModels(NamedTuple):
@@ -308,14 +337,23 @@ def request_models(params: type[GenerationParams] = GenerationParams) -> Request
     OpenAI's, then llmkit's extensions."""
 
     def openai(name: str, base: type[_OpenAIBody]) -> Any:
-        built = create_model(name, __base__=base, __module__=__name__,
-                             **_param_fields(base.API, params, extension=False),
-                             **_param_fields(base.API, params, extension=True))
+        built = create_model(
+            name,
+            __base__=base,
+            __module__=__name__,
+            **_param_fields(base.API, params, extension=False),
+            **_param_fields(base.API, params, extension=True),
+        )
         built.PARAMS = params
         return built
 
-    generate = create_model("GenerateRequest", __base__=_GenerateBody, __module__=__name__, __doc__=GENERATE_DOC,
-                            **_param_fields("generate", params))
+    generate = create_model(
+        "GenerateRequest",
+        __base__=_GenerateBody,
+        __module__=__name__,
+        __doc__=GENERATE_DOC,
+        **_param_fields("generate", params),
+    )
     generate.PARAMS = params
     return RequestModels(openai("CompletionRequest", _CompletionBody), openai("ChatRequest", _ChatBody), generate)
 
@@ -332,8 +370,11 @@ else:
 
 
 def usage_body(result: Result) -> dict[str, int]:
-    return {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens,
-            "total_tokens": result.usage.total_tokens}
+    return {
+        "prompt_tokens": result.usage.prompt_tokens,
+        "completion_tokens": result.usage.completion_tokens,
+        "total_tokens": result.usage.total_tokens,
+    }
 
 
 def timings_body(result: Result, queue_s: float) -> dict[str, Any]:

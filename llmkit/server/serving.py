@@ -37,14 +37,26 @@ class LlmkitServer(uvicorn.Server):
 
 
 def build_server(app, settings: ServerSettings) -> LlmkitServer:
-    protocol = bounded_protocol(idle_timeout_s=settings.idle_timeout_s, read_timeout_s=settings.read_timeout_s,
-                                max_connections=settings.max_connections)
+    protocol = bounded_protocol(
+        idle_timeout_s=settings.idle_timeout_s,
+        read_timeout_s=settings.read_timeout_s,
+        max_connections=settings.max_connections,
+    )
     trusted = ",".join(settings.forwarded_allow_ips)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, http=protocol, ws="none", lifespan="on",
-                            # uvicorn annotates these two as int but uses them as seconds for call_later and
-                            # wait_for, so a fraction works (and the tests use one)
-                            log_config=None, access_log=False,
-                            timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]
-                            timeout_graceful_shutdown=settings.grace_s + SHUTDOWN_MARGIN_S,  # type: ignore[arg-type]
-                            proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=protocol,
+        ws="none",
+        lifespan="on",
+        # uvicorn annotates these two as int but uses them as seconds for call_later and
+        # wait_for, so a fraction works (and the tests use one)
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=settings.grace_s + SHUTDOWN_MARGIN_S,  # type: ignore[arg-type]
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
+    )
     return LlmkitServer(config, app.state.host, settings.grace_s)

@@ -52,11 +52,15 @@ def parse_forwarded_allow_ips(text: str | None) -> tuple[str, ...]:
     normalized = []
     for entry in entries:
         try:
-            normalized.append(str(ipaddress.ip_network(entry, strict=False)) if "/" in entry
-                              else str(ipaddress.ip_address(entry)))
+            normalized.append(
+                str(ipaddress.ip_network(entry, strict=False)) if "/" in entry else str(ipaddress.ip_address(entry))
+            )
         except ValueError:
-            raise InvalidParams(f"forwarded-allow-ips must be comma-separated IP addresses or networks "
-                                f"(10.0.0.0/8), or '*'; got {entry!r}", field="forwarded_allow_ips") from None
+            raise InvalidParams(
+                f"forwarded-allow-ips must be comma-separated IP addresses or networks "
+                f"(10.0.0.0/8), or '*'; got {entry!r}",
+                field="forwarded_allow_ips",
+            ) from None
     return tuple(normalized)
 
 
@@ -66,8 +70,10 @@ def parse_rate_limit(text: str | None) -> RateLimit | None:
         return None
     match = _RATE.match(text.lower())
     if not match or match.group(2) not in _PERIODS or int(match.group(1)) < 1:
-        raise InvalidParams(f"rate limit must look like 60/minute (N/second, N/minute or N/hour, N >= 1); "
-                            f"got {text!r}", field="rate_limit")
+        raise InvalidParams(
+            f"rate limit must look like 60/minute (N/second, N/minute or N/hour, N >= 1); got {text!r}",
+            field="rate_limit",
+        )
     return RateLimit(int(match.group(1)), _PERIODS[match.group(2)])
 
 
@@ -94,25 +100,34 @@ class ServerSettings:
         fields = {k: ("***" if k == "api_key" and v else v) for k, v in self.__dict__.items()}
         return "ServerSettings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
-    def check(self) -> "ServerSettings":
+    def check(self) -> ServerSettings:
         """Raise InvalidParams (exit 2) for a value that cannot work; return self."""
         if not 1 <= self.port <= 65535:
             raise InvalidParams(f"port must be between 1 and 65535 (got {self.port})", field="port")
-        for name, value, low in (("max_queue", self.max_queue, 0), ("max_batch_size", self.max_batch_size, 1),
-                                 ("max_body_bytes", self.max_body_bytes, 1024),
-                                 ("max_connections", self.max_connections, 1)):
+        for name, value, low in (
+            ("max_queue", self.max_queue, 0),
+            ("max_batch_size", self.max_batch_size, 1),
+            ("max_body_bytes", self.max_body_bytes, 1024),
+            ("max_connections", self.max_connections, 1),
+        ):
             if value < low:
                 raise InvalidParams(f"{name.replace('_', '-')} must be at least {low} (got {value})", field=name)
-        for name, seconds in (("request_timeout", self.request_timeout_s), ("grace_period", self.grace_s),
-                              ("idle_timeout", self.idle_timeout_s), ("read_timeout", self.read_timeout_s)):
+        for name, seconds in (
+            ("request_timeout", self.request_timeout_s),
+            ("grace_period", self.grace_s),
+            ("idle_timeout", self.idle_timeout_s),
+            ("read_timeout", self.read_timeout_s),
+        ):
             if not seconds > 0:
                 raise InvalidParams(f"{name.replace('_', '-')} must be more than 0 seconds (got {seconds})", field=name)
         if self.log_format not in LOG_FORMATS:
-            raise InvalidParams(f"log-format must be one of {', '.join(LOG_FORMATS)} (got {self.log_format!r})",
-                                field="log_format")
+            raise InvalidParams(
+                f"log-format must be one of {', '.join(LOG_FORMATS)} (got {self.log_format!r})", field="log_format"
+            )
         if self.api_key is not None and not self.api_key.strip():
-            raise InvalidParams("api-key must not be empty (unset LLMKIT_API_KEY to serve without a key)",
-                                field="api_key")
+            raise InvalidParams(
+                "api-key must not be empty (unset LLMKIT_API_KEY to serve without a key)", field="api_key"
+            )
         return self
 
     @property
