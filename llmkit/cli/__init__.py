@@ -17,7 +17,8 @@ import functools
 import inspect
 import os
 import sys
-from typing import Annotated, Callable
+from collections.abc import Callable
+from typing import Annotated
 
 import typer
 
@@ -94,7 +95,8 @@ def wrap_errors(command: Callable) -> Callable:
     if not own_debug:
         debug = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOpt)
         run.__signature__ = signature.replace(  # type: ignore[attr-defined]  # read by Typer
-            parameters=[*signature.parameters.values(), debug])
+            parameters=[*signature.parameters.values(), debug]
+        )
         run.__annotations__ = {**{p.name: p.annotation for p in signature.parameters.values()}, "debug": DebugOpt}
     return run
 
@@ -110,8 +112,9 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def root(
     debug: DebugOpt = False,
-    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     if debug:
         os.environ[DEBUG_ENV] = "1"
