@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 STEP_DELAY = {"LLMKIT_TEST_STEP_DELAY": "0.02"}
-REQUEST_TIMEOUT_S = 6  # two 40-token requests in a row take ~2 s; a loaded 2-core CI machine needs the room
+REQUEST_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
