@@ -93,6 +93,56 @@ class UnsupportedFeature(LlmkitError):
     kind = "invalid_request_error"
 
 
+class ContextExceeded(InvalidParams):
+    """A text longer than the model's context; `context` is that context in tokens when the engine (or the server's
+    refusal) says it, so a caller that splits texts into windows can size them."""
+
+    def __init__(self, message: str, context: int | None = None, field: str | None = "prompt"):
+        super().__init__(message, field)
+        self.context = context
+
+
+class ImplausibleScores(LlmkitError):
+    """A server's log-probs fail a sanity check (e.g. prompt log-probs shifted by one token): no figure is made of
+    them rather than a plausible-looking wrong one."""
+
+    http_status = 502
+    kind = "implausible_scores"
+
+    def __init__(self, message: str, short: str = "implausible log-probs"):
+        super().__init__(message)
+        self.short = short  # for a table cell: "n/a (<short>)"
+
+
+# --- talking to a server: a URL model (engine/remote.py) or `llmkit bench`'s target ---------------------
+
+
+class EndpointUnreachable(LlmkitError):
+    """Nothing answered at the server's address (refused, unknown host, timed out, TLS failed)."""
+
+    kind = "endpoint_unreachable"
+
+
+class EndpointFailed(LlmkitError):
+    """The server answered, but not as an OpenAI-compatible server would (a 5xx, or a body we cannot read)."""
+
+    kind = "endpoint_failed"
+
+
+class AuthenticationFailed(LlmkitError):
+    """401/403: the key is missing or wrong; the user fixes it with --api-key."""
+
+    exit_code = 2
+    kind = "authentication_failed"
+
+
+class EndpointMissing(LlmkitError):
+    """The server has no such route (e.g. no /v1/chat/completions); another --api may work."""
+
+    exit_code = 2
+    kind = "endpoint_missing"
+
+
 class PortInUse(LlmkitError):
     """`llmkit serve` cannot listen on its address (in use, or not allowed)."""
 

@@ -135,3 +135,22 @@ def test_the_server_batches_an_engine_that_says_it_batches(tiny_engine):
 
     assert tiny_engine.info.capabilities.batching
     assert isinstance(ModelHost(tiny_engine, ServerSettings())._scheduler_for(tiny_engine), BatchScheduler)
+
+
+def test_a_request_whose_decode_cannot_start_fails_alone():
+    """An engine without decode_logprobs asked for them (a caller that skipped the server's check) fails that request
+    with one error; the next request is served."""
+    from llmkit.engine.scheduling import Failed, Finished
+    from llmkit.engine.serial import SerialScheduler
+    from llmkit.errors import UnsupportedFeature
+    from tests.server_helpers import run_steps, scheduler_request
+
+    engine = NextLetterEngine()
+    scheduler = SerialScheduler(engine)
+    wants, wants_sink = scheduler_request(engine, "ab", {"max_new_tokens": 2, "greedy": True}, logprobs=1)
+    plain, plain_sink = scheduler_request(engine, "ab", {"max_new_tokens": 2, "greedy": True})
+    scheduler.submit(wants)
+    scheduler.submit(plain)
+    run_steps(scheduler)
+    assert isinstance(wants_sink.final, Failed) and isinstance(wants_sink.final.error, UnsupportedFeature)
+    assert isinstance(plain_sink.final, Finished) and plain_sink.final.result.completions[0].text == "cd"

@@ -345,10 +345,10 @@ CHAT = {"messages": [{"role": "user", "content": "x"}]}
         # accepted by the body, refused by to_params (unsupported fields, then GenerationParams' rules)
         (
             "/v1/completions",
-            {"prompt": "x", "logprobs": 2, "echo": True, "n": 2, "temperature": 0},
+            {"prompt": "x", "suffix": "!", "best_of": 2, "n": 2, "temperature": 0},
             [
-                ("logprobs", "logprobs is not supported by llmkit serve; leave it out"),
-                ("echo", "echo is not supported by llmkit serve; leave it out"),
+                ("suffix", "suffix is not supported by llmkit serve; leave it out"),
+                ("best_of", "best_of is not supported by llmkit serve; leave it out"),
                 (
                     "n",
                     "n must be 1 with greedy decoding, which gives identical sequences; sample (temperature > 0) "

@@ -4,11 +4,15 @@ Every engine (transformers.py, llamacpp.py, and any later one) subclasses `Engin
 
 - `info`: an EngineInfo; its `capabilities` record says what the engine can do beyond this contract;
 - `tokenizer`: the `Tokenizer` slice of a Hugging Face tokenizer (prompts, chat templates, detokenizing);
-- `_decode(prompt, ids, params, seed, started)`: a generator that yields Chunks and returns the Result;
+- `_decode(prompt, ids, params, seed, started, *, logprobs)`: a generator that yields Chunks and returns the Result;
 - `next_token_logits(...)` and `token_logprobs(ids)`: the unmodified model's scores (explore, compare).
 
 From those, `Engine` gives every engine the same prompt_ids / chat_ids / encode / check_context and
-stream / stream_ids / generate, so engines cannot drift apart. A `BatchingEngine` adds what the server's
+stream / stream_ids / generate, so engines cannot drift apart. It also gives defaults, from the whole
+distribution, for what an engine without `logits` (remote.py: a server) provides its own way and says in
+`info.capabilities`: `generate_scored` (explore's log p), `next_token_top` (a partial next-token view),
+`text_logprobs` (perplexity through a server's echo), `unhonoured` (knobs a server ignores),
+`server_metrics` (memory and CPU the server reports) and `close`. A `BatchingEngine` adds what the server's
 batcher (batch.py) needs to run many requests through one forward pass: `eos_ids`, `device`,
 `new_cache()` and `forward_step(...)`, and says so with `info.capabilities.batching`, which is what the
 server reads to choose its scheduler. Nothing here imports torch or needs a model, so an engine that only
@@ -19,12 +23,14 @@ from __future__ import annotations
 
 import abc
 import functools
+import math
 import time
 from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmkit.engine.sequence import choose_seed
-from llmkit.engine.types import Chunk, EngineInfo, Result
+from llmkit.engine.types import Chunk, EngineInfo, Result, TokenLogprob
 from llmkit.errors import InvalidParams, UnsupportedFeature, one_line
 from llmkit.params import GenerationParams, check_text
 
@@ -55,6 +61,40 @@ class Tokenizer(Protocol):
     ) -> str:
         """The prompt text the model's chat template makes of `messages`."""
         ...
+
+
+@dataclass(frozen=True)
+class TopTokens:
+    """The most likely next tokens after a prompt, most likely first, with their log p at temperature 1."""
+
+    tokens: tuple[str, ...]  # each token's text
+    logprobs: tuple[float, ...]
+    token_ids: tuple[int | None, ...]  # None where the engine does not know the id (a server's top_logprobs)
+    prompt_tokens: int
+    vocab_size: int | None  # None: unknown (a server)
+    cap: int | None  # the most candidates the engine can return (a server's top_logprobs limit); None: no cap
+    asked: int | None = None  # how many were asked for, when fewer came back (a server that keys them by text
+    # merges tokens that read the same): then the listed ones are not surely the most likely ones
+
+    @property
+    def complete(self) -> bool:
+        """The listed tokens are the most likely ones, none missing among them."""
+        return self.asked is None or len(self.tokens) >= self.asked
+
+    @property
+    def mass(self) -> float:
+        """The probability the listed tokens cover together."""
+        return sum(math.exp(value) for value in self.logprobs)
+
+
+@dataclass(frozen=True)
+class TextToken:
+    """One token of a scored text: its text, where it starts in the text (characters), its log p given the ones
+    before it (None: not predicted, the first)."""
+
+    text: str
+    offset: int
+    logprob: float | None
 
 
 class Generation:
@@ -217,11 +257,23 @@ class Engine(abc.ABC):
         return self.stream_ids(prompt, ids, params, seed=choose_seed(params), started=started)
 
     def stream_ids(
-        self, prompt: str, ids: list[int], params: GenerationParams, *, seed: int | None, started: float
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        *,
+        seed: int | None,
+        started: float,
+        logprobs: int | None = None,
     ) -> Generation:
         """stream() for ids made and checked elsewhere: the server tokenizes (and applies chat templates) on
-        its own thread, and its timings count from `started`, the request's arrival."""
-        return Generation(self._decode(prompt, ids, params, seed, started))
+        its own thread, and its timings count from `started`, the request's arrival. `logprobs` asks for each
+        token's raw log p and its top `logprobs` on the Chunks (capabilities.decode_logprobs; None: not asked)."""
+        if logprobs is None:  # an engine without decode_logprobs may leave the keyword out of its _decode
+            return Generation(self._decode(prompt, ids, params, seed, started))
+        if not self.info.capabilities.decode_logprobs:
+            raise UnsupportedFeature(f"the {self.info.engine} engine does not return log-probs while generating")
+        return Generation(self._decode(prompt, ids, params, seed, started, logprobs=logprobs))
 
     def generate(
         self, prompt: str, params: GenerationParams, *, chat: bool = False, system: str | None = None
@@ -231,14 +283,80 @@ class Engine(abc.ABC):
             pass
         return generation.result
 
+    # --- scores and resources, with defaults for the engines that hold the model ---------------------
+
+    def generate_scored(
+        self, prompt: str, params: GenerationParams, *, chat: bool = False, system: str | None = None
+    ) -> tuple[Result, list[list[float] | None]]:
+        """generate(), and per completion the log p of each generated token (end of sequence included) under the
+        unmodified model: no sampling knob touches them (explore's log p). None for a completion the engine cannot
+        score (capabilities.generated_logprobs is False: a server that returns no logprobs)."""
+        result = self.generate(prompt, params, chat=chat, system=system)
+        ids = self.prompt_ids(prompt, chat=chat, system=system)
+        scores: list[list[float] | None] = []
+        for completion in result.completions:
+            scored = self.token_logprobs([*ids, *completion.token_ids])
+            scores.append(scored[len(ids) - 1 :])
+        return result, scores
+
+    def score_tokens(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        """token_logprobs with the `top` most likely tokens at each position: one TokenLogprob per ids[1:] (the
+        server's echo with logprobs). This default has the log p alone; the local engines add the alternatives
+        from the same forward pass."""
+        return [TokenLogprob(int(token), value) for token, value in zip(ids[1:], self.token_logprobs(ids))]
+
+    def next_token_top(self, prompt: str, top: int, *, chat: bool = False, system: str | None = None) -> TopTokens:
+        """The `top` most likely next tokens and their log p under the unmodified model: what explore next-token
+        shows for an engine without `logits` (a server's top_logprobs). From the whole distribution here."""
+        import torch
+
+        logprobs = torch.log_softmax(self.next_token_logits(prompt, chat=chat, system=system).float(), dim=-1)
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[0]))
+        return TopTokens(
+            tokens=tuple(self.tokenizer.decode([int(i)]) for i in ids),
+            logprobs=tuple(float(v) for v in values),
+            token_ids=tuple(int(i) for i in ids),
+            prompt_tokens=len(self.prompt_ids(prompt, chat=chat, system=system)),
+            vocab_size=int(logprobs.shape[0]),
+            cap=None,
+        )
+
+    def text_logprobs(self, text: str) -> list[TextToken]:
+        """The tokens of `text` (as the engine splits it), each with its character offset and log p given the ones
+        before it (None for the first): compare's perplexity for an engine without `logits` (a server's echo).
+        Raises ContextExceeded (with the context when known) for a text longer than the context."""
+        raise UnsupportedFeature(f"the {self.info.engine} engine scores token ids (token_logprobs), not texts")
+
+    def unhonoured(self, params: GenerationParams) -> list[str]:
+        """One sentence per knob of `params` this engine would not apply (a server that ignores or refuses top_k,
+        say); none for an engine that samples itself."""
+        return []
+
+    def server_metrics(self) -> dict[str, float] | None:
+        """For an engine whose model runs elsewhere (capabilities.local_resources False): the figures the server
+        reports about itself now (its Prometheus /metrics), or None when it reports none."""
+        return None
+
+    def close(self) -> None:  # noqa: B027  # a hook with nothing to do for the engines that hold their model
+        """Let go of what the engine holds outside the model (a remote engine's connections)."""
+
     # --- what each engine implements ----------------------------------------------------------
 
     @abc.abstractmethod
     def _decode(
-        self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None, started: float
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        seed: int | None,
+        started: float,
+        *,
+        logprobs: int | None = None,
     ) -> Decode:
         """Yield Chunks for the prompt `ids` (`prompt` is their text), then return the Result; sequence i samples
-        with seed + i (None: greedy), and the Result's timings count from `started` (a perf_counter value)."""
+        with seed + i (None: greedy), and the Result's timings count from `started` (a perf_counter value).
+        With `logprobs` (only passed to an engine whose capabilities.decode_logprobs is True; others may leave the
+        keyword out) each Chunk carries its tokens' raw log p and top `logprobs` alternatives (TokenLogprob)."""
 
     @abc.abstractmethod
     def next_token_logits(self, prompt: str, *, chat: bool = False, system: str | None = None) -> torch.Tensor:

@@ -27,6 +27,12 @@ How it batches (continuous batching with left padding, one thread):
   are finished (EOS, stop string, length), is cancelled, or passes its deadline.
   Columns that are padding for every remaining row are trimmed away.
 
+Log-probabilities, for the requests that ask (`BatchRequest.logprobs`): after a step samples, one
+`raw_logprobs` call over the rows that want them (the logits the step already has; no forward pass)
+gives each token's log p and the top N, which its SequenceState puts on the Chunks. A request that
+asks for its prompt's (`prompt_logprobs`, the server's echo) has its prompt scored in one forward
+pass of its own when it is admitted; one that generates nothing (`prompt_only`) ends there.
+
 Every forward pass is the engine's `forward_step` (the one its single-sequence loop runs
 too). The KV cache comes from `engine.new_cache()`: for transformers a `DynamicCache()` built
 without the model config, so every layer is
@@ -53,7 +59,7 @@ from typing import Any
 import torch
 
 from llmkit.engine.base import BatchingEngine
-from llmkit.engine.sampling import pick_tokens
+from llmkit.engine.sampling import pick_tokens, raw_logprobs
 from llmkit.engine.scheduling import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
@@ -62,8 +68,9 @@ from llmkit.engine.scheduling import (
     Finished,
     Scheduler,
     StepHook,
+    answer_prompt_only,
 )
-from llmkit.engine.sequence import SequenceState, build_result
+from llmkit.engine.sequence import Scored, SequenceState, build_result
 from llmkit.errors import GenerationFailed, LlmkitError, OutOfMemory
 from llmkit.params import GenerationParams, sampling_key
 
@@ -213,10 +220,11 @@ class BatchScheduler(Scheduler):
         logits, cache = self.engine.forward_step(input_ids, cache, attention_mask=mask, position_ids=positions)
 
         tokens = self._sample(actives, logits)
+        scores = self._score(actives, logits, tokens)
         self._merge(actives, cache, mask, tokens)
         if self.on_step:
             self.on_step("prefill", len(rows), time.perf_counter() - started)
-        self._dispatch(tokens, actives)
+        self._dispatch(tokens, actives, scores)
 
     def _decode(self) -> None:
         started = time.perf_counter()
@@ -228,10 +236,11 @@ class BatchScheduler(Scheduler):
             self._pending[:, None], self._cache, attention_mask=self._mask, position_ids=positions
         )
         tokens = self._sample(self._active, logits)
+        scores = self._score(self._active, logits, tokens)
         self._pending = tokens
         if self.on_step:
             self.on_step("decode", len(tokens), time.perf_counter() - started)
-        self._dispatch(tokens, list(self._active))
+        self._dispatch(tokens, list(self._active), scores)
 
     def _activate_alone(self, request: BatchRequest, admitted_at: float) -> _Active | None:
         """_activate, or None after failing this request alone."""
@@ -241,7 +250,10 @@ class BatchScheduler(Scheduler):
             self._fail_one(_Active(request, [], None, None, admitted_at), exc)
             return None
 
-    def _activate(self, request: BatchRequest, admitted_at: float) -> _Active:
+    def _activate(self, request: BatchRequest, admitted_at: float) -> _Active | None:
+        """The request's rows, ready to prefill; None for one that was answered here (it generates nothing)."""
+        if answer_prompt_only(self.engine, request, admitted_at):
+            return None
         params = request.params
         generators = None
         if request.seed is not None:
@@ -251,7 +263,10 @@ class BatchScheduler(Scheduler):
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.tensor([request.prompt_ids] * request.rows, device=self._device)
-        sequences = [SequenceState.start(i, self.tokenizer, request.prompt_ids, params) for i in range(request.rows)]
+        sequences = [
+            SequenceState.start(i, self.tokenizer, request.prompt_ids, params, logprobs=request.logprobs is not None)
+            for i in range(request.rows)
+        ]
         return _Active(request, sequences, generators, seen, admitted_at)
 
     def _sample(self, actives: Sequence[_Active], logits: torch.Tensor) -> torch.Tensor:
@@ -296,15 +311,56 @@ class BatchScheduler(Scheduler):
             self._fail_one(active, exc)
         return tokens
 
-    def _dispatch(self, tokens: torch.Tensor, actives: Sequence[_Active]) -> None:
-        """Feed each request its rows' tokens (`tokens` holds exactly the rows of `actives`, in order)."""
+    def _score(
+        self, actives: Sequence[_Active], logits: torch.Tensor, tokens: torch.Tensor
+    ) -> list[Scored | None] | None:
+        """Per row, the sampled token's raw log p and top alternatives for the requests that asked for logprobs
+        (None for the others); None when none did. One raw_logprobs call over those rows; if it raises, the
+        requests that asked fail alone."""
+        wanted: list[tuple[int, _Active]] = []
+        row = 0
+        for active in actives:
+            if active.request.logprobs is not None and not active.failed:
+                wanted.append((row, active))
+            row += active.request.rows
+        if not wanted:
+            return None
+        scores: list[Scored | None] = [None] * logits.shape[0]
+        try:
+            top = max(active.request.logprobs or 0 for _, active in wanted)
+            if sum(active.request.rows for _, active in wanted) == logits.shape[0]:
+                rows = list(range(logits.shape[0]))
+                scored = raw_logprobs(logits, tokens, top)
+            else:
+                rows = [r for start, active in wanted for r in range(start, start + active.request.rows)]
+                index = torch.tensor(rows, device=logits.device)
+                scored = raw_logprobs(logits.index_select(0, index), tokens.index_select(0, index), top)
+        except Exception as exc:
+            for _, active in wanted:
+                self._fail_one(active, exc)
+            return None
+        for r, (value, alternatives) in zip(rows, scored):
+            scores[r] = (value, alternatives)
+        for start, active in wanted:
+            keep = active.request.logprobs or 0
+            if keep < top:
+                for r in range(start, start + active.request.rows):
+                    value, alternatives = scores[r] or (0.0, ())
+                    scores[r] = (value, alternatives[:keep])
+        return scores
+
+    def _dispatch(
+        self, tokens: torch.Tensor, actives: Sequence[_Active], scores: list[Scored | None] | None = None
+    ) -> None:
+        """Feed each request its rows' tokens (`tokens` holds exactly the rows of `actives`, in order) and, for those
+        that asked, their log-probabilities (`scores`, by row)."""
         now = time.perf_counter()
         values = tokens.tolist()
         row = 0
         for active in actives:
             if not active.failed:
                 try:
-                    self._advance(active, tokens, values, row, now)
+                    self._advance(active, tokens, values, row, now, scores)
                 except Exception as exc:
                     self._fail_one(active, exc)
             row += active.request.rows
@@ -312,15 +368,23 @@ class BatchScheduler(Scheduler):
         if any(leaving):
             self._keep([not gone for gone in leaving])
 
-    def _advance(self, active: _Active, tokens: torch.Tensor, values: list[int], row: int, now: float) -> None:
+    def _advance(
+        self,
+        active: _Active,
+        tokens: torch.Tensor,
+        values: list[int],
+        row: int,
+        now: float,
+        scores: list[Scored | None] | None = None,
+    ) -> None:
         """One request's share of a step: its tokens become Chunks, and its Result once every row has finished."""
         request = active.request
         active.token_times.append(now - request.started)
         picked = values[row : row + request.rows]
         if active.seen is not None:
             active.seen = torch.cat([active.seen, tokens[row : row + request.rows, None]], dim=1)
-        for seq, token in zip(active.sequences, picked):
-            chunk = seq.advance(token, self.eos_ids)
+        for i, (seq, token) in enumerate(zip(active.sequences, picked)):
+            chunk = seq.advance(token, self.eos_ids, None if scores is None else scores[row + i])
             if chunk is not None:
                 request.sink(chunk)
         if active.finished:
@@ -345,14 +409,15 @@ class BatchScheduler(Scheduler):
             extra={"request_id": request.request_id, "event": "request_failed"},
         )
         self.failures.request_failed(f"{type(exc).__name__}: {exc}")
-        try:
-            request.sink(
-                Failed(
-                    GenerationFailed(
-                        "generation failed for this request (see the server log); other requests were not affected"
-                    )
-                )
+        error = (
+            exc
+            if isinstance(exc, LlmkitError)  # its own words: out of memory scoring its prompt, say
+            else GenerationFailed(
+                "generation failed for this request (see the server log); other requests were not affected"
             )
+        )
+        try:
+            request.sink(Failed(error))
         except Exception:  # its sink is gone too; nothing left to tell
             log.debug("could not deliver the failure of request %s", request.request_id, exc_info=True)
 

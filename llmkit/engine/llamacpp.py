@@ -21,9 +21,9 @@ from pathlib import Path
 
 from llmkit.engine import LoadOptions
 from llmkit.engine.base import Decode, Engine
-from llmkit.engine.sampling import pick_tokens
+from llmkit.engine.sampling import pick_tokens, raw_logprobs
 from llmkit.engine.sequence import SequenceState, build_result
-from llmkit.engine.types import EngineInfo
+from llmkit.engine.types import Capabilities, EngineInfo, TokenLogprob
 from llmkit.errors import ModelLoadError, UnsupportedFeature, one_line
 from llmkit.models import ALIASES, MARKER_TOKEN, Progress, assemble_alias, check_gguf_magic, resolve
 from llmkit.params import GenerationParams
@@ -123,6 +123,13 @@ class LlamaCppTokenizer:
             ids = [i for i in ids if not self._is_marker(i)]
         return self.llm.detokenize(ids, special=not skip_special_tokens).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        """The token's own bytes, exactly (half a UTF-8 character stays half): the server's logprobs `bytes`."""
+        return bytes(self.llm._model.detokenize([int(token)], special=True))
+
+    def __len__(self) -> int:
+        return int(self.llm.n_vocab())
+
     def _is_marker(self, token: int) -> bool:
         """A user-defined token shaped like a control marker (Gemma 3's <start_of_image>): llama.cpp
         detokenizes those as text, so they are skipped here as the GGUF conversion does for transformers."""
@@ -219,6 +226,7 @@ class LlamaCppEngine(Engine):
             has_chat_template=bool(llm.metadata.get("tokenizer.chat_template")),
             load_s=time.perf_counter() - started,
             threads=llm.n_threads,
+            capabilities=Capabilities(decode_logprobs=True),
             choices={
                 "dtype": "the GGUF file's own tensor types",
                 "quantize": "as stored in the GGUF",
@@ -240,11 +248,23 @@ class LlamaCppEngine(Engine):
         return torch.from_numpy(view.copy())[None, :]
 
     def _decode(
-        self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None, started: float
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        seed: int | None,
+        started: float,
+        *,
+        logprobs: int | None = None,
     ) -> Decode:
+        """`logprobs` (None: not asked): each token's raw log p and its top `logprobs` alternatives on the Chunks,
+        from the logits llama.cpp already returned for the step."""
         import torch
 
-        sequences = [SequenceState.start(i, self.tokenizer, ids, params) for i in range(params.num_sequences)]
+        sequences = [
+            SequenceState.start(i, self.tokenizer, ids, params, logprobs=logprobs is not None)
+            for i in range(params.num_sequences)
+        ]
         token_times: list[float] = []
         for sequence in sequences:
             generator = None if seed is None else [torch.Generator().manual_seed(seed + sequence.index)]
@@ -252,9 +272,12 @@ class LlamaCppEngine(Engine):
             self.llm.reset()
             self.llm.eval(ids)
             while not sequence.finish_reason:
-                token = int(pick_tokens(self._logits(), params, generator, seen)[0])
+                logits = self._logits()
+                picked = pick_tokens(logits, params, generator, seen)
+                scored = None if logprobs is None else raw_logprobs(logits, picked, logprobs)[0]
+                token = int(picked[0])
                 token_times.append(time.perf_counter() - started)
-                chunk = sequence.advance(token, self.eos_ids)
+                chunk = sequence.advance(token, self.eos_ids, scored)
                 if chunk is not None:
                     yield chunk
                 if sequence.finish_reason:
@@ -274,14 +297,22 @@ class LlamaCppEngine(Engine):
         return self._logits()[0].float()
 
     def token_logprobs(self, ids: Sequence[int]) -> list[float]:
+        return [entry.logprob for entry in self.score_tokens(ids, 0)]
+
+    def score_tokens(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        """token_logprobs with the `top` most likely tokens at each position (the server's echo with logprobs)."""
         import torch
 
         ids = [int(i) for i in ids]
         self.check_length(len(ids), "the text to score")
-        values: list[float] = []
+        entries: list[TokenLogprob] = []
         self.llm.reset()
         for position in range(len(ids) - 1):
             self.llm.eval([ids[position]])
-            logprobs = torch.log_softmax(self._logits()[0].float(), dim=-1)
-            values.append(float(logprobs[ids[position + 1]]))
-        return values
+            value, alternatives = raw_logprobs(self._logits(), torch.tensor([ids[position + 1]]), top)[0]
+            entries.append(TokenLogprob(ids[position + 1], value, alternatives))
+        return entries
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.llm.n_vocab())

@@ -108,3 +108,26 @@ def pick_tokens(
     probs = next_token_probs(logits, params)
     picked = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
     return torch.cat(picked)
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's and vLLM's default cap)
+
+
+def raw_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top: int = 0
+) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """Per row of `logits` [rows, vocab]: (log p of tokens[row], its `top` most likely tokens as (id, log p), most
+    likely first), under the model's raw distribution: the log-softmax of the logits themselves, before any of the
+    transforms above (no penalty, temperature or filter touches them), in float32.
+
+    Written as logit - logsumexp(logits), the very formula of the engines' `token_logprobs`, so a prompt scored here
+    and there gives the same numbers. Costs one logsumexp (and one topk when `top` > 0) per row: no forward pass.
+    """
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    chosen = (logits.gather(1, tokens.to(logits.device).long()[:, None]) - lse).squeeze(1).tolist()
+    if top <= 0:
+        return [(value, ()) for value in chosen]
+    values, ids = torch.topk(logits, min(top, logits.shape[-1]), dim=-1)
+    tops = (values - lse).tolist()
+    return [(value, tuple(zip(row_ids, row_values))) for value, row_ids, row_values in zip(chosen, ids.tolist(), tops)]

@@ -10,6 +10,12 @@ engine that cannot batch (llama.cpp). The server (server/runtime.py) sees only w
 which receives Chunks and then exactly one Finished or Failed. Keeping it in one place is what
 lets the routes treat both schedulers alike.
 
+What a request asks for besides text travels on its record, not in GenerationParams (it changes no
+token): `logprobs` (each generated token's raw log p and its top N, on the Chunks), `prompt_logprobs`
+(the prompt scored in one forward pass, delivered as one PromptLogprobs event before any Chunk) and
+`prompt_only` (nothing is generated: the server's echo with max_tokens 0). `submit_all` accepts the
+requests of one body (a list of prompts) together or refuses them together.
+
 Everything a scheduler does runs on the single inference thread that owns the model; `submit`,
 `cancel` and the read-only properties are the only thread-safe entry points.
 
@@ -28,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmkit.engine.sequence import choose_seed
-from llmkit.engine.types import Chunk, Result
+from llmkit.engine.types import Chunk, Result, TokenLogprob
 from llmkit.errors import Cancelled, GenerationFailed, LlmkitError, QueueFull, RequestTimeout, ShuttingDown
 from llmkit.params import GenerationParams
 
@@ -61,7 +67,15 @@ class Failed:
     error: LlmkitError
 
 
-Event = Chunk | Finished | Failed
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens scored (for a request with prompt_logprobs), before any Chunk: one entry per prompt token
+    after the first, with the top `prompt_logprobs` alternatives."""
+
+    entries: tuple[TokenLogprob, ...]
+
+
+Event = Chunk | PromptLogprobs | Finished | Failed
 Sink = Callable[[Event], None]
 
 
@@ -78,6 +92,9 @@ class BatchRequest:
     deadline: float | None = None
     request_id: str = ""
     cancel_reason: str | None = None  # set from any thread; the loop drops the request at its next step
+    logprobs: int | None = None  # each generated token's log p and this many alternatives; None: not asked
+    prompt_logprobs: int | None = None  # score the prompt first, with this many alternatives; None: not asked
+    prompt_only: bool = False  # generate nothing: Finished follows the prompt's scores (echo with max_tokens 0)
 
     def __post_init__(self) -> None:
         self.seed = (
@@ -156,16 +173,29 @@ class Scheduler:
         """Accept `request` if it gets a free batch slot at the next step, or if fewer than `max_queue`
         requests wait beyond the free slots; otherwise QueueFull. (A burst therefore fills the batch
         first and only what is left over counts against the queue.)"""
+        self.submit_all([request])
+
+    def submit_all(self, requests: list[BatchRequest]) -> None:
+        """Accept every one of `requests` (one body's prompts) as `submit` would one after the other, or none:
+        QueueFull (or ShuttingDown) before any of them is queued."""
         with self._cv:
             if self._closing or self._abort:
                 raise ShuttingDown("the server is shutting down; retry on another instance")
-            queued, fits = self._queued_beyond_room(request)
-            if not fits and queued >= self.max_queue:
-                raise QueueFull(
-                    f"the server is at capacity ({self.running_requests} requests running, {queued} "
-                    f"waiting for room, --max-queue {self.max_queue}); retry shortly"
-                )
-            self._waiting.append(request)
+            accepted = 0
+            try:
+                for request in requests:
+                    queued, fits = self._queued_beyond_room(request)
+                    if not fits and queued >= self.max_queue:
+                        raise QueueFull(
+                            f"the server is at capacity ({self.running_requests} requests running, {queued} "
+                            f"waiting for room, --max-queue {self.max_queue}); retry shortly"
+                        )
+                    self._waiting.append(request)
+                    accepted += 1
+            except QueueFull:
+                for _ in range(accepted):
+                    self._waiting.pop()
+                raise
             self._cv.notify()
 
     def _slots(self, request: BatchRequest) -> int:
@@ -297,3 +327,31 @@ class Scheduler:
     def _fail_running(self, error: LlmkitError) -> None:
         """Fail whatever is running with `error` and forget it."""
         raise NotImplementedError
+
+
+def score_prompt(engine, ids: list[int], top: int) -> tuple[TokenLogprob, ...]:
+    """The prompt's tokens after the first, each with its log p and the `top` most likely tokens at its position."""
+    return tuple(engine.score_tokens(ids, top))
+
+
+def answer_prompt_only(engine, request: BatchRequest, admitted: float) -> bool:
+    """Score the prompt of a request that asked for it (a PromptLogprobs event) and, for one that generates
+    nothing, finish it; True when the request is done. Runs on the inference thread; raises what scoring raises."""
+    from llmkit.engine.sequence import build_prompt_result
+
+    if request.prompt_logprobs is not None:
+        request.sink(PromptLogprobs(score_prompt(engine, request.prompt_ids, request.prompt_logprobs)))
+    if not request.prompt_only:
+        return False
+    elapsed = time.perf_counter() - request.started
+    result = build_prompt_result(
+        request.prompt,
+        request.prompt_ids,
+        request.params,
+        request.seed,
+        elapsed,
+        logprobs=request.logprobs is not None,
+    )
+    queue_s = admitted - request.started
+    request.sink(Finished(result, queue_s=queue_s, prefill_s=max(elapsed - queue_s, 0.0)))
+    return True

@@ -13,6 +13,11 @@ the two schedulers apart; /health shows max_batch_size 1.
 
 The `on_step` hook sees one "prefill" step per request (its first chunk: prompt evaluation and the
 first token) and one "decode" step per later chunk, each with 1 row.
+
+Log-probabilities: a request that asks for them is started with the engine's `stream_ids(...,
+logprobs=N)` (an engine whose `info.capabilities.decode_logprobs` says it can; the server refuses the
+field otherwise), which puts them on the Chunks; a request that asks for its prompt's has the prompt
+scored first (one PromptLogprobs event), and one that generates nothing ends there.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from llmkit.engine.scheduling import (
     Finished,
     Scheduler,
     StepHook,
+    answer_prompt_only,
 )
 from llmkit.errors import GenerationFailed, LlmkitError, OutOfMemory
 
@@ -59,6 +65,7 @@ class SerialScheduler(Scheduler):
         super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
         self.engine = engine
         self._running: _Running | None = None  # touched only by the loop thread
+        self._answered = False  # the last _start_next answered a request without starting it (or failed it)
         self._starting = False  # a request has left the queue and is not yet _running (read by submit)
 
     @property
@@ -88,7 +95,8 @@ class SerialScheduler(Scheduler):
         if self._running is None:
             self._running = self._start_next()
             if self._running is None:
-                return False
+                return self._answered
+            self._answered = False
         running = self._running
         started = time.perf_counter()
         try:
@@ -107,18 +115,49 @@ class SerialScheduler(Scheduler):
         return True
 
     def _start_next(self) -> _Running | None:
+        """The oldest waiting request, started; None when none waits, or when the one taken was answered (or failed)
+        without a generation: `_answered` says which."""
+        self._answered = False
         with self._cv:
             if not self._waiting:
                 return None
             request = self._waiting.popleft()
             self._starting = True
         try:
-            generation = self.engine.stream_ids(
-                request.prompt, request.prompt_ids, request.params, seed=request.seed, started=request.started
-            )
-            return _Running(request, generation, admitted=time.perf_counter())
+            admitted = time.perf_counter()
+            try:
+                if answer_prompt_only(self.engine, request, admitted):
+                    self._answered = True
+                    return None
+                generation = self._stream(request)
+            except Exception as exc:  # scoring its prompt or starting its decode failed: that request alone
+                self._answered = True
+                self._fail_alone(request, exc)
+                return None
+            return _Running(request, generation, admitted=admitted)
         finally:
             self._starting = False
+
+    def _stream(self, request: BatchRequest) -> Generation:
+        return self.engine.stream_ids(
+            request.prompt,
+            request.prompt_ids,
+            request.params,
+            seed=request.seed,
+            started=request.started,
+            logprobs=request.logprobs,
+        )
+
+    def _fail_alone(self, request: BatchRequest, exc: Exception) -> None:
+        if isinstance(exc, LlmkitError):
+            error: LlmkitError = exc
+        elif isinstance(exc, MemoryError):
+            error = OutOfMemory("ran out of memory scoring the prompt; shorten it")
+        else:
+            log.exception("scoring the prompt failed for request %s", request.request_id or "?")
+            error = GenerationFailed("generation failed for this request (see the server log)")
+        self.failures.request_failed(f"{type(exc).__name__}: {exc}")
+        request.sink(Failed(error))
 
     def _advance(self, running: _Running) -> None:
         """Hand over the next chunk; once the last sequence has finished, the Result follows in the same step."""

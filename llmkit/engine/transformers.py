@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from llmkit.engine import LoadOptions
 from llmkit.engine.base import BatchingEngine, Decode
-from llmkit.engine.sampling import pick_tokens
+from llmkit.engine.sampling import pick_tokens, raw_logprobs
 from llmkit.engine.sequence import SequenceState, build_result
-from llmkit.engine.types import Capabilities, EngineInfo
+from llmkit.engine.types import Capabilities, EngineInfo, TokenLogprob
 from llmkit.errors import (
     InvalidParams,
     ModelLoadError,
@@ -122,7 +122,7 @@ class TransformersEngine(BatchingEngine):
                 **_speed_choices(device_name, torch_dtype, dtype_why, replaced),
                 "threads": f"{thread_count} ({threads_why})",
             },
-            capabilities=Capabilities(batching=True),
+            capabilities=Capabilities(batching=True, decode_logprobs=True),
         )
         return cls(model, tokenizer, info)
 
@@ -170,8 +170,17 @@ class TransformersEngine(BatchingEngine):
     # --- generation ------------------------------------------------------------------------------
 
     def _decode(
-        self, prompt: str, ids: list[int], params: GenerationParams, seed: int | None, started: float
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        seed: int | None,
+        started: float,
+        *,
+        logprobs: int | None = None,
     ) -> Decode:
+        """The decode loop; `logprobs` (None: not asked) puts each token's raw log p and its top `logprobs`
+        alternatives on the Chunks, from the logits this step already computed (sampling.raw_logprobs)."""
         import torch
 
         n = params.num_sequences
@@ -179,7 +188,9 @@ class TransformersEngine(BatchingEngine):
         generators = None
         if seed is not None:
             generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
-        sequences = [SequenceState.start(i, self.tokenizer, ids, params) for i in range(n)]
+        sequences = [
+            SequenceState.start(i, self.tokenizer, ids, params, logprobs=logprobs is not None) for i in range(n)
+        ]
         input_ids = torch.tensor([ids] * n, device=device)
         seen = input_ids
         cache = None  # the model starts its own (with sliding-window layers where the config has them)
@@ -191,11 +202,12 @@ class TransformersEngine(BatchingEngine):
                     next_ids = pick_tokens(
                         logits, params, generators, seen if params.repetition_penalty != 1.0 else None
                     )
+                    scored = None if logprobs is None else raw_logprobs(logits, next_ids, logprobs)
                     token_times.append(time.perf_counter() - started)
                     seen = torch.cat([seen, next_ids[:, None]], dim=1)
                     input_ids = next_ids[:, None]
-                    for seq, token in zip(sequences, next_ids.tolist()):
-                        chunk = seq.advance(token, self.eos_ids)
+                    for i, (seq, token) in enumerate(zip(sequences, next_ids.tolist())):
+                        chunk = seq.advance(token, self.eos_ids, None if scored is None else scored[i])
                         if chunk is not None:
                             yield chunk
                     if all(seq.finish_reason for seq in sequences):
@@ -228,6 +240,12 @@ class TransformersEngine(BatchingEngine):
         float32 log-softmax, the basis of perplexity. The log-softmax is taken a block of positions
         at a time, so a long text does not hold a float32 copy of all its logits at once.
         """
+        return [entry.logprob for entry in self.score_tokens(ids, 0)]
+
+    def score_tokens(self, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        """token_logprobs with the `top` most likely tokens at each position (the server's echo with logprobs): one
+        TokenLogprob for each of ids[1:], from the same forward pass and the same formula, so the log p are
+        token_logprobs' to the bit."""
         import torch
 
         block_size = 256  # positions per log-softmax block
@@ -235,7 +253,7 @@ class TransformersEngine(BatchingEngine):
         self.check_length(len(ids), "the text to score")
         if len(ids) < 2:
             return []
-        values: list[float] = []
+        entries: list[TokenLogprob] = []
         try:
             with torch.inference_mode():
                 input_ids = torch.tensor([ids], device=self.model.device)
@@ -244,12 +262,31 @@ class TransformersEngine(BatchingEngine):
                 for start in range(0, logits.shape[0], block_size):
                     block = logits[start : start + block_size].float()
                     picked = block.gather(1, targets[start : start + block_size, None]).squeeze(1)
-                    values.extend((picked - torch.logsumexp(block, dim=-1)).tolist())
+                    lse = torch.logsumexp(block, dim=-1)
+                    values = (picked - lse).tolist()
+                    tops: list[tuple[tuple[int, float], ...]] = [()] * len(values)
+                    if top > 0:
+                        best, best_ids = torch.topk(block, min(top, block.shape[-1]), dim=-1)
+                        tops = [
+                            tuple(zip(row_ids, row_values))
+                            for row_ids, row_values in zip(best_ids.tolist(), (best - lse[:, None]).tolist())
+                        ]
+                    chosen = ids[start + 1 : start + 1 + len(values)]
+                    entries.extend(TokenLogprob(t, v, alternatives) for t, v, alternatives in zip(chosen, values, tops))
         except (MemoryError, torch.OutOfMemoryError):
             raise OutOfMemory(
                 f"ran out of memory scoring {len(ids)} tokens; score a shorter text or use a smaller model"
             ) from None
-        return values
+        return entries
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model scores: its config's vocabulary, the width of its logits (the tokenizer may name
+        fewer)."""
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        size = getattr(text_config, "vocab_size", None)
+        return int(size) if isinstance(size, int) and size > 0 else len(self.tokenizer)  # type: ignore[arg-type]
 
 
 # --- loading helpers --------------------------------------------------------------------------

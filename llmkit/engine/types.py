@@ -9,13 +9,31 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model's raw distribution: the log-softmax of the logits the decode step
+    computed, before any sampling transform (repetition penalty, temperature, top-k, top-p, min-p), and the `top`
+    most likely tokens at that position with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log p)
+    offset: int = 0  # characters of the sequence's text before this token's text (0 where not known)
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """New text for sequence `index`; the last chunk of a sequence carries its finish_reason."""
+    """New text for sequence `index`; the last chunk of a sequence carries its finish_reason.
+
+    `logprobs` (only when they were asked for) hold the tokens whose text begins in this chunk, in order; a token
+    whose text is still held back (half a UTF-8 character, a possible stop string) comes with the chunk that shows
+    it, and tokens that never show text (end of sequence, the tokens of a stop string) come with the last chunk.
+    So every generated token is in exactly one chunk."""
 
     index: int
     text: str
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,7 @@ class Completion:
     text: str
     finish_reason: FinishReason
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when they were asked for
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,18 @@ class Capabilities:
     record, never the engine's name."""
 
     batching: bool = False  # a BatchingEngine: the server decodes many requests in one forward pass
+    # `stream_ids(..., logprobs=N)` puts each generated token's raw log p and its top N on the Chunks (TokenLogprob),
+    # from the logits the step already has; `score_tokens(ids, top)` gives a prompt's with alternatives too.
+    # What `llmkit serve`'s logprobs and echo need.
+    decode_logprobs: bool = False
+    # Scores (explore's log p and next-token view, compare's perplexity). A local engine has the model's whole
+    # distribution at every position; a remote server (engine/remote.py) has what its probe found.
+    logits: bool = True  # next_token_logits and token_logprobs over token ids: the whole vocabulary
+    generated_logprobs: bool = True  # generate_scored: log p of each generated token under the unmodified model
+    prompt_logprobs: bool = True  # log p of a text's own tokens (compare's perplexity; remote: echo + logprobs)
+    top_logprobs: int | None = None  # without logits: the most next-token candidates next_token_top can return
+    local_resources: bool = True  # the model computes in this process: this process's memory and CPU are its own
+    missing: dict[str, str] = field(default_factory=dict)  # capability -> why it is missing, for one-line messages
 
 
 @dataclass(frozen=True)

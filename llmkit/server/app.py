@@ -165,6 +165,9 @@ def _field_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         sentence = param_sentence(field, error.get("input"))
         if sentence is not None:
             return sentence, field
+    if field == "prompt" and any(str(part).startswith("list[") for e in errors for part in e.get("loc", ())):
+        got = shown(error.get("input"))
+        return f"prompt must be a string or a list: of texts, of token ids, or of lists of token ids (got {got})", field
     same_place = [e for e in errors if _field_path(e.get("loc", ())) == path]
     words = [TYPE_WORDS[e["type"]] for e in same_place if e.get("type") in TYPE_WORDS]
     if words and len(words) == len(same_place):

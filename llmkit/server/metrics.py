@@ -7,7 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -18,6 +26,8 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total...: what `llmkit monitor -m URL` reads (Linux)
+        ProcessCollector(registry=registry)
         self.requests = Counter(
             "llmkit_requests", "HTTP requests by route and status code.", ["route", "status"], registry=registry
         )

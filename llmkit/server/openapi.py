@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from llmkit.server.schemas import OPENAI_PREFIX
@@ -54,10 +54,21 @@ Timings = dict[str, float | int | None]  # llama-server style: queue_ms, prompt_
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's completions logprobs, one entry per token (the echoed prompt's first, whose scores are null): log p
+    under the model's raw distribution, before any sampling transform; top_logprobs maps the N most likely tokens
+    (and the chosen one) to theirs; text_offset is where each token's text starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
-    index: int
+    index: int = Field(description="prompt index * n + the choice's index among the prompt's n.")
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
 
 
@@ -76,10 +87,28 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str = Field(description="The token's text; `bytes:\\xNN...` for a token that is not whole UTF-8.")
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """OpenAI's chat logprobs: each generated token's log p under the model's raw distribution (before any sampling
+    transform), with its top_logprobs alternatives."""
+
+    content: list[TokenLogprob] | None
+    refusal: str | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason
 
 
@@ -127,6 +156,40 @@ class Health(BaseModel):
     model: str
 
 
+class Piece(BaseModel):
+    id: int
+    piece: str | list[int] = Field(description="The token's text, or its bytes when they are not whole UTF-8.")
+
+
+class Tokenized(BaseModel):
+    """/tokenize: llama-server's `tokens` (ids, or {id, piece} with with_pieces) and vLLM's `count`,
+    `max_model_len` (and `token_strs` when asked)."""
+
+    tokens: list[int] | list[Piece]
+    count: int
+    max_model_len: int | None
+    token_strs: list[str] | None = None
+
+
+class Detokenized(BaseModel):
+    """/detokenize: the text, as llama-server (`content`) and vLLM (`prompt`) name it."""
+
+    content: str
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """The special tokens, the chat template and the context of the server's tokenizer (vLLM's /tokenizer_info)."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    chat_template: str | None
+    model_max_length: int | None
+    vocab_size: int
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -139,7 +202,18 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-DOCUMENTED = (OpenAIError, PlainError, Completion, ChatCompletion, Generated, Health, ModelList)
+DOCUMENTED = (
+    OpenAIError,
+    PlainError,
+    Completion,
+    ChatCompletion,
+    Generated,
+    Health,
+    ModelList,
+    Tokenized,
+    Detokenized,
+    TokenizerInfo,
+)
 
 
 # --- which route answers what ---------------------------------------------------------------------------
@@ -160,6 +234,8 @@ WHEN = {
 }
 GENERATION_ERRORS = (400, 401, 413, 415, 429, 499, 500, 503, 504, 507)
 READ_ERRORS = (401, 429, 500)
+TOKEN_ERRORS = (400, 401, 413, 415, 429, 500, 503)
+TOKEN_INFO_ERRORS = (401, 429, 500, 503)
 STREAM_DESCRIPTION = (
     "With `stream: true`: server-sent events, one JSON chunk per `data:` line, then "
     '`data: [DONE]`; an error after the stream began is a last `data: {"error": ...}` '
@@ -174,6 +250,11 @@ ROUTES: dict[str, tuple[Any, tuple[int, ...]]] = {
     "/v1/models": (ModelList, READ_ERRORS),
     "/health": (Health, (500, 503)),
     "/metrics": ("text/plain", READ_ERRORS),
+    "/tokenize": (Tokenized, TOKEN_ERRORS),
+    "/v1/tokenize": (Tokenized, TOKEN_ERRORS),
+    "/detokenize": (Detokenized, TOKEN_ERRORS),
+    "/v1/detokenize": (Detokenized, TOKEN_ERRORS),
+    "/tokenizer_info": (TokenizerInfo, TOKEN_INFO_ERRORS),
 }
 STREAMING = {"/v1/completions", "/v1/chat/completions"}
 REQUEST_ID = {

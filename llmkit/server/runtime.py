@@ -20,6 +20,7 @@ failed alone only counts. /health shows both counts and the last failure.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from llmkit.engine.types import Chunk
 from llmkit.errors import InvalidParams, LlmkitError, ModelNotReady, UnsupportedFeature
 from llmkit.server.settings import ServerSettings
+from llmkit.server.tokens import TokenText, check_token_ids
 
 if TYPE_CHECKING:
     from llmkit.engine.base import Engine
@@ -224,6 +226,24 @@ class ModelHost:
         engine.check_prompt_chars(len(prompt))
         return await run_in_threadpool(engine.prompt_ids, prompt)
 
+    async def prompt_of_ids(self, ids: list[int], field: str = "prompt") -> tuple[str, list[int]]:
+        """(the text of token ids a client sent as its prompt, the ids), after checking every id is the model's."""
+        engine = self.require_engine()
+        check_token_ids(ids, self.vocab_size, field)
+        return await run_in_threadpool(engine.tokenizer.decode, ids), ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model knows: 0 to vocab_size - 1."""
+        engine = self.require_engine()
+        size = getattr(engine, "vocab_size", None)
+        return int(size) if isinstance(size, int) else len(engine.tokenizer)  # type: ignore[arg-type]
+
+    @functools.cached_property
+    def token_text(self) -> TokenText:
+        """Each token's text and bytes, as the logprobs fields show them (cached per token id)."""
+        return TokenText(self.require_engine().tokenizer)
+
     async def chat_ids(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
         engine = self.require_engine()
         if not engine.info.has_chat_template:
@@ -239,39 +259,52 @@ class ModelHost:
 
     # --- submitting ---------------------------------------------------------------------------
 
-    def submit(self, prompt: str, ids: list[int], params, *, request_id: str, arrived: float) -> Job:
+    def submit(self, prompt: str, ids: list[int], params, *, request_id: str, arrived: float, outputs=None) -> Job:
+        return self.submit_many([(prompt, ids)], params, request_id=request_id, arrived=arrived, outputs=outputs)[0]
+
+    def submit_many(
+        self, prompts: list[tuple[str, list[int]]], params, *, request_id: str, arrived: float, outputs=None
+    ) -> list[Job]:
+        """One job per (prompt text, ids), all queued together or none (QueueFull, ShuttingDown: 503). `outputs`
+        (schemas.Outputs) says what each asks to see besides its text."""
         from llmkit.engine.scheduling import BatchRequest
 
         scheduler = self._require_ready()[1]
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        jobs = []
+        for prompt, ids in prompts:
+            queue: asyncio.Queue = asyncio.Queue()
 
-        def sink(event) -> None:  # inference thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is closed: the server is gone
-                pass
+            def sink(event, queue: asyncio.Queue = queue) -> None:  # inference thread
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+                except RuntimeError:  # the event loop is closed: the server is gone
+                    pass
 
-        request = BatchRequest(
-            prompt,
-            ids,
-            params,
-            sink,
-            started=arrived,
-            deadline=arrived + self.settings.request_timeout_s,
-            request_id=request_id,
-        )
-        job = Job(request, queue)
-        scheduler.submit(request)  # QueueFull / ShuttingDown propagate as 503
-        return job
+            request = BatchRequest(
+                prompt,
+                ids,
+                params,
+                sink,
+                started=arrived,
+                deadline=arrived + self.settings.request_timeout_s,
+                request_id=request_id,
+                logprobs=getattr(outputs, "logprobs", None),
+                prompt_logprobs=getattr(outputs, "prompt_logprobs", None),
+                prompt_only=bool(getattr(outputs, "prompt_only", False)),
+            )
+            jobs.append(Job(request, queue))
+        scheduler.submit_all([job.request for job in jobs])  # QueueFull / ShuttingDown propagate as 503
+        return jobs
 
     async def events(self, job: Job) -> AsyncGenerator[Any, None]:
-        """Chunks, then one Finished; raises the request's LlmkitError (timeout, shutdown, OOM, Cancelled...).
+        """Chunks (after one PromptLogprobs, when it asked for them), then one Finished; raises the request's
+        LlmkitError (timeout, shutdown, OOM, Cancelled...).
 
         A client that hangs up cancels the job from outside (routes.py watches the connection), and the
         scheduler then ends it with Cancelled.
         """
-        from llmkit.engine.scheduling import Failed, Finished
+        from llmkit.engine.scheduling import Failed, Finished, PromptLogprobs
         from llmkit.errors import RequestTimeout
 
         deadline = job.request.deadline
@@ -287,7 +320,7 @@ class ModelHost:
                 event = await asyncio.wait_for(job.queue.get(), timeout=remaining)
             except asyncio.TimeoutError:
                 continue
-            if isinstance(event, Chunk):
+            if isinstance(event, (Chunk, PromptLogprobs)):
                 yield event
             elif isinstance(event, Finished):
                 job.finished = True

@@ -23,11 +23,19 @@ the field, not quietly converted. Every bad field is reported: the message joins
 and, with more than one, the error body lists them (`errors`, below).
 
 Defaults are llmkit's (temperature 0.8, top_k 50, 64 new tokens), not OpenAI's; temperature
-0 means greedy. OpenAI fields llmkit cannot honour (logprobs, echo, suffix, best_of > 1,
-non-zero presence/frequency penalties, logit_bias, tools, non-text response formats) are
-a 400 naming the field rather than silently ignored; unknown fields are a 400 too
-(extra="forbid", like GenerationParams). `model` is accepted and ignored: one server
-serves one model, and responses name it.
+0 means greedy. OpenAI fields llmkit cannot honour (suffix, best_of > 1, non-zero
+presence/frequency penalties, logit_bias, tools, non-text response formats) are a 400 naming
+the field rather than silently ignored; unknown fields are a 400 too (extra="forbid", like
+GenerationParams). `model` is accepted and ignored: one server serves one model, and responses
+name it.
+
+What a body asks to see besides the text is declared here, per API, not in the parameter table:
+`logprobs` (an integer on /v1/completions, true/false with `top_logprobs` on chat), `echo` and a
+list of prompts (strings or token ids) on /v1/completions. They change no token (the batch key,
+explore's grids and the CLI options that the table derives would all be wrong to include them),
+and their shapes differ between the two APIs; `output_options()` reads them into an Outputs
+record that travels beside GenerationParams. `max_tokens: 0` is allowed with `echo` alone
+(lm-evaluation-harness scores a prompt that way): the prompt is scored and nothing is generated.
 
 `/generate` keeps the contract of the Flask server it replaces (prompt, max_length, temperature; success,
 generated_text, inference_time_seconds, parameters). There `max_length` means *new*
@@ -47,9 +55,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 from pydantic.fields import FieldInfo
 
+from llmkit.engine.sampling import MAX_TOP_LOGPROBS
 from llmkit.engine.types import Result
 from llmkit.errors import InvalidParams
 from llmkit.params import APIS, GenerationParams, Param, body_names, param_table
@@ -135,11 +144,20 @@ def param_fields(params: type[GenerationParams] = GenerationParams) -> dict[str,
 PARAM_FIELDS = param_fields()
 
 
+MAX_PROMPTS = 32  # prompts in one /v1/completions body; each is its own request in the queue
+# Body fields outside the parameter table with bounds: (lowest, highest), for the sentence a bad value gets.
+BODY_BOUNDS = {"logprobs": (0, MAX_TOP_LOGPROBS), "top_logprobs": (0, MAX_TOP_LOGPROBS)}
+
+
 def param_sentence(name: str, value: Any, params: type[GenerationParams] = GenerationParams) -> str | None:
     """GenerationParams' sentence for `value` in body field `name`, with the field renamed to `name` (None when
-    `name` is no generation parameter, or the value is fine there)."""
+    `name` is no generation parameter, or the value is fine there). Bounded body fields (BODY_BOUNDS) get the
+    same kind of sentence."""
     field = param_fields(params).get(name)
     if field is None:
+        bounds = BODY_BOUNDS.get(name)
+        if bounds and isinstance(value, int) and not isinstance(value, bool) and not bounds[0] <= value <= bounds[1]:
+            return f"{name} must be between {bounds[0]} and {bounds[1]} (got {value})"
         return None
     try:
         params.from_values({field: value})
@@ -214,16 +232,18 @@ class _OpenAIBody(RequestBody):
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
-    logprobs: Any = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return [
             ("presence_penalty", bool(self.presence_penalty)),
             ("frequency_penalty", bool(self.frequency_penalty)),
             ("logit_bias", bool(self.logit_bias)),
-            ("logprobs", self.logprobs not in (None, False, 0)),
             ("stream_options", self.stream_options is not None and not self.stream),
         ]
+
+    def _rules(self) -> list[tuple[str | None, str]]:
+        """(field, sentence) for fields that are fine alone but not together."""
+        return []
 
     def _refused(self) -> list[tuple[str | None, str]]:
         return [
@@ -235,38 +255,136 @@ class _OpenAIBody(RequestBody):
             )
             for name, refused in self._unsupported()
             if refused
-        ]
+        ] + self._rules()
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def output_options(self) -> Outputs:
+        """What the body asks to see besides the text."""
+        return Outputs()
+
+
+class Outputs(NamedTuple):
+    """What a request asks to see besides the text: `logprobs` (None: none; else the top alternatives per generated
+    token), the prompt's own (`prompt_logprobs`, with echo), the prompt text before each choice (`echo`), and
+    whether anything is generated at all (`prompt_only`: echo with max_tokens 0)."""
+
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    echo: bool = False
+    prompt_only: bool = False
+
+
+def _bounded(name: str, description: str) -> Any:
+    low, high = BODY_BOUNDS[name]
+    return Field(None, ge=low, le=high, description=description)
+
+
+# Lists a body may send empty or too long are checked in `_rules` (a sentence that names the field) and only
+# documented here (minItems, maxItems), so the schema still says what is valid.
+TokenIds = Annotated[
+    list[Annotated[int, Field(json_schema_extra={"minimum": 0})]], Field(json_schema_extra={"minItems": 1})
+]
+PROMPT_LIST = {"minItems": 1, "maxItems": MAX_PROMPTS}
+
+
+def _max_tokens_may_be_zero(schema: dict[str, Any]) -> None:
+    """The completions body's schema: max_tokens 0 is valid there, with echo (validation says so: `_scores_only`)."""
+    field = schema.get("properties", {}).get("max_tokens")
+    if not field:
+        return
+    for option in field.get("anyOf", [field]):
+        if option.get("type") == "integer":
+            option["minimum"] = 0
+    field["description"] = (
+        field.get("description", "") + " 0 only with echo: the prompt is scored and nothing is generated."
+    ).strip()
+
 
 class _CompletionBody(_OpenAIBody):
     API = "completions"
+    model_config = ConfigDict(**STRICT_BODY, json_schema_extra=_max_tokens_may_be_zero)
+    _prompt_only: bool = PrivateAttr(False)
 
-    prompt: Union[str, list[str]]
-    echo: Optional[bool] = None
+    @model_validator(mode="wrap")
+    @classmethod
+    def _scores_only(cls, data: Any, handler: Any) -> Any:
+        """`echo` with `max_tokens: 0` (lm-evaluation-harness's loglikelihood): valid, and nothing is generated. Every
+        other max_tokens keeps the table's bounds, checked with the body's other fields."""
+        zero = isinstance(data, dict) and data.get("echo") is True and type(data.get("max_tokens")) is int
+        if not zero or data["max_tokens"] != 0:
+            return handler(data)
+        body = handler({**data, "max_tokens": None})
+        body._prompt_only = True
+        return body
+
+    prompt: Union[
+        str,
+        Annotated[list[str], Field(json_schema_extra=PROMPT_LIST)],
+        TokenIds,
+        Annotated[list[TokenIds], Field(json_schema_extra=PROMPT_LIST)],
+    ] = Field(
+        description=f"A text, a list of up to {MAX_PROMPTS} texts, a list of token ids, or a list of such lists; "
+        "each prompt gets n choices, indexed prompt_index * n + j."
+    )
+    logprobs: Optional[int] = _bounded(
+        "logprobs",
+        "Return each token's log-probability and those of the N most likely tokens at its position (0: the chosen "
+        "token's alone), under the model's raw distribution: before temperature, top-k, top-p, min-p and penalties.",
+    )
+    echo: Optional[bool] = Field(
+        None,
+        description="Put the prompt before each choice's text (with logprobs: the prompt tokens' too, the first "
+        "null). With max_tokens 0 the prompt is only scored.",
+    )
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return super()._unsupported() + [
-            ("echo", bool(self.echo)),
             ("suffix", self.suffix is not None),
             ("best_of", self.best_of not in (None, 1)),
         ]
 
-    def prompt_text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) == 1:
-            return self.prompt[0]
-        raise InvalidParams(
-            "prompt: llmkit serve takes one prompt per request; send one request per prompt "
-            "(they are batched on the server)",
-            field="prompt",
+    def _rules(self) -> list[tuple[str | None, str]]:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if not prompt or any(isinstance(item, list) and not item for item in prompt):
+                return [("prompt", "prompt must not be empty (nor any prompt in its list)")]
+            if not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+                return [("prompt", f"prompt takes at most {MAX_PROMPTS} prompts in one body (got {len(prompt)})")]
+        return []
+
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: score the prompt, generate nothing."""
+        return self._prompt_only
+
+    def _given(self) -> tuple[dict[str, Any], dict[str, str], list[tuple[str | None, str]]]:
+        values, renames, errors = super()._given()
+        if self.prompt_only:  # GenerationParams wants >= 1 new token; this request generates none
+            values["max_new_tokens"] = 1
+        return values, renames, errors
+
+    def output_options(self) -> Outputs:
+        echo = bool(self.echo)
+        return Outputs(
+            logprobs=self.logprobs,
+            prompt_logprobs=self.logprobs if echo else None,
+            echo=echo,
+            prompt_only=self.prompt_only,
         )
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the body: a text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [[int(token) for token in prompt]]  # one list of token ids
+        return [item if isinstance(item, str) else list(item) for item in prompt if not isinstance(item, int)]
 
 
 class TextPart(BaseModel):
@@ -296,6 +414,14 @@ class _ChatBody(_OpenAIBody):
     API = "chat"
 
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: Optional[bool] = Field(
+        None,
+        description="Return each generated token's log-probability (and top_logprobs alternatives) under the "
+        "model's raw distribution: before temperature, top-k, top-p, min-p and penalties.",
+    )
+    top_logprobs: Optional[int] = _bounded(
+        "top_logprobs", "With logprobs: true, the N most likely tokens at each position, with their log-probability."
+    )
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
@@ -308,15 +434,77 @@ class _ChatBody(_OpenAIBody):
             ("tool_choice", self.tool_choice not in (None, "none")),
         ]
 
+    def _rules(self) -> list[tuple[str | None, str]]:
+        if self.top_logprobs and not self.logprobs:
+            return [("top_logprobs", "top_logprobs needs logprobs: true")]
+        return []
+
+    def output_options(self) -> Outputs:
+        return Outputs(logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+
     def chat_messages(self) -> list[dict[str, str]]:
-        """Messages as chat templates expect them ('developer' is OpenAI's newer name for 'system')."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return chat_messages(self.messages)
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as chat templates expect them ('developer' is OpenAI's newer name for 'system')."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
 class _GenerateBody(RequestBody):
     API = "generate"
 
     prompt: str
+
+
+class TokenizeRequest(BaseModel):
+    """/tokenize in llama-server's shape (`content`, `add_special`, `with_pieces`) or vLLM's (`prompt` or
+    `messages`, `add_special_tokens`, `return_token_strs`)."""
+
+    model_config = STRICT_BODY
+
+    model: Optional[str] = Field(None, description="Accepted and ignored: the server serves one model.")
+    content: Optional[str] = Field(None, description="The text to tokenize (llama-server's name).")
+    prompt: Optional[str] = Field(None, description="The text to tokenize (vLLM's name).")
+    messages: Optional[list[ChatMessage]] = Field(
+        None, description="Chat messages, tokenized as the model's chat template writes them (vLLM)."
+    )
+    add_special: Optional[bool] = Field(
+        None, description="Add the special tokens a prompt starts with (BOS); llama-server's name, default false."
+    )
+    add_special_tokens: Optional[bool] = Field(
+        None, description="The same, vLLM's name; default true for `prompt`, false for `content` and `messages`."
+    )
+    with_pieces: bool = Field(False, description="llama-server: tokens as {id, piece} objects.")
+    return_token_strs: Optional[bool] = Field(None, description="vLLM: add token_strs, each token's vocabulary entry.")
+
+    def problems(self) -> list[tuple[str | None, str]]:
+        given = [name for name in ("content", "prompt", "messages") if getattr(self, name) is not None]
+        errors: list[tuple[str | None, str]] = []
+        if len(given) != 1:
+            sent = " and ".join(given) if given else "none"
+            errors.append(
+                (given[1] if len(given) > 1 else "content", f"give one of content, prompt or messages (got {sent})")
+            )
+        if self.add_special is not None and self.add_special_tokens is not None:
+            errors.append(("add_special", "give add_special or add_special_tokens, not both"))
+        return errors
+
+    def add_special_text(self) -> bool:
+        """Whether to add the special tokens: either flag, else the default of the shape the body is in."""
+        flag = self.add_special if self.add_special is not None else self.add_special_tokens
+        return flag if flag is not None else self.prompt is not None
+
+
+class DetokenizeRequest(BaseModel):
+    """/detokenize in llama-server's and vLLM's shape: `tokens` in; the text comes back as `content` and `prompt`."""
+
+    model_config = STRICT_BODY
+
+    model: Optional[str] = Field(None, description="Accepted and ignored: the server serves one model.")
+    tokens: list[Annotated[int, Field(json_schema_extra={"minimum": 0})]] = Field(
+        description="Token ids of the model's vocabulary."
+    )
 
 
 GENERATE_DOC = (
