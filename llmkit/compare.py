@@ -13,6 +13,13 @@ with a sliding window: each window of `window` tokens advances by `stride` and o
 tokens not scored by an earlier window count, each with up to window - stride tokens
 of context. Bits per byte = total NLL in bits / UTF-8 bytes of the text, comparable
 across tokenizers, unlike perplexity.
+
+A model can be a URL (the remote engine): its row runs once whatever --engine says, with the
+server's tokenizer, and its perplexity comes from the server's echoed prompt log-probs
+(`perplexity_by_echo`), once the engine has checked them against the log-probs the server gives
+the same tokens while generating; a server without them, or whose figures fail that check, gets
+"n/a (why)" in the cell, never a number. Memory is the server's, from its /metrics (else "remote:
+not measured"); load time is connecting and probing.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from llmkit.engine import LoadOptions
-from llmkit.errors import InvalidParams, LlmkitError, one_line
+from llmkit.engine import REMOTE_ENGINE, LoadOptions
+from llmkit.errors import ContextExceeded, ImplausibleScores, InvalidParams, LlmkitError, UnsupportedFeature, one_line
 
 STAGE_PREFIX = "llmkit-stage\t"
 DEFAULT_PROMPT = "The old lighthouse keeper opened his logbook and wrote"
@@ -98,6 +105,13 @@ def check_spec(spec: CompareSpec) -> None:
         raise InvalidParams("give at least one engine", field="engine")
     for name in spec.engines:
         dataclasses.replace(spec.load, engine=name)  # checks the name
+    from llmkit.models import check_model, is_url
+
+    if spec.load.remote_model is not None and not any(is_url(m) for m in spec.models):
+        raise InvalidParams("--remote-model names a model on a server: use it with a URL model", field="model")
+    for reference in spec.models:
+        if is_url(reference):
+            check_model(reference)  # a malformed URL fails here, before any worker starts
     parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
 
 
@@ -154,17 +168,94 @@ def perplexity_of(engine, text: str, window: int, stride: int) -> Perplexity:
         counted = logprobs[len(logprobs) - new :]
         total -= sum(counted)
         predicted += len(counted)
+    return _perplexity(text, total, predicted, windows=len(spans), window=window, stride=stride)
+
+
+def _perplexity(text: str, nll: float, predicted: int, *, windows: int, window: int, stride: int) -> Perplexity:
+    """The record from a text's summed negative log-likelihood (nats) over `predicted` tokens."""
     text_bytes = len(text.encode("utf-8"))
     return Perplexity(
-        perplexity=math.exp(total / predicted),
-        bits_per_byte=total / math.log(2) / text_bytes,
-        nll_nats=total,
+        perplexity=math.exp(nll / predicted),
+        bits_per_byte=nll / math.log(2) / text_bytes,
+        nll_nats=nll,
         predicted_tokens=predicted,
         text_bytes=text_bytes,
-        windows=len(spans),
+        windows=windows,
         window=window,
         stride=stride,
     )
+
+
+ECHO_CHARS_PER_TOKEN = 4  # the first piece of text a server scores is window x this many characters
+
+
+def perplexity_by_echo(engine, text: str, window: int, stride: int) -> Perplexity:
+    """perplexity_of for an engine that scores texts, not ids (a server's echo: engine.text_logprobs), with the
+    same sliding windows over the text as the server tokenizes it.
+
+    Each request sends a piece of the text starting at a token boundary. Scores are causal, so the first
+    `window` tokens of an answer are exact whatever follows them: a piece may be longer than needed and its
+    tail unused. The last token of a piece that stops short of the text's end is never counted (cutting the
+    text there may have changed it). Tokens already counted by an earlier piece are context; the next piece
+    starts window - stride tokens before the first token not counted yet. A refusal for length
+    (ContextExceeded) shrinks the window to the context the server states, or halves the piece."""
+    if engine.info.context_length:
+        window = min(window, engine.info.context_length - 1)  # one generated token rides along with the echo
+    stride = min(stride, window - 1)
+    begin = counted = 0  # characters: where the piece starts; where the uncounted text starts
+    chars = window * ECHO_CHARS_PER_TOKEN
+    total, predicted, windows = 0.0, 0, 0
+    while counted < len(text):
+        piece = text[begin : begin + chars]
+        try:
+            tokens = engine.text_logprobs(piece)
+        except ContextExceeded as exc:
+            if exc.context and exc.context - 2 < window:
+                window = max(2, exc.context - 2)
+                stride = min(stride, window - 1)
+            chars //= 2
+            if chars < 1:
+                raise
+            continue
+        ends = begin + len(piece) >= len(text)
+        usable = tokens[:window]
+        if len(tokens) <= window and not ends:
+            usable = usable[:-1]  # the piece's last token: cutting the text there may have changed it
+            chars = max(chars + 1, int(chars * window / max(len(tokens), 1)))  # reach the window next time
+        if not usable:
+            continue
+        windows += 1
+        for token in usable:
+            if begin + token.offset >= counted and token.logprob is not None:
+                total -= token.logprob
+                predicted += 1
+        if len(usable) == len(tokens):
+            break  # the piece reached the end of the text, and every token of it is scored
+        counted = begin + tokens[len(usable)].offset
+        back = max(1, len(usable) - (window - stride))
+        begin = max(begin + tokens[back].offset, begin + 1)
+    if predicted == 0:
+        raise UnsupportedFeature("the server scored none of the text's tokens")
+    return _perplexity(text, total, predicted, windows=windows, window=window, stride=stride)
+
+
+def score_text(engine, text: str, window: int, stride: int) -> tuple[Perplexity | None, str | None, str | None]:
+    """(perplexity, None, None), or for an engine that cannot score this text (a server without prompt log-probs,
+    or whose log-probs fail the remote engine's sanity check): (None, a few words for the cell, the whole why)."""
+    capabilities = engine.info.capabilities
+    if capabilities.logits:
+        return perplexity_of(engine, text, window, stride), None, None
+    if not capabilities.prompt_logprobs:
+        why = capabilities.missing.get("prompt_logprobs")
+        return None, "server has no prompt logprobs", f"the server has no prompt log-probs{f' ({why})' if why else ''}"
+    try:
+        return perplexity_by_echo(engine, text, window, stride), None, None
+    except ImplausibleScores as exc:
+        return None, exc.short, str(exc)
+    except UnsupportedFeature as exc:
+        return None, "server has no prompt logprobs", str(exc)
+    except LlmkitError as exc:  # the server failed while scoring: the row keeps its other figures
+        return None, "server error while scoring", str(exc)
 
 
 # --- the worker (one model, in its own process) ------------------------------------------------
@@ -196,21 +287,29 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
 
     from llmkit.devices import cuda_index, resolve_device
     from llmkit.engine import load_engine, prepare
-    from llmkit.measure import LoadWatch, ResourceSampler, run_latency
+    from llmkit.measure import LoadWatch, ResourceSampler, ServerWatch, run_latency
     from llmkit.models import resolve
     from llmkit.params import parse_params
 
     source = resolve(reference)
     _stage("preparing")
-    load = dataclasses.replace(spec.load, engine=engine_name, device=resolve_device(spec.load.device))
+    if source.kind == "url":  # the server's device, dtype and threads: the local models' settings stay theirs
+        load = LoadOptions(engine=REMOTE_ENGINE, remote_model=spec.load.remote_model, api_key=spec.load.api_key)
+    else:
+        load = dataclasses.replace(spec.load.for_local(), engine=engine_name, device=resolve_device(spec.load.device))
     prepare(reference, load, progress=lambda stage, done, total: _stage(f"{stage} {done}/{total}" if total else stage))
+    server: ServerWatch | None = None
     with ResourceSampler() as sampler:
         if load.device.startswith("cuda"):
             sampler.watch_gpu(cuda_index(load.device))
         sampler.phase("load")
-        _stage("loading")
+        _stage("loading" if source.kind != "url" else "connecting")
         engine = load_engine(reference, load)
+        local = engine.info.capabilities.local_resources
         sampler.phase("inference")
+        if not local:
+            server = ServerWatch(engine.server_metrics)
+            server.start()
         params = parse_params(greedy=True, max_new_tokens=spec.max_new_tokens)
         for index in range(spec.warmup):
             _stage(f"warm-up {index + 1}/{spec.warmup}")
@@ -222,17 +321,27 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
             started = time.perf_counter()
             result = engine.generate(spec.prompt, params)
             latencies.append(
-                run_latency(result.usage.prompt_tokens, result.timings.token_times_s, time.perf_counter() - started)
+                run_latency(
+                    result.usage.prompt_tokens,
+                    result.timings.token_times_s,
+                    time.perf_counter() - started,
+                    result.usage.completion_tokens,
+                )
             )
             sample = result.text
-        machine_load = watch.stop(engine.info.threads)
+        machine_load = watch.stop(engine.info.threads if local else 1)  # a client computes on about one thread
         _stage("perplexity")
         sampler.phase("perplexity")
-        scored = perplexity_of(engine, spec.text, spec.window, spec.effective_stride)
+        scored, not_scored, why_not = score_text(engine, spec.text, spec.window, spec.effective_stride)
+        if server is not None:
+            server.stop()
+        engine.close()
     peaks = [sampler.peak_rss(name) or 0 for name in ("load", "inference", "perplexity")]
     gpu = [p.cuda_peak_allocated_bytes for p in sampler.phases if p.cuda_peak_allocated_bytes is not None]
     tg = [lat.tg_tokens_per_s for lat in latencies if lat.tg_tokens_per_s is not None]
-    disk = _disk_bytes(source)
+    disk = _disk_bytes(source) if local else None
+    resources = server.summary() if server is not None else None
+    peak_rss = max(peaks) if local else (resources or {}).get("rss_peak_bytes")
     return {
         "model": row_label(reference, engine_name, spec),
         "reference": reference,
@@ -240,22 +349,25 @@ def measure_model(spec: CompareSpec, reference: str, engine_name: str = "transfo
         "ok": True,
         "worker_pid": os.getpid(),
         "engine": engine.info.to_dict(),
-        "parameters": engine.info.parameters,
+        "parameters": engine.info.parameters or None,  # a server does not say
         "dtype": engine.info.dtype,
         "device": engine.info.device,
         "threads": engine.info.threads,
         "machine_load": machine_load.to_dict(),
         "disk_bytes": disk,
         "load_s": engine.info.load_s,
-        "peak_rss_bytes": max(peaks),
-        "peak_rss_load_bytes": peaks[0],
+        "peak_rss_bytes": peak_rss,
+        "peak_rss_load_bytes": peaks[0] if local else None,
+        "server": resources,  # a remote model's memory and CPU, from its /metrics (None: a local model)
         "gpu_peak_allocated_bytes": max(gpu) if gpu else None,
         "ttft_s": statistics.median(lat.ttft_s for lat in latencies),
         "tg_tokens_per_s": statistics.median(tg) if tg else None,
         "generated_tokens": statistics.median(lat.generated_tokens for lat in latencies),
-        "perplexity": scored.perplexity,
-        "bits_per_byte": scored.bits_per_byte,
-        "scoring": asdict(scored),
+        "perplexity": scored.perplexity if scored else None,
+        "bits_per_byte": scored.bits_per_byte if scored else None,
+        "scoring": asdict(scored) if scored else None,
+        "perplexity_na": not_scored,  # why there is no perplexity, in a few words ("server has no prompt logprobs")
+        "perplexity_why": why_not,
         "sample": sample,
     }
 
@@ -293,17 +405,39 @@ Progress = Callable[[int, int, str, str], None]
 
 
 def row_label(reference: str, engine_name: str, spec: CompareSpec) -> str:
-    """The model reference, with the engine named when the comparison runs several."""
+    """The model reference, with the engine named when the comparison runs several (a URL: never a key in it)."""
+    from llmkit.models import is_url, shown_url
+
+    if is_url(reference):
+        return shown_url(reference)
     return reference if len(spec.engines) == 1 else f"{reference} [{engine_name}]"
+
+
+def model_runs(spec: CompareSpec) -> list[tuple[str, str]]:
+    """(reference, engine) per row: a local model once per engine, a URL once (its server is its engine)."""
+    from llmkit.models import is_url
+
+    runs = []
+    for reference in spec.models:
+        runs += [(reference, REMOTE_ENGINE)] if is_url(reference) else [(reference, name) for name in spec.engines]
+    return runs
 
 
 def run_worker(
     spec: CompareSpec, reference: str, on_stage: Callable[[str], None], engine_name: str = "transformers"
 ) -> dict[str, Any]:
+    from llmkit.models import is_url
+
     label = row_label(reference, engine_name, spec)
+    load = spec.load if is_url(reference) else spec.load.for_local()  # a key goes only to a URL's worker
     payload = json.dumps(
         {
-            "spec": {**asdict(spec), "models": list(spec.models), "engines": list(spec.engines)},
+            "spec": {
+                **asdict(spec),
+                "models": list(spec.models),
+                "engines": list(spec.engines),
+                "load": load.to_dict(),
+            },
             "model": reference,
             "engine": engine_name,
         }
@@ -355,7 +489,7 @@ def run_worker(
 def run_compare(spec: CompareSpec, progress: Progress | None = None) -> list[dict[str, Any]]:
     check_spec(spec)
     rows = []
-    runs = [(reference, engine_name) for reference in spec.models for engine_name in spec.engines]
+    runs = model_runs(spec)
     for index, (reference, engine_name) in enumerate(runs):
         label = row_label(reference, engine_name, spec)
 
@@ -392,7 +526,7 @@ def busy_measurement(rows: Sequence[dict[str, Any]]):
 
 def threads_text(rows: Sequence[dict[str, Any]]) -> str | None:
     """The compute threads behind the speeds: "threads: 2", or per row when they differ."""
-    counts = {row["model"]: row.get("threads") for row in rows if row.get("ok")}
+    counts = {row["model"]: row.get("threads") for row in rows if row.get("ok") and row.get("threads") is not None}
     if not counts or all(count is None for count in counts.values()):
         return None
     if len(set(counts.values())) == 1:
@@ -435,6 +569,7 @@ def flat_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         record = {key: row.get(key) for key, _, _ in COLUMNS}
         record["threads"] = row.get("threads")
+        record["perplexity_na"] = row.get("perplexity_na")
         record["busy"] = (row.get("machine_load") or {}).get("busy")
         record["ok"] = row.get("ok", False)
         record["error"] = row.get("error")

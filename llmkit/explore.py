@@ -25,7 +25,8 @@ Metrics (word-level ones split the text on whitespace, so they compare across to
   the same sample (1 - unique/total), averaged over samples; high values mean loops.
 - mean log-prob: mean over all generated tokens (the end-of-sequence token included) of
   log p(token | prompt and earlier tokens) under the unmodified model (no temperature or
-  truncation), from `engine.token_logprobs`; perplexity = exp(-mean log-prob).
+  truncation), from `engine.generate_scored` (a server's own logprobs for a URL model, when it
+  returns them; else none); perplexity = exp(-mean log-prob).
 - tokens: mean generated tokens per sample (tokenizer counts).
 - tokens/s: decode speed, as `llmkit generate` reports it: generated tokens after each sample's
   first / time from first to last token, pooled over samples.
@@ -33,6 +34,14 @@ Metrics (word-level ones split the text on whitespace, so they compare across to
 The next-token view takes the model's logits for the token after a prompt and shows, per
 setting, each stage of `sampling.next_token_probs` (temperature, then top-k, top-p, min-p):
 which tokens each filter cut, the entropy and the final probabilities.
+
+A server (a URL model) gives only its top_logprobs: the N most likely tokens, not the whole
+distribution. `partial_next_token_view` shows them with the probability mass they cover. A setting
+is exact when what it keeps is provably among the shown tokens (plain sampling; top-k <= N; top-p
+at temperature 1 reached within them; min-p whose threshold is above the least shown token). A
+temperature alone gives upper bounds (marked ≤); anything else is computed over the shown tokens
+as if they were all (marked ≈). At temperature 1, top-p's cut of each shown token is exact even
+when the kept set runs past them.
 
 Importing this module is light: torch is imported inside the functions that need it.
 """
@@ -376,26 +385,26 @@ def run_sweep(
 ) -> Sweep:
     """Generate every run of every setting with `engine.generate`, score it, and compute the metrics."""
     started = time.perf_counter()
-    prompt_ids = engine.prompt_ids(prompt, chat=chat, system=system)
     total = plan.runs
     done = 0
     results = []
+    prompt_tokens = 0
     for setting in plan.settings:
         samples = []
         for j, params in enumerate(setting.runs):
             if progress:
                 where = f" · sample {j + 1}/{len(setting.runs)}" if len(setting.runs) > 1 else ""
                 progress(done, total, f"{setting.label}{where}")
-            result = engine.generate(prompt, params, chat=chat, system=system)
+            result, scores = engine.generate_scored(prompt, params, chat=chat, system=system)
             completion = result.completions[0]
-            scored = engine.token_logprobs([*prompt_ids, *completion.token_ids])
+            prompt_tokens = result.usage.prompt_tokens
             samples.append(
                 Sample(
                     seed=result.seed,
                     text=completion.text,
                     token_ids=completion.token_ids,
                     finish_reason=completion.finish_reason,
-                    logprobs=tuple(scored[len(prompt_ids) - 1 :]),
+                    logprobs=tuple(scores[0] or ()),  # none from a server that returns no logprobs
                     decode_s=result.timings.decode_s,
                     total_s=result.timings.total_s,
                 )
@@ -408,7 +417,7 @@ def run_sweep(
     return Sweep(
         model=engine.info.model,
         prompt=prompt,
-        prompt_tokens=len(prompt_ids),
+        prompt_tokens=prompt_tokens,
         seed=plan.seed,
         samples=plan.samples,
         common=plan.common,
@@ -467,7 +476,7 @@ def entropy_bits(probs: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class TokenRow:
     rank: int  # by the model's own probability (temperature 1, nothing cut)
-    token_id: int
+    token_id: int | None  # None: a server's top_logprobs name tokens by their text only
     token: str
     model_prob: float
     tempered_prob: float  # after temperature, before truncation
@@ -481,10 +490,12 @@ class SettingView:
     knobs: dict[str, Any]
     params: dict[str, Any]
     entropy_bits: float
-    kept_tokens: int
-    cut_tokens: dict[str, int]  # per filter
-    cut_mass: float  # tempered probability removed by the filters
+    kept_tokens: int | None  # None: unknown (a partial view whose setting keeps tokens beyond the shown ones)
+    cut_tokens: dict[str, int]  # per filter (a partial view: among the shown tokens)
+    cut_mass: float | None  # tempered probability removed by the filters (None: unknown, in a partial view)
     rows: tuple[TokenRow, ...]
+    exact: bool = True  # False: a partial view's probabilities are bounds or approximations (mark says which)
+    mark: str = ""  # partial views: "" exact, "≤" upper bounds (a temperature alone), "≈" over the shown tokens alone
 
 
 @dataclass(frozen=True)
@@ -492,10 +503,14 @@ class NextTokenView:
     model: str
     prompt: str
     prompt_tokens: int
-    vocab_size: int
-    model_entropy_bits: float
+    vocab_size: int | None  # None: unknown (a server)
+    model_entropy_bits: float  # a partial view: a lower bound (the tokens not shown taken as one)
     common: dict[str, Any]  # knobs every setting shares (left out of the labels)
     settings: tuple[SettingView, ...]
+    partial: bool = False  # only the top tokens a server returned (top_logprobs), not the whole distribution
+    shown_mass: float | None = None  # partial: the probability the shown tokens cover (temperature 1)
+    cap: int | None = None  # partial: the most tokens the server returns
+    asked: int | None = None  # partial: how many were asked for, when fewer came back (merged: same text)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -564,3 +579,129 @@ def next_token_view(
         common=common_knobs([knobs for _, knobs, _ in settings]),
         settings=tuple(views),
     )
+
+
+# --- the next-token view from a server's top tokens -----------------------------------------------------
+
+
+def _partial_setting(
+    probs: Sequence[float], logits: torch.Tensor, params: GenerationParams, complete: bool = True
+) -> tuple[list[float], list[str | None], str, int | None, float | None, list[float]]:
+    """(final probabilities, the filter that cut each, mark, tokens kept, tempered mass cut, tempered probabilities)
+    of one setting over the N most likely tokens alone (`probs`, descending, at temperature 1; `logits` their log p).
+
+    mark "": exact, as what the setting keeps is provably among them (the module docstring says when); "≤": a
+    temperature alone, each probability an upper bound (the tokens not shown add at least rest^(1/T) to the
+    normaliser when T > 1, at least nothing when T < 1); "≈": computed over the shown tokens as if they were all."""
+    n = len(probs)
+    temperature, k, top_p, min_p = params.temperature, params.top_k, params.top_p, params.min_p
+    rest = max(0.0, 1.0 - sum(probs))
+    no_k = k <= 0 or k > n  # top-k cuts none of the shown tokens
+    if temperature == 1.0 and k <= 0 and top_p >= 1.0 and min_p <= 0.0:  # plain sampling: the model's own
+        return list(probs), [None] * n, "", None, 0.0, list(probs)
+    cut_by: list[str | None]
+    if temperature == 1.0 and k <= 0 and top_p < 1.0 and complete:
+        # At temperature 1, top-p's decision for a shown token reads only the more likely tokens: all shown.
+        before, cut_by = 0.0, []
+        for p in probs:
+            cut_by.append(None if before < top_p else "top-p")
+            before += p
+        for i, p in enumerate(probs):
+            if cut_by[i] is None and min_p > 0 and p < min_p * probs[0]:
+                cut_by[i] = "min-p"
+        kept_mass = sum(p for p, cut in zip(probs, cut_by) if cut is None)
+        if before >= top_p or any(cut == "min-p" for cut in cut_by):  # every token not shown is cut too
+            final = [p / kept_mass if cut is None else 0.0 for p, cut in zip(probs, cut_by)]
+            return final, cut_by, "", sum(cut is None for cut in cut_by), 1.0 - kept_mass, list(probs)
+        # the kept set runs past the shown tokens, with a mass of about top_p
+        final = [p / max(top_p, kept_mass) if cut is None else 0.0 for p, cut in zip(probs, cut_by)]
+        return final, cut_by, "≈", None, None, list(probs)
+    s = stages(logits, params)
+    cut_k = (s.tempered > 0) & (s.after_top_k == 0)
+    cut_p = (s.after_top_k > 0) & (s.after_top_p == 0)
+    cut_min = (s.after_top_p > 0) & (s.final == 0)
+    cut_by = [_cut_by(i, (("top-k", cut_k), ("top-p", cut_p), ("min-p", cut_min))) for i in range(n)]
+    final = [float(v) for v in s.final]
+    tempered = [float(v) for v in s.tempered]
+    exact = complete and (
+        1 <= k <= n or (top_p >= 1.0 and no_k and min_p > 0 and min_p**temperature * probs[0] > probs[-1])
+    )
+    if exact:
+        kept = sum(v > 0 for v in final)
+        cut_mass = 1.0 - sum(p for p, v in zip(probs, final) if v > 0) if temperature == 1.0 else None
+        return final, cut_by, "", kept, cut_mass, tempered
+    if complete and no_k and top_p >= 1.0 and min_p <= 0.0:  # a temperature alone: bounds from above
+        weights = [p ** (1 / temperature) for p in probs]
+        floor = sum(weights) + (rest ** (1 / temperature) if temperature > 1.0 else 0.0)
+        bounds = [w / floor for w in weights]
+        return bounds, [None] * n, "≤", None, None, bounds
+    return final, cut_by, "≈", None, None, tempered
+
+
+def partial_next_token_view(
+    top: Any,
+    settings: Sequence[tuple[str, dict[str, Any], GenerationParams]],
+    *,
+    model: str = "",
+    prompt: str = "",
+) -> NextTokenView:
+    """next_token_view for an engine that returns only its most likely tokens (`top`: engine.next_token_top, a
+    server's top_logprobs): the shown tokens, the mass they cover, each setting exact or marked (≤ bounds, ≈)."""
+    import torch
+
+    probs = [math.exp(value) for value in top.logprobs]
+    logits = torch.tensor(top.logprobs, dtype=torch.float32)
+    covered = min(1.0, sum(probs))
+    views = []
+    for label, knobs, params in settings:
+        final, cut_by, mark, kept, cut_mass, tempered = _partial_setting(probs, logits, params, top.complete)
+        rows = tuple(
+            TokenRow(
+                rank=r + 1,
+                token_id=top.token_ids[r],
+                token=top.tokens[r],
+                model_prob=probs[r],
+                tempered_prob=tempered[r],
+                prob=final[r],
+                cut_by=cut_by[r],
+            )
+            for r in range(len(probs))
+        )
+        plain = kept is None and not mark  # the model's own distribution: its entropy is bounded, not known
+        views.append(
+            SettingView(
+                label=label,
+                knobs=knobs,
+                params={name: getattr(params, name) for name in NEXT_TOKEN_KNOBS},
+                entropy_bits=_entropy_with_rest(probs) if plain else _entropy(final),
+                kept_tokens=kept,
+                cut_tokens={name: sum(cut == name for cut in cut_by) for name in ("top-k", "top-p", "min-p")},
+                cut_mass=cut_mass,
+                rows=rows,
+                exact=not mark,
+                mark=mark,
+            )
+        )
+    return NextTokenView(
+        model=model,
+        prompt=prompt,
+        prompt_tokens=top.prompt_tokens,
+        vocab_size=top.vocab_size,
+        model_entropy_bits=_entropy_with_rest(probs),
+        common=common_knobs([knobs for _, knobs, _ in settings]),
+        settings=tuple(views),
+        partial=True,
+        shown_mass=covered,
+        cap=top.cap,
+        asked=None if top.complete else top.asked,
+    )
+
+
+def _entropy(probs: Sequence[float]) -> float:
+    return max(0.0, -sum(p * math.log2(p) for p in probs if p > 0))
+
+
+def _entropy_with_rest(probs: Sequence[float]) -> float:
+    """A lower bound of the entropy of a distribution whose top tokens are `probs`: the rest taken as one token."""
+    rest = max(0.0, 1.0 - sum(probs))
+    return _entropy([*probs, rest])

@@ -9,7 +9,10 @@ Latency terms follow vLLM's benchmarks and llama-bench, and every figure says wh
   E2E    request start -> request finished                                                [vLLM]
 
 Memory and CPU come from a background sampler (psutil; NVML for GPUs when present) that a
-`with` block starts and always stops and joins. LoadWatch says whether the machine was busy while a
+`with` block starts and always stops and joins. A model that runs on a server (a URL) has its
+memory and CPU there: ServerWatch reads what the server reports about itself on its Prometheus
+/metrics (process_resident_memory_bytes, process_cpu_seconds_total, a KV cache gauge) while the
+runs go, and says "remote: not measured" when it reports none. LoadWatch says whether the machine was busy while a
 measurement ran (the rule is MachineLoad's docstring), since figures from a busy machine are not
 comparable with a quiet run's. Nothing here prints.
 """
@@ -94,11 +97,15 @@ class RunLatency:
         return record
 
 
-def run_latency(prompt_tokens: int, token_times_s: Sequence[float], e2e_s: float) -> RunLatency:
-    """All per-request figures from the times at which each token appeared (one sequence)."""
+def run_latency(
+    prompt_tokens: int, token_times_s: Sequence[float], e2e_s: float, generated_tokens: int | None = None
+) -> RunLatency:
+    """All per-request figures from the times at which each token appeared (one sequence). `generated_tokens`:
+    the count when it differs from the timestamps' (a server's stream, one timestamp per chunk: ITL are then the
+    gaps between chunks, as vLLM's benchmark measures them, and tg and TPOT divide by the real count)."""
     if not token_times_s:
         raise ValueError("a run that produced no token has no latency")
-    generated = len(token_times_s)
+    generated = len(token_times_s) if generated_tokens is None else max(generated_tokens, 1)
     ttft = token_times_s[0]
     last = token_times_s[-1]
     after_first = generated - 1
@@ -459,3 +466,97 @@ class LoadWatch:
             load_average=max(loads) if loads else None,
             steal_percent=steal_percent(self._cpu, psutil.cpu_times()),
         )
+
+
+# --- a server's own figures (a model behind a URL) -----------------------------------------------------
+
+SERVER_WATCH_INTERVAL_S = 0.5
+SERVER_RSS = "process_resident_memory_bytes"  # prometheus_client's process collector (vLLM, most Python servers)
+SERVER_CPU = "process_cpu_seconds_total"
+# KV cache use as a fraction: vLLM (new and old names), llama-server (--metrics)
+SERVER_KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio")
+NOT_MEASURED = "remote: not measured"
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """A Prometheus text exposition -> {sample name: value}; a name with several label sets keeps the largest
+    (the figures read here are one per process or model). Unreadable text gives what was read before it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                value = float(sample.value)
+                if math.isfinite(value):
+                    values[sample.name] = max(value, values.get(sample.name, value))
+    except ValueError:
+        pass
+    return values
+
+
+class ServerWatch:
+    """Reads a server's own figures (`read`: an engine's server_metrics) every interval in a thread while the
+    measured runs go; stop() joins it and says what was seen (summary)."""
+
+    def __init__(self, read: Callable[[], dict[str, float] | None], interval_s: float = SERVER_WATCH_INTERVAL_S):
+        self.read = read
+        self.interval_s = interval_s
+        self.readings: list[tuple[float, dict[str, float]]] = []
+        self.offered = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ServerWatch:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._take()
+        if self.offered:
+            self._thread = threading.Thread(target=self._loop, name="llmkit-server-watch", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        self._take()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._take()
+
+    def _take(self) -> None:
+        try:
+            reading = self.read()
+        except Exception:  # a server that stops answering /metrics mid-run: the readings so far stand
+            reading = None
+        if reading is None:
+            if not self.readings:
+                self.offered = False
+            return
+        self.readings.append((time.perf_counter(), reading))
+
+    def summary(self) -> dict[str, Any]:
+        """{"measured", "note", "rss_peak_bytes", "cpu_percent", "kv_cache_usage_peak", "readings"}."""
+        record: dict[str, Any] = {"measured": False, "readings": len(self.readings)}
+        if not self.readings:
+            record["note"] = f"{NOT_MEASURED} (the server has no Prometheus /metrics)"
+            return record
+        rss = [r[SERVER_RSS] for _, r in self.readings if SERVER_RSS in r]
+        cpu = [(t, r[SERVER_CPU]) for t, r in self.readings if SERVER_CPU in r]
+        kv = [r[name] for _, r in self.readings for name in SERVER_KV_CACHE if name in r]
+        record["rss_peak_bytes"] = int(max(rss)) if rss else None
+        span = cpu[-1][0] - cpu[0][0] if len(cpu) > 1 else 0.0
+        record["cpu_percent"] = 100 * (cpu[-1][1] - cpu[0][1]) / span if span > 0 else None
+        record["kv_cache_usage_peak"] = max(kv) if kv else None
+        record["measured"] = any(record[key] is not None for key in ("rss_peak_bytes", "cpu_percent"))
+        if not record["measured"]:
+            record["note"] = f"{NOT_MEASURED} (its /metrics has no {SERVER_RSS} or {SERVER_CPU})"
+        return record

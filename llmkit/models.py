@@ -1,12 +1,14 @@
 """Model references -> something transformers can load, and the GGUF conversion cache.
 
 A reference is one of: an alias for a model shipped inside a Python package (works
-offline), a local folder written by `save_pretrained`, a local `.gguf` file, or a
-Hugging Face Hub id. GGUF files de-quantize slowly (30-75 s on 2 cores), so the
-first load converts one into a safetensors folder under the cache and later loads
-read that folder in seconds. A conversion is written to a staging folder and
-renamed into place only when complete, with a marker file written last, so a
-conversion killed half-way is never mistaken for a finished one.
+offline), a local folder written by `save_pretrained`, a local `.gguf` file, a
+Hugging Face Hub id, or the URL of an OpenAI-compatible server (`http(s)://host:port/v1`,
+optionally `#model-name`), which the remote engine (engine/remote.py) talks to. GGUF
+files de-quantize slowly (30-75 s on 2 cores), so the first load converts one into a
+safetensors folder under the cache and later loads read that folder in seconds. A
+conversion is written to a staging folder and renamed into place only when complete,
+with a marker file written last, so a conversion killed half-way is never mistaken for
+a finished one.
 
 Nothing here imports torch or transformers at module level: `llmkit models` and
 argument errors stay fast.
@@ -91,14 +93,33 @@ class ModelSource:
     """Where a reference points. `location` is a path, except for kind 'hub' (a repo id)."""
 
     reference: str
-    kind: Literal["alias", "folder", "gguf", "hub"]
-    location: str
+    kind: Literal["alias", "folder", "gguf", "hub", "url"]
+    location: str  # for a URL: the URL as typed, without user:password@ (a key is never shown)
 
     @property
     def name(self) -> str:
         if self.kind in ("alias", "hub"):
             return self.reference
+        if self.kind == "url":
+            return self.location
         return Path(self.location).name
+
+
+URL_SCHEMES = ("http://", "https://")
+
+
+def is_url(reference: str | None) -> bool:
+    """A reference to an OpenAI-compatible server rather than to a model llmkit loads itself."""
+    return bool(reference) and reference.strip().lower().startswith(URL_SCHEMES)  # type: ignore[union-attr]
+
+
+def shown_url(url: str) -> str:
+    """The URL as it may be printed: without user:password@ (a key there stays out of tables and logs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url.strip())
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def cache_dir() -> Path:
@@ -133,6 +154,8 @@ def alias_gguf_path(alias: Alias) -> Path:
 def resolve(reference: str | None) -> ModelSource:
     """Turn what the user typed (or $LLMKIT_MODEL, or the default) into a ModelSource."""
     reference = (reference or os.environ.get(MODEL_ENV) or DEFAULT_MODEL).strip()
+    if is_url(reference):
+        return ModelSource(reference, "url", shown_url(reference))
     path = Path(reference).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -198,6 +221,11 @@ def check_model(reference: str | None, *, chat: bool = False) -> None:
     model or a typo fails in a fraction of a second, exit 2), and with `chat`, that an alias known to have no
     chat template (the default, a base model) is refused before it loads, not after."""
     source = resolve(reference)
+    if source.kind == "url":  # a well-formed URL: whether a server answers there is found when it is probed
+        from llmkit.engine.remote import parse_model_url
+
+        parse_model_url(source.reference)
+        return
     if chat and source.kind == "alias" and not ALIASES[source.location].chat:
         raise UnsupportedFeature(no_chat_template(source.name))
 

@@ -7,6 +7,11 @@ Phases, in order, each sampled by measure.ResourceSampler:
   warmup     runs that are not counted
   inference  the measured runs
 
+For a model behind a URL (the remote engine) the latency figures are the client's, with the same
+definitions; `load` is connecting and probing; memory and CPU are the server's, read from its
+Prometheus /metrics while the runs go (measure.ServerWatch, under "server" in the report), or
+"remote: not measured" when it has none. The phases' own figures are then this client process's.
+
 Returns a MonitorReport of plain values; the CLI renders it and writes JSON/CSV/PNG.
 """
 
@@ -28,6 +33,7 @@ from llmkit.measure import (
     MachineLoad,
     ResourceSampler,
     RunLatency,
+    ServerWatch,
     environment,
     run_latency,
     summarize,
@@ -100,6 +106,7 @@ class MonitorReport:
     runs: list[RunLatency]
     sampler: ResourceSampler
     machine_load: MachineLoad | None = None  # how busy the machine was during the measured runs
+    server: dict[str, Any] | None = None  # a remote model's memory and CPU, from its server (ServerWatch.summary)
 
     def phase_rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -166,6 +173,7 @@ class MonitorReport:
             "summary": self.summary(),
             "definitions": DEFINITIONS,
             "machine_load": self.machine_load.to_dict() if self.machine_load else None,
+            **({"server": self.server} if self.server is not None else {}),  # a URL model's: its server's figures
             "sampler": {
                 "interval_s": self.sampler.interval_s,
                 "samples": len(samples),
@@ -187,8 +195,10 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
 
     from llmkit.devices import cuda_index, resolve_device
     from llmkit.engine import load_engine, prepare
+    from llmkit.models import is_url
 
-    load = dataclasses.replace(spec.load, device=resolve_device(spec.load.device))
+    # a URL's device is the server's: --device stays as typed (the remote engine refuses one)
+    load = spec.load if is_url(spec.model) else dataclasses.replace(spec.load, device=resolve_device(spec.load.device))
     if load.device.startswith("cuda"):
         sampler.watch_gpu(cuda_index(load.device))
 
@@ -200,36 +210,52 @@ def run_monitor(spec: MonitorSpec, sampler: ResourceSampler, progress: Progress 
     rss_before_load = sampler.latest().rss_bytes  # the phase's first sample, so its peak is >= this
     report("load", 0, None)
     engine = load_engine(spec.model, load)
-    prompt_tokens = len(engine.prompt_ids(spec.prompt))
-
-    sampler.phase("warmup")
-    rss_after_load = sampler.latest().rss_bytes
-    for done in range(spec.warmup):
-        report("warmup", done, spec.warmup)
-        engine.generate(spec.prompt, params)
-    sampler.phase("inference")
-    watch = LoadWatch()
-    runs = []
-    for done in range(spec.runs):
-        report("inference", done, spec.runs)
-        started = time.perf_counter()
-        result = engine.generate(spec.prompt, params)
-        e2e = time.perf_counter() - started
-        runs.append(run_latency(result.usage.prompt_tokens, result.timings.token_times_s, e2e))
-    report("inference", spec.runs, spec.runs)
-    machine_load = watch.stop(engine.info.threads)
-    sampler.stop()
+    remote = not engine.info.capabilities.local_resources  # memory and CPU are the server's: read its /metrics
+    server = ServerWatch(engine.server_metrics) if remote else None
+    try:
+        sampler.phase("warmup")
+        rss_after_load = sampler.latest().rss_bytes
+        if server is not None:
+            server.start()
+        prompt_tokens = None  # the tokenizer's count, from the first answer (a server's own count for a URL)
+        for done in range(spec.warmup):
+            report("warmup", done, spec.warmup)
+            prompt_tokens = engine.generate(spec.prompt, params).usage.prompt_tokens
+        sampler.phase("inference")
+        watch = LoadWatch()
+        runs = []
+        for done in range(spec.runs):
+            report("inference", done, spec.runs)
+            started = time.perf_counter()
+            result = engine.generate(spec.prompt, params)
+            e2e = time.perf_counter() - started
+            runs.append(
+                run_latency(
+                    result.usage.prompt_tokens, result.timings.token_times_s, e2e, result.usage.completion_tokens
+                )
+            )
+            prompt_tokens = result.usage.prompt_tokens if prompt_tokens is None else prompt_tokens
+        report("inference", spec.runs, spec.runs)
+        machine_load = watch.stop(engine.info.threads if not remote else 1)  # a client computes on about one thread
+        if server is not None:
+            server.stop()
+        sampler.stop()
+    finally:
+        if server is not None:
+            server.stop()
+        engine.close()
     return MonitorReport(
         spec=spec,
         engine=engine.info.to_dict(),
         environment=environment(engine.info.device, engine.info.dtype),
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=prompt_tokens or 0,
         import_already_done=import_already_done,
         rss_before_load_bytes=rss_before_load,
         rss_after_load_bytes=rss_after_load,
         runs=runs,
         sampler=sampler,
         machine_load=machine_load,
+        server=server.summary() if server is not None else None,
     )
 
 

@@ -3,6 +3,7 @@ scheduler (batch.py, serial.py) step by step in-process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -98,6 +99,40 @@ class ServerProcess:
             return Path(self.log_path).read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
+
+
+@contextlib.contextmanager
+def llama_cpp_server(gguf: Path, log_path: Path, *args: str) -> Iterator[str]:
+    """llama-cpp-python's own OpenAI-compatible server (`python -m llama_cpp.server`) on `gguf`, a third-party
+    target nobody here wrote; yields its base URL (no /v1) once /v1/models answers. Skips without the extra."""
+    import pytest
+
+    pytest.importorskip(
+        "llama_cpp.server.app", reason="llama-cpp-python's server extra is not installed (llama-cpp-python[server])"
+    )
+    port = free_port()
+    with open(log_path, "wb") as log:
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), *args]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                try:
+                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"llama_cpp.server did not start: {Path(log_path).read_text(errors='replace')[-500:]}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def answers_quickly(

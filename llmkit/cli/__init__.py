@@ -22,6 +22,7 @@ from typing import Annotated
 
 import typer
 
+from llmkit.cli import bench as bench_cmd
 from llmkit.cli import cache as cache_cmd
 from llmkit.cli import compare as compare_cmd
 from llmkit.cli import explore as explore_cmd
@@ -125,6 +126,7 @@ app.add_typer(explore_cmd.build_app(wrap_errors), name="explore")
 app.command(epilog=monitor_cmd.EPILOG)(wrap_errors(monitor_cmd.monitor))
 app.command(epilog=compare_cmd.EPILOG)(wrap_errors(compare_cmd.compare))
 app.command(epilog=serve_cmd.EPILOG)(wrap_errors(serve_cmd.serve))
+app.command(epilog=bench_cmd.EPILOG)(wrap_errors(bench_cmd.bench))
 app.command()(wrap_errors(models_cmd.models))
 app.command(epilog=cache_cmd.EPILOG)(wrap_errors(cache_cmd.cache))
 

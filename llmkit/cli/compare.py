@@ -22,17 +22,20 @@ EPILOG = """Examples:
   llmkit compare gemma3-270m smollm2-135m --text-file essay.txt --plot compare.png
 
   llmkit compare smollm2-135m --engine transformers --engine llama.cpp
+
+  llmkit compare smollm2-135m http://127.0.0.1:8000/v1   # a local model beside a served one
 """
 
 
-@options.load_options("load", engine=False)
+@options.load_options("load", engine=False, remote=True)
 def compare(
     models: Annotated[
         list[str],
         typer.Argument(
             show_default=False,
             autocompletion=options.complete_model,
-            help="Models to compare: aliases, Hub ids, save_pretrained folders, .gguf files.",
+            help="Models to compare: aliases, Hub ids, save_pretrained folders, .gguf files, server URLs "
+            "(http://host:port/v1[#name]).",
         ),
     ],
     *,
@@ -94,7 +97,15 @@ def compare(
     when at least one model succeeded, 1 when none did (then only the failures are printed, on
     stderr), 2 for bad arguments.
     """
-    from llmkit.compare import FORMATS, CompareSpec, check_spec, read_text_file, reference_text, run_compare
+    from llmkit.compare import (
+        FORMATS,
+        CompareSpec,
+        check_spec,
+        model_runs,
+        read_text_file,
+        reference_text,
+        run_compare,
+    )
 
     if output_format not in FORMATS:
         raise InvalidParams(f"format must be one of {', '.join(FORMATS)} (got {output_format!r})", field="format")
@@ -118,7 +129,7 @@ def compare(
 
         require_matplotlib()
 
-    with render.compare_progress(len(spec.models) * len(spec.engines)) as progress:
+    with render.compare_progress(len(model_runs(spec))) as progress:
         rows = run_compare(spec, progress)
     if not any(row.get("ok") for row in rows):  # nothing to compare: no empty table, only what went wrong
         for row in rows:

@@ -20,7 +20,7 @@ from llmkit.cli import options, render
 from llmkit.cli.inputs import ChatOpt, PromptArg, SystemOpt, check_system, join_prompt, load_model, read_prompt
 from llmkit.cli.parsing import LlmkitGroup, LlmkitTyper
 from llmkit.engine import LoadOptions
-from llmkit.errors import InvalidParams
+from llmkit.errors import InvalidParams, UnsupportedFeature
 from llmkit.explore import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SAMPLES,
@@ -35,6 +35,7 @@ from llmkit.explore import (
     next_token_settings,
     next_token_view,
     parse_grid,
+    partial_next_token_view,
     plan_sweep,
     run_sweep,
 )
@@ -98,7 +99,7 @@ def _knob_list(name: str, model: type[GenerationParams] = GenerationParams) -> A
     ]
 
 
-@options.load_options("load")
+@options.load_options("load", remote=True)
 def sweep(
     prompt: PromptArg = None,
     *,
@@ -164,8 +165,17 @@ def sweep(
     text = read_prompt(join_prompt(prompt))
 
     engine = load_model(model, load, chat=chat)
-    with render.explore_progress(plan.runs) as progress:
-        result = run_sweep(engine, text, plan, chat=chat, system=system, progress=progress)
+    try:
+        unapplied = [note for setting in plan.settings for note in engine.unhonoured(setting.runs[0])]
+        if unapplied:  # a server that ignores a knob would label texts with settings that were never applied
+            raise UnsupportedFeature(f"{unapplied[0]}; drop the settings that use it")
+        with render.explore_progress(plan.runs) as progress:
+            result = run_sweep(engine, text, plan, chat=chat, system=system, progress=progress)
+    finally:
+        engine.close()
+    if not engine.info.capabilities.generated_logprobs:
+        why = engine.info.capabilities.missing.get("generated_logprobs")
+        render.note(f"log p and ppl are '-': the server returns no logprobs{f' ({why})' if why else ''}")
     if as_json:
         render.json_document({**result.to_dict(), "engine": engine.info.setup()})
     elif as_csv:
@@ -175,7 +185,7 @@ def sweep(
     render.sweep_summary(result, threads=engine.info.threads)
 
 
-@options.load_options("load")
+@options.load_options("load", remote=True)
 @options.generation_options("knobs", names=NEXT_TOKEN_KNOBS, option=_knob_list)  # --temperature ... --min-p
 def next_token(
     prompt: PromptArg = None,
@@ -218,16 +228,23 @@ def next_token(
     text = read_prompt(join_prompt(prompt))
 
     engine = load_model(model, load, chat=chat)
-    logits = engine.next_token_logits(text, chat=chat, system=system)
-    view = next_token_view(
-        logits,
-        settings,
-        decode=lambda i: engine.tokenizer.decode([i]),
-        top=top,
-        model=engine.info.model,
-        prompt=text,
-        prompt_tokens=len(engine.prompt_ids(text, chat=chat, system=system)),
-    )
+    try:
+        if engine.info.capabilities.logits:
+            logits = engine.next_token_logits(text, chat=chat, system=system)
+            view = next_token_view(
+                logits,
+                settings,
+                decode=lambda i: engine.tokenizer.decode([i]),
+                top=top,
+                model=engine.info.model,
+                prompt=text,
+                prompt_tokens=len(engine.prompt_ids(text, chat=chat, system=system)),
+            )
+        else:  # a server: its top_logprobs (one line saying so when it has none)
+            shown = engine.next_token_top(text, top, chat=chat, system=system)
+            view = partial_next_token_view(shown, settings, model=engine.info.model, prompt=text)
+    finally:
+        engine.close()
     if as_json:
         render.json_document({**view.to_dict(), "engine": engine.info.setup()})
     else:

@@ -27,6 +27,8 @@ EPILOG = """Examples:
   llmkit generate -m smollm2-135m --chat --system "Answer briefly." "What is a GPU?"
 
   llmkit generate --input-file prompts.jsonl --json | jq -r .completions[0].text
+
+  llmkit generate -m http://127.0.0.1:8000/v1 --seed 7 "Once upon a time"   # any OpenAI-compatible server
 """
 
 
@@ -40,7 +42,7 @@ class Job:
     extra: dict[str, Any]
 
 
-@options.load_options("load")
+@options.load_options("load", remote=True)
 @options.generation_options("generation")  # one option per GenerationParams field (llmkit/params.py's table)
 def generate(
     prompt: PromptArg = None,
@@ -74,10 +76,15 @@ def generate(
         jobs = [Job(read_prompt(typed, input_file=True), parse_params(generation), "prompt", {})]
 
     engine = load_model(model, load, chat=chat)
-    if input_file is not None:
-        run_batch(engine, jobs, chat=chat, system=system, quiet=quiet)
-    else:
-        run_one(engine, jobs[0], chat=chat, system=system, as_json=as_json, stream=stream, quiet=quiet)
+    try:
+        for note in dict.fromkeys(note for job in jobs for note in engine.unhonoured(job.params)):
+            render.warning(note)  # a server that ignores or refuses a knob the user set: the text is made without it
+        if input_file is not None:
+            run_batch(engine, jobs, chat=chat, system=system, quiet=quiet)
+        else:
+            run_one(engine, jobs[0], chat=chat, system=system, as_json=as_json, stream=stream, quiet=quiet)
+    finally:
+        engine.close()
 
 
 def read_jobs(path: Path, cli_values: dict[str, Any]) -> list[Job]:

@@ -65,5 +65,7 @@ def load_model(model: str | None, load: LoadOptions, *, chat: bool = False) -> E
     from llmkit.models import check_model
 
     check_model(model, chat=chat)
-    with render.loading(model or "model") as progress:
+    from llmkit.models import is_url, shown_url
+
+    with render.loading(shown_url(model) if model and is_url(model) else model or "model") as progress:
         return load_engine(model, load, progress=progress)

@@ -20,10 +20,12 @@ EPILOG = """Examples:
   llmkit monitor --json | jq .summary.tg_tokens_per_s.median
 
   llmkit monitor --timeline samples.csv --plot monitor.png
+
+  llmkit monitor -m http://127.0.0.1:8000/v1 --runs 10   # client-side latency of any OpenAI-compatible server
 """
 
 
-@options.load_options("load")
+@options.load_options("load", remote=True)
 def monitor(
     *,
     model: options.ModelOpt = None,

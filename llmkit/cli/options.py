@@ -132,11 +132,14 @@ def generation_options(
     )
 
 
-def load_options(into: str = "load", *, engine: bool = True, deferred: bool = False) -> Callable[[Callable], Callable]:
+def load_options(
+    into: str = "load", *, engine: bool = True, deferred: bool = False, remote: bool = False
+) -> Callable[[Callable], Callable]:
     """Decorator: the command's parameter `into` becomes --device, --dtype, --quantize, --engine (unless
-    `engine` is False: compare takes several) and --threads; the command gets one LoadOptions, checked
-    (a bad value exits 2 before anything loads). `deferred`: it gets a function that makes the LoadOptions
-    instead, for a command that must set up its error output first (serve --log-format json)."""
+    `engine` is False: compare takes several) and --threads, and with `remote` --remote-model and --api-key (for
+    a URL model); the command gets one LoadOptions, checked (a bad value exits 2 before anything loads).
+    `deferred`: it gets a function that makes the LoadOptions instead, for a command that must set up its error
+    output first (serve --log-format json)."""
     from llmkit.engine import DEFAULT_ENGINE, LoadOptions
 
     declared = {
@@ -148,6 +151,8 @@ def load_options(into: str = "load", *, engine: bool = True, deferred: bool = Fa
     }
     if not engine:
         del declared["engine"]
+    if remote:
+        declared.update(remote_model=(RemoteModelOpt, None), api_key=(ApiKeyOpt, None))
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
         for name, (annotation, default) in declared.items()
@@ -157,20 +162,33 @@ def load_options(into: str = "load", *, engine: bool = True, deferred: bool = Fa
     return lambda command: _expand(command, into, added, lambda values: LoadOptions(**values))
 
 
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option(
+MODEL_HELP = (
+    f"Alias ({DEFAULT_MODEL}, a base model; smollm2-135m, which can chat: it has a chat template; see "
+    "`llmkit models`), Hugging Face Hub id, save_pretrained folder or .gguf file"
+)
+
+
+def _model_option(help_text: str) -> Any:
+    return typer.Option(
         "--model",
         "-m",
         envvar=MODEL_ENV,
         rich_help_panel=MODEL_PANEL,
         show_default=False,
         autocompletion=complete_model,
-        help=f"Alias ({DEFAULT_MODEL}, a base model; smollm2-135m, which can chat: it has a chat template; see "
-        "`llmkit models`), Hugging Face Hub id, save_pretrained folder or .gguf file. "
-        f"(default: {DEFAULT_MODEL})",
+        help=f"{help_text}. (default: {DEFAULT_MODEL})",
+    )
+
+
+ModelOpt = Annotated[
+    Optional[str],
+    _model_option(
+        f"{MODEL_HELP}, or an OpenAI-compatible server's URL (http://host:port/v1, URL#name for one of its models; "
+        "docs/remote.md)"
     ),
 ]
+# serve loads the model itself: a URL is refused there
+ServedModelOpt = Annotated[Optional[str], _model_option(MODEL_HELP)]
 DeviceOpt = Annotated[
     str,
     typer.Option(
@@ -216,6 +234,27 @@ EngineOpt = Annotated[
         rich_help_panel=MODEL_PANEL,
         help="transformers (any model), llama.cpp (GGUF files and aliases; needs llama-cpp-python, the llamacpp "
         "extra) or auto (llama.cpp for a GGUF model on the CPU when installed).",
+    ),
+]
+
+RemoteModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--remote-model",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+        help="For a URL model: the model on the server to use (as URL#name does; default: the server's first in "
+        "/v1/models).",
+    ),
+]
+ApiKeyOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--api-key",
+        rich_help_panel=MODEL_PANEL,
+        show_default=False,
+        help="For a URL model: the server's Bearer key (default: $LLMKIT_API_KEY, else $OPENAI_API_KEY; prefer "
+        "them: a command line is visible to other users).",
     ),
 ]
 

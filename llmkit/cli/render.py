@@ -424,11 +424,18 @@ MONITOR_HINT = "--json has every figure"
 def monitor_report(report: dict[str, Any]) -> None:
     """The final tables of `llmkit monitor` from its JSON document."""
     model, env, config = report["model"], report["environment"], report["config"]
-    out.print(
-        f"[bold]{escape(model['model'])}[/] · {model['parameters'] / 1e6:,.0f}M parameters · "
-        f"{model['device']} {model['dtype']} · {model.get('threads') or env['torch_threads']} threads · "
-        f"{escape(env['cpu_model'])}"
-    )
+    server = report.get("server")
+    if server is not None:  # a model behind a URL: the figures below the latency table are this client's
+        out.print(
+            f"[bold]{escape(model['model'])}[/] · on {escape(model['location'])} · measured from this client, "
+            f"{escape(env['cpu_model'])}"
+        )
+    else:
+        out.print(
+            f"[bold]{escape(model['model'])}[/] · {model['parameters'] / 1e6:,.0f}M parameters · "
+            f"{model['device']} {model['dtype']} · {model.get('threads') or env['torch_threads']} threads · "
+            f"{escape(env['cpu_model'])}"
+        )
     out.print(
         f"prompt {config['prompt_tokens']} tokens · {config['max_new_tokens']} new tokens (greedy) · "
         f"{config['runs']} runs after {config['warmup']} warm-up · sampler "
@@ -464,12 +471,15 @@ def monitor_report(report: dict[str, Any]) -> None:
             ),
         ],
         hint=MONITOR_HINT,
-        title="Phases",
+        title="Phases" if server is None else "Phases (this client's process; load: connecting and probing)",
     )
 
     memory = report["memory"]
+    if server is not None:
+        out.print(server_resources_line(server))
     out.print(
-        f"RSS before load {mib(memory['rss_before_load_bytes'])} · after load "
+        ("Client: " if server is not None else "")
+        + f"RSS before load {mib(memory['rss_before_load_bytes'])} · after load "
         f"{mib(memory['rss_after_load_bytes'])} · peak during load {mib(memory['rss_peak_load_bytes'])} · "
         f"peak during inference {mib(memory['rss_peak_inference_bytes'])} · system available "
         f"{mib(memory['system_available_bytes'])}"
@@ -488,6 +498,21 @@ def monitor_report(report: dict[str, Any]) -> None:
         title="Latency over measured runs",
     )
     out.print(f"[dim]{escape(MONITOR_LEGEND)}[/]", soft_wrap=False)  # prose: wrapped between words
+
+
+def server_resources_line(server: dict[str, Any]) -> str:
+    """What a remote model's server reported about itself while the runs went (measure.ServerWatch.summary)."""
+    if not server.get("measured"):
+        kv = server.get("kv_cache_usage_peak")
+        extra = f" · KV cache peak {kv:.0%}" if kv is not None else ""
+        return f"Server: {escape(server.get('note') or 'remote: not measured')}{extra}"
+    parts = [f"peak RSS {mib(server['rss_peak_bytes'])}" if server.get("rss_peak_bytes") is not None else None]
+    if server.get("cpu_percent") is not None:
+        parts.append(f"CPU {server['cpu_percent']:.0f}%")
+    if server.get("kv_cache_usage_peak") is not None:
+        parts.append(f"KV cache peak {server['kv_cache_usage_peak']:.0%}")
+    shown = " · ".join(part for part in parts if part)
+    return f"Server (its /metrics, {server['readings']} readings during the runs): {shown}"
 
 
 def busy_warning(machine_load, measured: str = "the measurement") -> None:
@@ -705,12 +730,20 @@ def next_token_tables(view) -> None:
         Text.assemble("Next token after ", (repr(view.prompt), "bold"), " on ", (view.model, "bold")), soft_wrap=False
     )
     common = f" · all with {_explore_knobs(view.common)}" if view.common else ""
+    if view.partial:  # a server's top_logprobs: what they cover, and the cap
+        shown = len(view.settings[0].rows) if view.settings else 0
+        limits = [f"it returns at most {view.cap}"] if view.cap else []
+        if view.asked:
+            limits.append(f"{view.asked} asked: tokens that read the same come back as one")
+        said = f" ({'; '.join(limits)})" if limits else ""
+        scope = (
+            f"the server's top {shown} tokens{said} cover "
+            f"{view.shown_mass or 0:.1%} of the probability · model entropy ≥ {view.model_entropy_bits:.2f} bits"
+        )
+    else:
+        scope = f"vocabulary {view.vocab_size:,} · model entropy {view.model_entropy_bits:.2f} bits"
     out.print(
-        Text(
-            f"{view.prompt_tokens} prompt tokens · vocabulary {view.vocab_size:,} · model entropy "
-            f"{view.model_entropy_bits:.2f} bits (temperature 1, nothing cut){common}",
-            style="dim",
-        ),
+        Text(f"{view.prompt_tokens} prompt tokens · {scope} (temperature 1, nothing cut){common}", style="dim"),
         soft_wrap=False,
     )
     from rich.cells import cell_len
@@ -747,25 +780,46 @@ def next_token_tables(view) -> None:
                 if cell.cut_by:
                     cells.append(Text(f"cut: {cell.cut_by}", style="dim"))
                 else:
-                    cells.append(
-                        Text.assemble((_explore_bar(cell.prob), "cyan"), " ", _explore_prob(cell.prob).rjust(6))
-                    )
+                    value = f"{setting.mark}{_explore_prob(cell.prob)}"
+                    cells.append(Text.assemble((_explore_bar(cell.prob), "cyan"), " ", value.rjust(6)))
             table.add_row(str(row.rank), Text(repr(row.token)), *cells, end_section=index == len(group[0].rows) - 1)
-        table.add_row("", Text("entropy bits", style="dim"), *(f"{s.entropy_bits:.2f}" for s in group))
-        table.add_row("", Text("tokens kept", style="dim"), *(f"{s.kept_tokens:,}" for s in group))
+        table.add_row("", Text("entropy bits", style="dim"), *(_entropy_cell(view, s) for s in group))
         table.add_row(
-            "", Text("mass cut", style="dim"), *(_explore_prob(s.cut_mass) if s.cut_mass > 0 else "-" for s in group)
+            "",
+            Text("tokens kept", style="dim"),
+            *("?" if s.kept_tokens is None else f"{s.kept_tokens:,}" for s in group),
         )
+        table.add_row("", Text("mass cut", style="dim"), *(_mass_cut_cell(s.cut_mass) for s in group))
         out.print(table)
     out.print(
         Text(
             "Bars: probability under each setting (full width = 100%); cut: removed by that filter. "
             "Temperature reshapes the whole distribution; top-k, top-p and min-p cut its tail and "
-            "renormalise what is left.",
+            "renormalise what is left."
+            + (
+                " A server gives only its top tokens: a setting is exact where what it keeps is provably among "
+                "them; ≤ marks upper bounds (a temperature alone), ≈ a setting computed over them alone; ? is not "
+                "known from them."
+                if view.partial
+                else ""
+            ),
             style="dim",
         ),
         soft_wrap=False,
     )
+
+
+def _entropy_cell(view, setting) -> str:
+    """A partial view's entropy is exact where the setting keeps only shown tokens, a bound for plain sampling."""
+    if view.partial and setting.exact and setting.kept_tokens is None:
+        return f"≥{setting.entropy_bits:.2f}"
+    return f"{setting.entropy_bits:.2f}" if setting.exact else f"≈{setting.entropy_bits:.2f}"
+
+
+def _mass_cut_cell(cut_mass: float | None) -> str:
+    if cut_mass is None:
+        return "?"
+    return _explore_prob(cut_mass) if cut_mass > 0 else "-"
 
 
 # --- compare ---
@@ -817,7 +871,14 @@ COMPARE_FORMATS = {
 }
 
 
-def _compare_cell(key: str, value: Any) -> str:
+def _compare_cell(key: str, value: Any, row: dict[str, Any] | None = None) -> str:
+    if value is None and row is not None:
+        if key == "perplexity" and row.get("perplexity_na"):
+            return f"n/a ({row['perplexity_na']})"  # a server without (trustworthy) prompt log-probs
+        if key == "bits_per_byte" and row.get("perplexity_na"):
+            return "n/a"
+        if key == "peak_rss_bytes" and row.get("server") is not None:
+            return "remote: not measured"  # the server's /metrics has no memory figure
     if value is None:
         return "-"
     return COMPARE_FORMATS.get(key, str)(value)
@@ -854,7 +915,7 @@ def compare_table(rows, spec, console: Console | None = None, *, wide: bool = Fa
             continue
         cells = []
         for row in ok:
-            cell = escape(_compare_cell(key, row.get(key)))
+            cell = escape(_compare_cell(key, row.get(key), row))
             cells.append(f"[bold green]{cell}[/]" if key in best and row.get(key) == best[key] else cell)
         columns.append(
             Column(
@@ -884,6 +945,9 @@ def compare_table(rows, spec, console: Console | None = None, *, wide: bool = Fa
                 f"  [bold]{escape(row['model'])}[/]: {escape(_compare_cell('sample', row['sample']))}", soft_wrap=False
             )
     _compare_threads_line(rows, console)
+    for row in ok:
+        if row.get("server") is not None:
+            console.print(f"[dim]{escape(row['model'])}: {_compare_remote_note(row)}[/]", soft_wrap=False)
     for row in rows:
         if not row.get("ok"):
             console.print(f"[bold red]failed:[/] {escape(row['model'])}: {escape(row.get('error', 'unknown error'))}")
@@ -896,6 +960,18 @@ def _compare_threads_line(rows, console: Console) -> None:
     text = threads_text(rows)
     if text:
         console.print(f"[dim]{escape(text)}[/]")
+
+
+def _compare_remote_note(row: dict[str, Any]) -> str:
+    """A URL row's figures in words: whose memory, and why there is no perplexity when there is none."""
+    server = row.get("server") or {}
+    memory = (
+        "peak RSS is the server's (its /metrics)"
+        if server.get("measured")
+        else escape(server.get("note") or "remote: not measured")
+    )
+    why = f"; perplexity n/a: {escape(row['perplexity_why'])}" if row.get("perplexity_why") else ""
+    return f"a server: TTFT and tok/s measured from this client; {memory}{why}"
 
 
 def _compare_threads_markdown(rows) -> list[str]:
@@ -949,7 +1025,7 @@ def compare_output(rows, spec, output_format: str, *, to_file: bool) -> str:
         ]
         for row in rows:
             if row.get("ok"):
-                cells = [_compare_cell(key, row.get(key)).replace("|", "\\|") for key, _, _ in COLUMNS]
+                cells = [_compare_cell(key, row.get(key), row).replace("|", "\\|") for key, _, _ in COLUMNS]
                 lines.append("| " + " | ".join(cells) + " |")
         lines += _compare_threads_markdown(rows)
         for row in rows:

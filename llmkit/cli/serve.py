@@ -49,7 +49,7 @@ EPILOG = """Examples:
 @options.load_options("make_load_options", deferred=True)
 def serve(
     *,
-    model: options.ModelOpt = None,
+    model: options.ServedModelOpt = None,
     host: Annotated[
         str,
         typer.Option(
@@ -190,8 +190,15 @@ def serve(
         forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     ).check()
     load_options = make_load_options()
-    from llmkit.models import resolve
+    from llmkit.models import is_url, resolve, shown_url
 
+    if model and is_url(model):
+        from llmkit.errors import UnsupportedFeature
+
+        raise UnsupportedFeature(
+            f"llmkit serve serves a model it loads itself; {shown_url(model)} is already a server: point clients at "
+            "it directly, or serve a local model (-m an alias, folder or .gguf file)"
+        )
     source = resolve(model)  # an unknown model fails here, before anything heavy loads
     settings = ServerSettings(**{**settings.__dict__, "model_name": source.name})
     _check_port_free(settings)

@@ -1,17 +1,19 @@
 """The core engines: load a model once, then stream, generate, score.
 
-Two engines keep one contract (`Engine` in base.py: prompt_ids, stream, generate, check_context,
-next_token_logits, token_logprobs, info, tokenizer): transformers for every model, and
-llama.cpp for GGUF files (extra `llmkit[llamacpp]`). `auto` picks llama.cpp for a GGUF
-model (an alias or a .gguf file) on the CPU when it is installed and no --dtype or
---quantize asks for transformers, else transformers. Importing this package is light;
-torch, transformers and llama_cpp load in `load_engine`.
+Three engines keep one contract (`Engine` in base.py: prompt_ids, stream, generate, check_context,
+next_token_logits, token_logprobs, info, tokenizer): transformers for every model,
+llama.cpp for GGUF files (extra `llmkit[llamacpp]`), and remote for a URL: any
+OpenAI-compatible server (remote.py), chosen by the reference itself, whatever --engine
+says unless it names a local engine. `auto` picks llama.cpp for a GGUF model (an alias or a
+.gguf file) on the CPU when it is installed and no --dtype or --quantize asks for
+transformers, else transformers. Importing this package is light; torch, transformers,
+llama_cpp and httpx load in `load_engine`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmkit.engine.types import Chunk, Completion, EngineInfo, Result, Timings, Usage
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
     from llmkit.engine.base import Engine
     from llmkit.models import Progress
 
-ENGINES = ("transformers", "llama.cpp", "auto")
+ENGINES = ("transformers", "llama.cpp", "auto", "remote")
+REMOTE_ENGINE = "remote"  # a URL's engine: the model runs on the server
 DEFAULT_ENGINE = "transformers"
 
 
@@ -58,8 +61,10 @@ class LoadOptions:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     quantize: str = "none"  # none or int8
-    engine: str = DEFAULT_ENGINE  # transformers, llama.cpp or auto
+    engine: str = DEFAULT_ENGINE  # transformers, llama.cpp, auto or remote (a URL's, whatever this says)
     threads: int | None = None  # CPU threads that compute; None: $LLMKIT_THREADS when set, else the engine's default
+    remote_model: str | None = None  # for a URL: the server's model to use (URL#name says it too)
+    api_key: str | None = field(default=None, repr=False)  # for a URL; None: $LLMKIT_API_KEY, else $OPENAI_API_KEY
 
     def __post_init__(self) -> None:
         from llmkit.devices import check_device, check_dtype, check_quantize, requested_threads
@@ -73,6 +78,10 @@ class LoadOptions:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def for_local(self) -> LoadOptions:
+        """These options without the remote ones (what a local model's worker gets: no key travels further)."""
+        return dataclasses.replace(self, remote_model=None, api_key=None)
+
 
 def check_load_options(**settings: Any) -> LoadOptions:
     """LoadOptions(**settings): every load option checked before anything heavy is imported (exit 2)."""
@@ -80,8 +89,25 @@ def check_load_options(**settings: Any) -> LoadOptions:
 
 
 def choose_engine(model: str | None, options: LoadOptions) -> tuple[str, str]:
-    """(engine, why) for options.engine; resolves `auto`, passes the others through."""
+    """(engine, why) for options.engine; resolves `auto`, passes the others through; a URL is the remote engine's."""
     name = options.engine
+    from llmkit.models import is_url
+
+    if is_url(model):
+        if name == "llama.cpp":
+            raise InvalidParams(
+                "--engine llama.cpp loads a GGUF file here; a URL is served by its own server: drop --engine",
+                field="engine",
+            )
+        return REMOTE_ENGINE, "a URL: an OpenAI-compatible server runs the model"
+    if name == REMOTE_ENGINE:
+        raise InvalidParams(
+            "--engine remote is for a URL (-m http://host:port/v1); give one, or pick a local engine", field="engine"
+        )
+    if options.remote_model is not None:
+        raise InvalidParams(
+            "--remote-model names a model on a server: use it with -m http://host:port/v1", field="model"
+        )
     if name != "auto":
         return name, "set by --engine; default transformers"
     from llmkit.models import resolve
@@ -119,7 +145,10 @@ def prepare(
     """One-time work before a load (a GGUF conversion for transformers, joining a chunked alias),
     so that measurements of the load itself exclude it. settings: LoadOptions fields, when no options."""
     options = _options(options, settings)
-    if choose_engine(model, options)[0] == "llama.cpp":
+    engine = choose_engine(model, options)[0]
+    if engine == REMOTE_ENGINE:
+        return None  # nothing to prepare: the server has its model
+    if engine == "llama.cpp":
         from llmkit.engine.llamacpp import gguf_path_for
 
         return gguf_path_for(model, progress)
@@ -131,14 +160,19 @@ def prepare(
 def load_engine(
     model: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None, **settings: Any
 ) -> Engine:
-    """Load `model` (alias, folder, .gguf file or Hub id) once, as `options` say; or with LoadOptions fields
-    as keywords: load_engine("smollm2-135m", dtype="float32", threads=2).
+    """Load `model` (alias, folder, .gguf file or Hub id) once, as `options` say, or connect to the server at a URL
+    (http://host:port/v1[#model]); or with LoadOptions fields as keywords: load_engine("smollm2-135m",
+    dtype="float32", threads=2).
 
     The threads are set on the calling thread, so load on the thread that will generate."""
     options = _options(options, settings)
     engine, why = choose_engine(model, options)
     loaded: Engine
-    if engine == "llama.cpp":
+    if engine == REMOTE_ENGINE:
+        from llmkit.engine.remote import RemoteEngine
+
+        loaded = RemoteEngine.load(model, options, progress=progress)
+    elif engine == "llama.cpp":
         from llmkit.engine.llamacpp import LlamaCppEngine
 
         loaded = LlamaCppEngine.load(model, options, progress=progress)
@@ -154,6 +188,7 @@ __all__ = [
     "Chunk",
     "Completion",
     "ENGINES",
+    "REMOTE_ENGINE",
     "EngineInfo",
     "LoadOptions",
     "Result",
