@@ -104,7 +104,8 @@ RESERVED = {"seed": "--seed (sample j of every setting uses seed + j)", "num_seq
 
 def grid_names(model: type[GenerationParams] = GenerationParams) -> tuple[str, ...]:
     """What --param takes: every parameter of the table but the draws (seed, num_sequences), set by explore."""
-    return tuple(name for name in model.model_fields if name not in names_of("draws", model))
+    set_elsewhere = names_of("draws", model) + names_of("constraint", model)  # a constraint is not a grid axis
+    return tuple(name for name in model.model_fields if name not in set_elsewhere)
 
 
 GRID_NAMES = grid_names()
@@ -124,6 +125,10 @@ def parse_value(name: str, raw: str) -> Any:
     annotation = GenerationParams.model_fields[name].annotation
     if get_origin(annotation) is list:  # stop: each grid value is one stop sequence
         value: Any = [raw]
+    elif get_origin(annotation) is dict:  # logit_bias: each grid value is ID=BIAS[;ID=BIAS...]
+        from llmkit.params import parse_bias
+
+        value = parse_bias(raw.split(";"), name)
     else:
         try:
             value = TypeAdapter(Any if annotation is None else annotation).validate_strings(raw.strip())
@@ -453,15 +458,17 @@ class Stages:
 
 def stages(logits: torch.Tensor, params: GenerationParams) -> Stages:
     """Each step of next_token_probs, obtained by running it with the later steps switched off."""
-    from llmkit.engine.sampling import next_token_probs
+    from llmkit.engine.sampling import apply_logit_bias, next_token_probs
+
+    logits = apply_logit_bias(logits.float(), params.logit_bias)  # the first token: no penalty has anything to count
 
     def upto(**off: Any) -> torch.Tensor:
         return next_token_probs(logits, params.model_copy(update=off))
 
     return Stages(
-        tempered=upto(top_k=0, top_p=1.0, min_p=0.0),
-        after_top_k=upto(top_p=1.0, min_p=0.0),
-        after_top_p=upto(min_p=0.0),
+        tempered=upto(top_k=0, top_p=1.0, min_p=0.0, top_n_sigma=0.0, typical_p=1.0),
+        after_top_k=upto(top_p=1.0, min_p=0.0, typical_p=1.0),  # top-n-sigma, a cut like top-k, counts with it
+        after_top_p=upto(min_p=0.0, typical_p=1.0),
         final=next_token_probs(logits, params),
     )
 
@@ -511,6 +518,9 @@ class NextTokenView:
     shown_mass: float | None = None  # partial: the probability the shown tokens cover (temperature 1)
     cap: int | None = None  # partial: the most tokens the server returns
     asked: int | None = None  # partial: how many were asked for, when fewer came back (merged: same text)
+    constraint: str | None = None  # the constraint every setting samples under (--json-schema ...), if any
+    constraint_removed_tokens: int | None = None  # tokens its mask removed before the knobs act
+    constraint_removed_mass: float | None = None  # the model's probability (temperature 1) those tokens held
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -530,13 +540,30 @@ def next_token_view(
     model: str = "",
     prompt: str = "",
     prompt_tokens: int = 0,
+    allowed: torch.Tensor | None = None,
+    constraint: str | None = None,
 ) -> NextTokenView:
-    """The top tokens of the model's distribution and, per setting, what each sampling step does to them."""
+    """The top tokens of the model's distribution and, per setting, what each sampling step does to them.
+    `allowed` (a bool mask over the vocabulary, from a constraint named `constraint`): the settings sample from
+    those tokens alone, and the view says how many tokens and how much of the model's probability it removed."""
     import torch
 
     logits = logits.float().reshape(-1)
     model_probs = torch.softmax(logits, dim=-1)
+    removed_tokens = removed_mass = None
+    unmasked = logits
+    if allowed is not None:
+        removed_tokens = int((~allowed).sum())
+        removed_mass = float(model_probs[~allowed].sum())
+        logits = logits.masked_fill(~allowed, float("-inf"))  # a constraint comes first: the knobs act on the rest
     top_ids = torch.topk(model_probs, min(top, logits.shape[0])).indices.tolist()
+    ranks = {i: r + 1 for r, i in enumerate(top_ids)}
+    if allowed is not None:  # also the most likely tokens the constraint keeps: what the settings sample from
+        kept = torch.topk(model_probs.masked_fill(~allowed, -1.0), min(top, logits.shape[0])).indices.tolist()
+        extra = [i for i in kept if i not in ranks and bool(allowed[i])]
+        for i in extra:
+            ranks[i] = int((model_probs > model_probs[i]).sum()) + 1
+        top_ids = sorted(ranks, key=ranks.__getitem__)
     names = {i: decode(i) for i in top_ids}
     views = []
     for label, knobs, params in settings:
@@ -548,15 +575,15 @@ def next_token_view(
 
         rows = tuple(
             TokenRow(
-                rank=r + 1,
+                rank=ranks[i],
                 token_id=i,
                 token=names[i],
                 model_prob=float(model_probs[i]),
                 tempered_prob=float(s.tempered[i]),
                 prob=float(s.final[i]),
-                cut_by=_cut_by(i, cuts),
+                cut_by="constraint" if allowed is not None and not allowed[i] else _cut_by(i, cuts),
             )
-            for r, i in enumerate(top_ids)
+            for i in top_ids
         )
         views.append(
             SettingView(
@@ -574,10 +601,13 @@ def next_token_view(
         model=model,
         prompt=prompt,
         prompt_tokens=prompt_tokens,
-        vocab_size=int(logits.shape[0]),
+        vocab_size=int(unmasked.shape[0]),
         model_entropy_bits=entropy_bits(model_probs),
         common=common_knobs([knobs for _, knobs, _ in settings]),
         settings=tuple(views),
+        constraint=constraint,
+        constraint_removed_tokens=removed_tokens,
+        constraint_removed_mass=removed_mass,
     )
 
 

@@ -31,6 +31,7 @@ EXTRA_PACKAGES = {
     "plot": ("matplotlib>=3.7",),
     "llamacpp": ("llama-cpp-python>=0.3",),
     "gpu": ("nvidia-ml-py>=12",),
+    "structured": ("llguidance>=1.9,<2",),
 }
 
 

@@ -19,10 +19,21 @@ every field carries one `Param` in its Annotated metadata: where the field appea
     top_p               sampling                              top_p                        top_p
     min_p               sampling                              min_p (extension)            min_p
     repetition_penalty  sampling                              repetition_penalty (ext.)    repetition_penalty
+    presence_penalty    sampling                              presence_penalty             presence_penalty
+    frequency_penalty   sampling                              frequency_penalty            frequency_penalty
+    logit_bias          sampling  (ID=BIAS, repeatable)       logit_bias                   logit_bias
+    typical_p           sampling                              typical_p (ext.)             typical_p
+    top_n_sigma         sampling                              top_n_sigma (ext.)           top_n_sigma
+    xtc_probability     sampling                              xtc_probability (ext.)       xtc_probability
+    xtc_threshold       sampling                              xtc_threshold (ext.)         xtc_threshold
     greedy              sampling                              -  (OpenAI: temperature 0)   greedy
     seed                draws                                 seed                         seed
     num_sequences       draws     -n                          n                            num_sequences
     stop                stopping                              stop (a string or a list)    stop
+    constraint          constraint  --json-schema, --json-object, response_format,         -
+                                  --regex, --choice, --grammar  guided_json, guided_regex,
+                                  (cli/options.py               guided_choice, guided_grammar
+                                  constraint_options)           (server/schemas.py)
 
 Derived from it, so a new parameter is one field here and nothing else:
 
@@ -41,6 +52,9 @@ Derived from it, so a new parameter is one field here and nothing else:
 - sampling: how the next token is picked from the logits. In the batch key, a grid axis in explore.
   `greedy_ignores`: greedy decoding does not read it (the batch key of greedy rows leaves it out).
 - stopping: where the output ends. Each row checks its own, so not in the batch key; a grid axis.
+- constraint: what the output must match (llmkit/engine/constrain.py): a mask after the logits, per row, so not in
+  the batch key; not a grid axis. Its CLI options and body fields read files and speak other APIs' shapes, so they
+  are declared beside the table (cli/options.py `constraint_options`, server/schemas.py) rather than derived.
 - draws: which and how many random draws. Each row has its own generator, so not in the batch key;
   explore sets them itself (--seed, --samples), so not a grid axis.
 
@@ -57,15 +71,18 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmkit.errors import InvalidParams
 
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_SEQUENCES = 16
 MAX_STOP_SEQUENCES = 8
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value, either sign
+MAX_BIASED_TOKENS = 1024  # logit_bias entries at most
 
-Kind = Literal["sampling", "stopping", "draws"]
+Kind = Literal["sampling", "stopping", "draws", "constraint"]
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 API = Literal["completions", "chat", "generate"]
 APIS: tuple[str, ...] = ("completions", "chat", "generate")
 EXTENSION_NOTE = "(llmkit extension)"
@@ -94,6 +111,22 @@ class Param:
     generate: tuple[Name | str, ...] = ()  # /generate's names, its own first; () = the field's name
     greedy_ignores: bool = False  # sampling: greedy decoding does not read it
     neutral: Any = None  # sampling: the value that leaves the model's distribution alone (None: the default)
+
+
+class Constraint(BaseModel):
+    """What the output must match, enforced while decoding (llmkit/engine/constrain.py). `value`: the JSON schema
+    as JSON text (json_schema), the pattern (regex), the options (choice), the Lark or GBNF text (grammar); None for
+    json_object (any JSON object)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    kind: ConstraintKind
+    value: str | tuple[str, ...] | None = None
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _choices_from_json(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # a JSON list (--input-file, a JSON body)
 
 
 class GenerationParams(BaseModel):
@@ -160,6 +193,44 @@ class GenerationParams(BaseModel):
             extension=True,
         ),
     ] = Field(1.0, ge=0.5, le=2.0, description="Above 1 discourages tokens already seen.")
+    presence_penalty: Annotated[
+        float,
+        Param("sampling", openai="presence_penalty"),
+    ] = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of each token the output already holds.")
+    frequency_penalty: Annotated[
+        float,
+        Param("sampling", openai="frequency_penalty"),
+    ] = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time the output holds it.")
+    logit_bias: Annotated[
+        dict[str, float],
+        Param(
+            "sampling",
+            openai="logit_bias",
+            cli_help=(
+                f"Add BIAS ({-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}) to token ID's logit: ID=BIAS, repeatable "
+                "(-100 bans the token, 100 forces it)."
+            ),
+        ),
+    ] = Field(
+        default_factory=dict,
+        description=f"Token id (a string) -> bias from {-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g} added to its logit.",
+    )
+    typical_p: Annotated[
+        float,
+        Param("sampling", openai="typical_p", extension=True, greedy_ignores=True),
+    ] = Field(1.0, gt=0.0, le=1.0, description="Keep the tokens of most typical surprise up to mass p; 1 disables.")
+    top_n_sigma: Annotated[
+        float,
+        Param("sampling", openai="top_n_sigma", extension=True, greedy_ignores=True),
+    ] = Field(0.0, ge=0.0, le=10.0, description="Keep logits within n standard deviations of the top; 0 disables.")
+    xtc_probability: Annotated[
+        float,
+        Param("sampling", openai="xtc_probability", extension=True, greedy_ignores=True),
+    ] = Field(0.0, ge=0.0, le=1.0, description="XTC: how often a step excludes the top choices; 0 disables.")
+    xtc_threshold: Annotated[
+        float,
+        Param("sampling", openai="xtc_threshold", extension=True, greedy_ignores=True),
+    ] = Field(0.1, ge=0.0, le=1.0, description="XTC: tokens at least this likely are top choices (above 0.5: none).")
     greedy: Annotated[
         bool,
         Param(
@@ -197,6 +268,13 @@ class GenerationParams(BaseModel):
         max_length=MAX_STOP_SEQUENCES,
         description="Cut the output before the first of these strings.",
     )
+    constraint: Annotated[
+        Constraint | None,
+        Param(
+            "constraint",  # the CLI's constraint_options and the bodies' response_format / guided_* set it
+            cli_help="What the output must match: a JSON schema, any JSON object, a regex, a choice or a grammar.",
+        ),
+    ] = Field(None, description="What the output must match, enforced while decoding.")
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationParams:
@@ -213,6 +291,11 @@ class GenerationParams(BaseModel):
                 "num_sequences: num_sequences must be 1 with greedy decoding, which gives "
                 "identical sequences; sample (temperature > 0) for several"
             )
+        if self.constraint is not None:
+            from llmkit.engine.constrain import problems as constraint_problems
+
+            problems.extend(f"constraint: {problem}" for problem in constraint_problems(self.constraint))
+        problems.extend(f"logit_bias: {problem}" for problem in bias_problems(self.logit_bias))
         if problems:
             raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
@@ -233,6 +316,40 @@ class GenerationParams(BaseModel):
 
 
 PROBLEM_SEPARATOR = "\n"
+
+
+def bias_problems(bias: Mapping[str, float]) -> list[str]:
+    """Sentences for a logit_bias OpenAI would refuse: keys are token ids written as decimal integers, values are
+    finite and within +-MAX_LOGIT_BIAS. Whether an id is in the model's vocabulary is checked once a model is known
+    (Engine.check_context)."""
+    if len(bias) > MAX_BIASED_TOKENS:
+        return [f"logit_bias takes at most {MAX_BIASED_TOKENS} tokens (got {len(bias)})"]
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            return [f"logit_bias keys must be token ids, integers written as strings (got {shown(key)})"]
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:  # NaN fails too
+            return [
+                f"logit_bias values must be between {-MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g} "
+                f"(got {shown(value)} for token {key})"
+            ]
+    return []
+
+
+def parse_bias(items: Iterable[str], field: str = "logit_bias") -> dict[str, float]:
+    """`["42=5", "7=-100"]` (the CLI's ID=BIAS) -> {"42": 5.0, "7": -100.0}; bounds are checked by GenerationParams."""
+    bias: dict[str, float] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = None
+        if not sep or value is None:
+            raise InvalidParams(f"{field} takes TOKEN_ID=BIAS, e.g. 42=-100 (got {shown(item)})", field=field)
+        bias[key.strip()] = value
+    return bias
+
+
 PARAM_NAMES = tuple(GenerationParams.model_fields)
 
 
@@ -265,6 +382,8 @@ def param_table(model: type[GenerationParams] = GenerationParams) -> dict[str, P
 def _api_names(table: Mapping[str, Param], api: str) -> dict[str, tuple[Name, ...]]:
     names = {}
     for field, spec in table.items():
+        if spec.kind == "constraint":
+            continue  # the bodies spell constraints their own way (response_format, guided_*: server/schemas.py)
         if api == "generate":
             found = tuple(Name(n) if isinstance(n, str) else n for n in spec.generate) or (Name(field),)
         elif spec.openai is None:

@@ -102,6 +102,22 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
+def app_client(engine, settings=None, *, ready_within_s: float = 30.0):
+    """A FastAPI TestClient over build_app(engine) in this process, once /health answers 200 (the model "loads" on
+    the app's own thread even when it is already loaded)."""
+    from fastapi.testclient import TestClient
+
+    from llmkit.server.app import build_app
+    from llmkit.server.settings import ServerSettings
+
+    with TestClient(build_app(engine, settings or ServerSettings())) as client:
+        deadline = time.monotonic() + ready_within_s
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield client
+
+
+@contextlib.contextmanager
 def llama_cpp_server(gguf: Path, log_path: Path, *args: str) -> Iterator[str]:
     """llama-cpp-python's own OpenAI-compatible server (`python -m llama_cpp.server`) on `gguf`, a third-party
     target nobody here wrote; yields its base URL (no /v1) once /v1/models answers. Skips without the extra."""

@@ -34,6 +34,7 @@ from llmkit.params import (
     parse_params,
     sampling_key,
 )
+from tests.server_helpers import app_client
 
 FROB = Param(
     "sampling",
@@ -97,7 +98,8 @@ def test_the_knob_becomes_an_option_whose_value_reaches_the_params():
         assert runner.invoke(app, [flag, "4"], catch_exceptions=False).exit_code == 0
         assert seen[-1]["frobnicate"] == 4.0
     assert runner.invoke(app, [], catch_exceptions=False).exit_code == 0
-    assert seen[-1] == {name: None for name in Frobbed.model_fields}  # nothing typed: nothing overrides
+    options_of_the_table = [name for name in Frobbed.model_fields if name != "constraint"]  # constraint_options' own
+    assert seen[-1] == {name: None for name in options_of_the_table}  # nothing typed: nothing overrides
 
     help_text = runner.invoke(app, ["--help"], catch_exceptions=False, env={"COLUMNS": "200"}).output
     assert "--frobnicate,--frob" in help_text and "-F" in help_text
@@ -120,12 +122,14 @@ def test_generate_and_next_token_take_their_options_from_the_real_table(cli):
     from llmkit.cli.generate import generate
     from llmkit.explore import NEXT_TOKEN_KNOBS
 
-    assert set(PARAM_NAMES) <= set(inspect.signature(generate).parameters)
+    table_options = [name for name in PARAM_NAMES if param_table()[name].kind != "constraint"]
+    assert set(table_options) <= set(inspect.signature(generate).parameters)
     assert "generation" not in inspect.signature(generate).parameters
+    assert {"json_schema", "json_object", "regex", "choice", "grammar"} <= set(inspect.signature(generate).parameters)
     assert set(NEXT_TOKEN_KNOBS) <= set(inspect.signature(next_token).parameters)
     assert set(NEXT_TOKEN_KNOBS) <= set(SAMPLING_KNOBS)  # each is a stage of sampling.next_token_probs
     help_text = cli("generate", "--help").stdout
-    for name in PARAM_NAMES:
+    for name in table_options:
         assert ",".join(cli_flags(name)) in help_text, name
     for name, spec in param_table().items():
         assert options.OTHER_NAMES.get(name, ()) == spec.cli_aliases
@@ -240,6 +244,13 @@ def test_the_knob_is_a_grid_name_and_starts_from_its_neutral_value():
         "top_p": 1.0,
         "min_p": 0.0,
         "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "typical_p": 1.0,
+        "top_n_sigma": 0.0,
+        "xtc_probability": 0.0,
+        "xtc_threshold": 0.1,
         "greedy": False,
     }
 
@@ -300,12 +311,7 @@ def test_the_cli_names_every_bad_field_in_one_line_and_exits_2(cli, tmp_path):
 
 @pytest.fixture(scope="module")
 def client(tiny_engine):
-    from fastapi.testclient import TestClient
-
-    from llmkit.server.app import build_app
-    from llmkit.server.settings import ServerSettings
-
-    with TestClient(build_app(tiny_engine, ServerSettings())) as test_client:
+    with app_client(tiny_engine) as test_client:
         yield test_client
 
 

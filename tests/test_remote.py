@@ -319,6 +319,16 @@ def test_generate_against_llmkit_serve_gives_the_local_text(cli, serve, local, k
     assert streamed.exit_code == 0 and streamed.stdout == f"{expected}\n" and "TTFT" in streamed.stderr
 
 
+def test_structured_output_against_a_server_is_refused_not_pretended(cli, serve, keyless):
+    """llmkit enforces constraints in its own decode loop; against a server it says so rather than send a
+    response_format that a server may silently ignore."""
+    pytest.importorskip("llguidance")
+    refused = cli("generate", "-m", serve, "--json-object", "--max-new-tokens", "4", PROMPT)
+    assert refused.exit_code == 2, refused.stderr
+    assert "structured output" in refused.stderr and "local models only" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and refused.stdout == ""
+
+
 def test_explore_against_llmkit_serve(cli, serve, local, keyless):
     from llmkit.explore import grid_knobs, parse_grid, plan_sweep, run_sweep
 

@@ -133,10 +133,10 @@ def test_a_request_whose_sampling_fails_leaves_alone_and_its_batch_mates_finish(
 
     real_pick = batch.pick_tokens
 
-    def poisoned_pick(logits, params, generators, seen=None):
+    def poisoned_pick(logits, params, generators, seen=None, prompt_len=0):
         if any(g.initial_seed() == POISON_SEED for g in generators or []):
             raise RuntimeError("poisoned row")
-        return real_pick(logits, params, generators, seen)
+        return real_pick(logits, params, generators, seen, prompt_len)
 
     monkeypatch.setattr(batch, "pick_tokens", poisoned_pick)
     scheduler = BatchScheduler(tiny_engine)

@@ -39,7 +39,7 @@ from llmkit.explore import (
     plan_sweep,
     run_sweep,
 )
-from llmkit.params import GenerationParams, bounds_text, cli_flags
+from llmkit.params import GenerationParams, bounds_text, cli_flags, parse_params
 
 DEFAULT_COMMAND = "sweep"
 
@@ -187,6 +187,7 @@ def sweep(
 
 @options.load_options("load", remote=True)
 @options.generation_options("knobs", names=NEXT_TOKEN_KNOBS, option=_knob_list)  # --temperature ... --min-p
+@options.constraint_options("constraint")  # --json-schema ...: the first token's mask, before every setting
 def next_token(
     prompt: PromptArg = None,
     *,
@@ -195,6 +196,7 @@ def next_token(
         int, typer.Option("--top", help=f"How many of the most likely tokens to show (1 to {MAX_TOP}).")
     ] = DEFAULT_TOP,
     knobs: dict[str, Any],  # {knob: the values typed, or None}, from the decorator
+    constraint: Optional[dict[str, Any]] = None,  # GenerationParams.constraint from the structured-output options
     chat: ChatOpt = False,
     system: SystemOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
@@ -221,6 +223,7 @@ def next_token(
     specs = [f"{name}={','.join(values)}" for name, values in given.items()]
     knob_sets = grid_knobs(parse_grid(specs)) if specs else list(NEXT_TOKEN_PRESET)
     settings = next_token_settings(knob_sets)
+    constrained = parse_params(constraint=constraint).constraint if constraint else None  # checked before loading
     if plot is not None:
         from llmkit.plots import require_matplotlib
 
@@ -229,8 +232,15 @@ def next_token(
 
     engine = load_model(model, load, chat=chat)
     try:
+        if constrained is not None and not engine.info.capabilities.logits:
+            raise UnsupportedFeature("--json-schema and the like need a local model: a server's logits are not seen")
         if engine.info.capabilities.logits:
             logits = engine.next_token_logits(text, chat=chat, system=system)
+            allowed = None
+            if constrained is not None:
+                from llmkit.engine.constrain import allowed_tokens
+
+                allowed = allowed_tokens(engine, constrained, int(logits.reshape(-1).shape[0]))
             view = next_token_view(
                 logits,
                 settings,
@@ -239,6 +249,8 @@ def next_token(
                 model=engine.info.model,
                 prompt=text,
                 prompt_tokens=len(engine.prompt_ids(text, chat=chat, system=system)),
+                allowed=allowed,
+                constraint=None if constrained is None else constrained.kind.replace("_", " "),
             )
         else:  # a server: its top_logprobs (one line saying so when it has none)
             shown = engine.next_token_top(text, top, chat=chat, system=system)

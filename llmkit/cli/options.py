@@ -25,7 +25,7 @@ import typer
 
 from llmkit.devices import THREADS_ENV
 from llmkit.models import DEFAULT_MODEL, MODEL_ENV
-from llmkit.params import GenerationParams, bounds_text, param_table
+from llmkit.params import GenerationParams, bounds_text, param_table, parse_bias
 
 GENERATION_PANEL = "Generation parameters"
 MODEL_PANEL = "Model"
@@ -60,7 +60,10 @@ def _param_help(name: str, model: type[GenerationParams] = GenerationParams) -> 
 
 
 def _cli_type(annotation: Any) -> Any:
-    """Optional[the field's type], None meaning 'not typed': `int | None` -> Optional[int], list[str] stays."""
+    """Optional[the field's type], None meaning 'not typed': `int | None` -> Optional[int], list[str] stays, a dict
+    (logit_bias) is a repeatable KEY=VALUE option (list[str], read by _typed)."""
+    if get_origin(annotation) is dict:
+        return Optional[list[str]]
     if get_origin(annotation) is Union or isinstance(annotation, types.UnionType):
         members = [arg for arg in get_args(annotation) if arg is not type(None)]
         annotation = members[0] if len(members) == 1 else Union[tuple(members)]
@@ -71,15 +74,26 @@ def param_option(name: str, model: type[GenerationParams] = GenerationParams) ->
     """The Annotated type of the option that sets field `name`: its flags, short flag and help from the table."""
     spec = param_table(model)[name]
     flags = (f"--{name.replace('_', '-')}", *spec.cli_aliases, *((spec.short,) if spec.short else ()))
+    annotation = model.model_fields[name].annotation
+    metavar = "ID=BIAS" if get_origin(annotation) is dict else None  # logit_bias: not Typer's <list[str]>
     return Annotated[
-        _cli_type(model.model_fields[name].annotation),
-        typer.Option(*flags, rich_help_panel=GENERATION_PANEL, show_default=False, help=_param_help(name, model)),
+        _cli_type(annotation),
+        typer.Option(
+            *flags,
+            rich_help_panel=GENERATION_PANEL,
+            show_default=False,
+            help=_param_help(name, model),
+            metavar=metavar,
+        ),
     ]
 
 
-def _typed(value: Any) -> Any:
-    """An option's value as parse_params takes it: None when not typed (an empty repeatable option too)."""
+def _typed(value: Any, name: str = "", model: type[GenerationParams] = GenerationParams) -> Any:
+    """An option's value as parse_params takes it: None when not typed (an empty repeatable option too); a dict
+    field's ID=BIAS items become its dict."""
     if isinstance(value, (list, tuple)):
+        if value and name in model.model_fields and get_origin(model.model_fields[name].annotation) is dict:
+            return parse_bias(value, name)
         return list(value) or None
     return value
 
@@ -122,14 +136,136 @@ def generation_options(
     """Decorator: the command's parameter `into` becomes one keyword-only option per field of the table
     (`names`: only these), each declared by `option(name, model)`; the command gets `into` as a dict
     {field: value or None}, ready for parse_params, with the options in field order."""
-    fields = tuple(names or model.model_fields)
+    table = param_table(model)
+    fields = tuple(names or (name for name in model.model_fields if table[name].kind != "constraint"))
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option(name, model))
         for name in fields
     ]
     return lambda command: _expand(
-        command, into, added, lambda values: {name: _typed(value) for name, value in values.items()}
+        command, into, added, lambda values: {name: _typed(value, name, model) for name, value in values.items()}
     )
+
+
+CONSTRAINT_PANEL = "Structured output"
+JsonSchemaOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--json-schema",
+        rich_help_panel=CONSTRAINT_PANEL,
+        show_default=False,
+        help="The output must be JSON valid under this JSON schema: a file, or the schema itself.",
+    ),
+]
+JsonObjectOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json-object",
+        rich_help_panel=CONSTRAINT_PANEL,
+        help="The output must be a JSON object (any). Not --json, which prints the result as a JSON document.",
+    ),
+]
+RegexOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--regex",
+        rich_help_panel=CONSTRAINT_PANEL,
+        show_default=False,
+        help="The output must match this regular expression (all of it).",
+    ),
+]
+ChoiceOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--choice",
+        rich_help_panel=CONSTRAINT_PANEL,
+        show_default=False,
+        help="The output must be one of these comma-separated texts: --choice yes,no,maybe.",
+    ),
+]
+GrammarOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--grammar",
+        rich_help_panel=CONSTRAINT_PANEL,
+        show_default=False,
+        help="The output must match this grammar (Lark, or llama.cpp's GBNF): a file, or the grammar itself.",
+    ),
+]
+CONSTRAINT_FLAGS = {
+    "json_schema": "--json-schema",
+    "json_object": "--json-object",
+    "regex": "--regex",
+    "choice": "--choice",
+    "grammar": "--grammar",
+}
+
+
+def read_constraint(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The constraint options as GenerationParams' `constraint` value ({kind, value}), or None when none was given.
+    A file is read here, so a missing one is exit 2 before any model loads; the spec itself is checked by
+    parse_params (llmkit/engine/constrain.py `problems`)."""
+    from pathlib import Path
+
+    from llmkit.errors import InvalidParams
+
+    given = [kind for kind, value in values.items() if value not in (None, False)]
+    if len(given) > 1:
+        flags = " and ".join(CONSTRAINT_FLAGS[kind] for kind in given)
+        raise InvalidParams(f"give one constraint, not {flags}", field=given[1])
+    if not given:
+        return None
+    kind = given[0]
+    value = values[kind]
+    if kind == "json_object":
+        return {"kind": kind}
+    if kind == "choice":
+        options = tuple(option.strip() for option in value.split(","))
+        if not all(options):
+            raise InvalidParams("--choice takes non-empty texts separated by commas (got an empty one)", field=kind)
+        return {"kind": kind, "value": options}
+    if kind in ("json_schema", "grammar"):
+        looks_inline = value.lstrip().startswith("{") if kind == "json_schema" else "\n" in value or ":" in value
+        path = Path(value)
+        if not looks_inline or _is_file(path):
+            try:
+                value = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise InvalidParams(
+                    f"{CONSTRAINT_FLAGS[kind]}: cannot read {value!r} ({exc.strerror or exc}); "
+                    f"give a file or the {'schema' if kind == 'json_schema' else 'grammar'} itself",
+                    field=kind,
+                ) from None
+        if kind == "json_schema":
+            from llmkit.engine.constrain import parse_json_schema
+
+            value = parse_json_schema(value, field=kind)
+    return {"kind": kind, "value": value}
+
+
+def _is_file(path: Any) -> bool:
+    try:
+        return bool(path.is_file())
+    except OSError:  # a schema too long to be a file name
+        return False
+
+
+def constraint_options(into: str = "constraint") -> Callable[[Callable], Callable]:
+    """Decorator: the command's parameter `into` becomes the structured-output options (--json-schema,
+    --json-object, --regex, --choice, --grammar); the command gets `into` = the `constraint` value for
+    parse_params, or None. Declared here, not derived from the table like generation_options: two of them read
+    files, one is a flag and one splits a list, and all five set one field."""
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in (
+            ("json_schema", JsonSchemaOpt, None),
+            ("json_object", JsonObjectOpt, False),
+            ("regex", RegexOpt, None),
+            ("choice", ChoiceOpt, None),
+            ("grammar", GrammarOpt, None),
+        )
+    ]
+    return lambda command: _expand(command, into, added, read_constraint)
 
 
 def load_options(

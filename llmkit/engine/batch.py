@@ -59,7 +59,8 @@ from typing import Any
 import torch
 
 from llmkit.engine.base import BatchingEngine
-from llmkit.engine.sampling import pick_tokens, raw_logprobs
+from llmkit.engine.constrain import MaskComputer, guides_for
+from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
 from llmkit.engine.scheduling import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
@@ -82,7 +83,7 @@ class _Active:
     request: BatchRequest
     sequences: list[SequenceState]
     generators: list[torch.Generator] | None
-    seen: torch.Tensor | None  # prompt + generated ids per row, only with a repetition penalty
+    seen: torch.Tensor | None  # prompt + generated ids per row, only when sampling.needs_history
     admitted: float  # perf_counter when its prefill began
     token_times: list[float] = field(default_factory=list)
     failed: bool = False  # its own work raised; it has been told and leaves the batch
@@ -128,6 +129,7 @@ class BatchScheduler(Scheduler):
         self._cache: Any = None  # the engine's KV cache of the running rows (new_cache())
         self._mask: torch.Tensor | None = None  # [rows, columns] 1 = real token in the cache
         self._pending: torch.Tensor | None = None  # [rows] sampled, not yet fed to the model
+        self._masks: MaskComputer | None = None  # constraint masks of the rows that carry one (engine/constrain.py)
 
     @property
     def running_rows(self) -> int:
@@ -232,6 +234,9 @@ class BatchScheduler(Scheduler):
         ones = torch.ones((self._mask.shape[0], 1), dtype=self._mask.dtype, device=self._device)
         self._mask = torch.cat([self._mask, ones], dim=1)
         positions = self._mask.sum(-1, keepdim=True) - 1
+        guides = self._guides(self._active)
+        if any(guides):  # the constrained rows' masks are computed on a thread while the model runs
+            self._mask_computer().start(guides)
         logits, self._cache = self.engine.forward_step(
             self._pending[:, None], self._cache, attention_mask=self._mask, position_ids=positions
         )
@@ -261,10 +266,13 @@ class BatchScheduler(Scheduler):
                 torch.Generator(device=self._device).manual_seed(request.seed + i) for i in range(request.rows)
             ]
         seen = None
-        if params.repetition_penalty != 1.0:
+        if needs_history(params):
             seen = torch.tensor([request.prompt_ids] * request.rows, device=self._device)
+        guides = guides_for(self.engine, params.constraint, request.rows)  # each row's own matcher
         sequences = [
-            SequenceState.start(i, self.tokenizer, request.prompt_ids, params, logprobs=request.logprobs is not None)
+            SequenceState.start(
+                i, self.tokenizer, request.prompt_ids, params, logprobs=request.logprobs is not None, guide=guides[i]
+            )
             for i in range(request.rows)
         ]
         return _Active(request, sequences, generators, seen, admitted_at)
@@ -273,11 +281,14 @@ class BatchScheduler(Scheduler):
         """Next token per row: rows with equal sampling settings share one pick_tokens call.
 
         pick_tokens works row by row (each row draws from its own generator), so grouping gives
-        the same tokens as one call per request; requests with a repetition penalty need their
-        own `seen` history and are sampled alone. If a group's call raises, its requests are
+        the same tokens as one call per request; requests with a penalty (sampling.needs_history)
+        need their own `seen` history and are sampled alone. If a group's call raises, its requests are
         sampled one by one so that only the one whose sampling fails is failed (its rows keep
         the pad id and leave the batch at dispatch).
         """
+        guides = self._guides(actives)
+        if any(guides):  # constrained rows: disallowed tokens at -inf, before any sampling group picks
+            logits = self._mask_computer().apply(logits, guides)
         groups: dict[tuple, list[tuple[int, _Active]]] = {}
         row = 0
         for active in actives:
@@ -293,15 +304,26 @@ class BatchScheduler(Scheduler):
                     self._pick_alone(logits, start, active, tokens)
         return tokens
 
+    def _mask_computer(self) -> MaskComputer:
+        if self._masks is None:
+            self._masks = MaskComputer(getattr(self.engine, "vocab_size", None))
+        return self._masks
+
+    @staticmethod
+    def _guides(actives: Sequence[_Active]) -> list[Any]:
+        """Each row's constraint matcher, in row order (None: unconstrained, finished or failed)."""
+        return [g for a in actives for g in ([None] * a.request.rows if a.failed else [s.guided for s in a.sequences])]
+
     def _pick_group(self, logits: torch.Tensor, members: list[tuple[int, _Active]], tokens: torch.Tensor) -> None:
         params = members[0][1].request.params
         generators = None if params.is_greedy else [g for _, a in members for g in (a.generators or [])]
         seen = members[0][1].seen if len(members) == 1 else None
+        prompt_len = len(members[0][1].request.prompt_ids)  # the leading columns of `seen`
         if sum(a.request.rows for _, a in members) == logits.shape[0]:  # the whole batch: no gather/scatter
-            tokens.copy_(pick_tokens(logits, params, generators, seen))
+            tokens.copy_(pick_tokens(logits, params, generators, seen, prompt_len))
             return
         index = torch.cat([torch.arange(r, r + a.request.rows) for r, a in members]).to(logits.device)
-        tokens[index] = pick_tokens(logits.index_select(0, index), params, generators, seen)
+        tokens[index] = pick_tokens(logits.index_select(0, index), params, generators, seen, prompt_len)
 
     def _pick_alone(self, logits: torch.Tensor, start: int, active: _Active, tokens: torch.Tensor) -> torch.Tensor:
         """Sample one request's rows into `tokens`; a failure fails that request alone."""

@@ -18,10 +18,11 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from llmkit.engine import LoadOptions
 from llmkit.engine.base import Decode, Engine
-from llmkit.engine.sampling import pick_tokens, raw_logprobs
+from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
 from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.engine.types import Capabilities, EngineInfo, TokenLogprob
 from llmkit.errors import ModelLoadError, UnsupportedFeature, one_line
@@ -165,6 +166,15 @@ class LlamaCppEngine(Engine):
         self.tokenizer = LlamaCppTokenizer(llm)
         # End of generation: EOS and end-of-turn (asking llama.cpp about every token costs seconds).
         self.eos_ids = frozenset(t for t in (llm.token_eos(), llm._model.token_eot()) if t >= 0)
+        self._constraint_tokenizer: Any = None
+
+    def constraint_tokenizer(self) -> Any:
+        """llguidance's view of llama.cpp's vocabulary, built on the first constrained request, then kept."""
+        if self._constraint_tokenizer is None:
+            from llmkit.engine.constrain import llamacpp_tokenizer
+
+            self._constraint_tokenizer = llamacpp_tokenizer(self.llm)
+        return self._constraint_tokenizer
 
     @classmethod
     def load(
@@ -261,19 +271,29 @@ class LlamaCppEngine(Engine):
         from the logits llama.cpp already returned for the step."""
         import torch
 
+        guides: list[Any] = [None] * params.num_sequences
+        masks = None
+        if params.constraint is not None:
+            from llmkit.engine.constrain import MaskComputer, guides_for
+
+            guides = guides_for(self, params.constraint, params.num_sequences)
+            masks = MaskComputer(self.vocab_size)
         sequences = [
-            SequenceState.start(i, self.tokenizer, ids, params, logprobs=logprobs is not None)
+            SequenceState.start(i, self.tokenizer, ids, params, logprobs=logprobs is not None, guide=guides[i])
             for i in range(params.num_sequences)
         ]
         token_times: list[float] = []
         for sequence in sequences:
             generator = None if seed is None else [torch.Generator().manual_seed(seed + sequence.index)]
-            seen = torch.tensor([ids]) if params.repetition_penalty != 1.0 else None
+            seen = torch.tensor([ids]) if needs_history(params) else None
             self.llm.reset()
+            if masks is not None:  # the first mask is computed on a thread while llama.cpp reads the prompt
+                masks.start([sequence.guided])
             self.llm.eval(ids)
             while not sequence.finish_reason:
                 logits = self._logits()
-                picked = pick_tokens(logits, params, generator, seen)
+                allowed = logits if masks is None else masks.apply(logits, [sequence.guided])
+                picked = pick_tokens(allowed, params, generator, seen, len(ids))
                 scored = None if logprobs is None else raw_logprobs(logits, picked, logprobs)[0]
                 token = int(picked[0])
                 token_times.append(time.perf_counter() - started)
@@ -284,6 +304,8 @@ class LlamaCppEngine(Engine):
                     break
                 if seen is not None:
                     seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
+                if masks is not None:
+                    masks.start([sequence.guided])
                 self.llm.eval([token])
         return build_result(prompt, ids, params, seed, sequences, token_times)
 

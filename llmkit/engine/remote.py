@@ -470,14 +470,18 @@ class RemoteEngine(Engine):
     def _fields(self, params: GenerationParams, seed: int | None) -> dict[str, Any]:
         """Every parameter the OpenAI bodies name, with llmkit's value (greedy: temperature 0 and the knobs greedy
         decoding reads), minus the optional fields this server refuses."""
+        if params.constraint is not None:  # structured output is enforced by the local engines' decode loops
+            raise UnsupportedFeature(
+                "structured output (--json-schema, --regex, --choice, --grammar) works with local models only"
+            )
         body: dict[str, Any] = {}
         for name, spec in param_table(type(params)).items():
             if spec.openai is None or spec.kind == "draws":
                 continue  # seed and n: one request per sequence, seeded here
             value = getattr(params, name)
-            if name == "stop":
+            if name in ("stop", "logit_bias"):  # left out when empty
                 if value:
-                    body["stop"] = list(value)
+                    body[spec.openai] = list(value) if name == "stop" else dict(value)
                 continue
             if params.is_greedy and spec.greedy_ignores:
                 continue
@@ -544,9 +548,17 @@ class RemoteEngine(Engine):
     # --- generation ----------------------------------------------------------------------------------------
 
     def stream(
-        self, prompt: str, params: GenerationParams, *, chat: bool = False, system: str | None = None
+        self,
+        prompt: str,
+        params: GenerationParams,
+        *,
+        chat: bool = False,
+        system: str | None = None,
+        logprobs: int | None = None,
     ) -> Generation:
         """Send the prompt text (or, with chat, the messages: the server applies its template) and stream."""
+        if logprobs is not None:  # capabilities.decode_logprobs is False: no token ids or offsets to hang them on
+            raise UnsupportedFeature(f"the {self.info.engine} engine does not return log-probs while generating")
         started = time.perf_counter()
         check_text(prompt, "the prompt", "prompt")
         check_text(system or "", "the system prompt", "system")

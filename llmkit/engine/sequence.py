@@ -11,11 +11,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from llmkit.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from llmkit.engine.types import Chunk, Completion, Result, Timings, TokenLogprob, Usage
 from llmkit.params import GenerationParams
+
+if TYPE_CHECKING:
+    from llmkit.engine.constrain import TokenGuide
 
 DETOKENIZE_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first new ones, so leading spaces survive
 
@@ -43,10 +46,24 @@ class SequenceState:
     logprobs: list[TokenLogprob] | None = None  # every token's, when they were asked for
     produced: int = 0  # characters the detokenizer has given so far (the stop matcher may hold some back)
     unshown: list[TokenLogprob] = field(default_factory=list)  # scored tokens whose text has not been shown yet
+    guide: TokenGuide | None = None  # the row's constraint matcher (engine/constrain.py); its mask is applied
+    # before sampling by the decode loop, and the output is complete when the matcher says so
+
+    @property
+    def guided(self) -> TokenGuide | None:
+        """The matcher whose mask this row's next token needs: None without a constraint or once finished."""
+        return None if self.finish_reason else self.guide
 
     @classmethod
     def start(
-        cls, index: int, tokenizer, prompt_ids: Sequence[int], params: GenerationParams, *, logprobs: bool = False
+        cls,
+        index: int,
+        tokenizer,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        *,
+        logprobs: bool = False,
+        guide: TokenGuide | None = None,
     ) -> SequenceState:
         context = list(prompt_ids)[-DETOKENIZE_CONTEXT_TOKENS:]
         return cls(
@@ -55,6 +72,7 @@ class SequenceState:
             StopMatcher(params.stop),
             params.max_new_tokens,
             logprobs=[] if logprobs else None,
+            guide=guide,
         )
 
     def advance(self, token: int, eos_ids: frozenset[int], scored: Scored | None = None) -> Chunk | None:
@@ -70,11 +88,14 @@ class SequenceState:
         if self.logprobs is not None and scored is not None:
             self.unshown.append(TokenLogprob(token, scored[0], scored[1], self.produced))
         finish: Literal["stop", "length"] | None
+        complete = self.guide is not None and self.guide.consume(token)  # the constraint is satisfied: stop here
         if token in eos_ids:
             text, finish = self.stops.flush(self._produce(self.detokenizer.flush())), "stop"
         else:
             text, hit_stop = self.stops.feed(self._produce(self.detokenizer.feed(token)))
             finish = "stop" if hit_stop else None
+            if finish is None and complete:
+                text, finish = text + self.stops.flush(self._produce(self.detokenizer.flush())), "stop"
             if finish is None and len(self.token_ids) >= self.max_new_tokens:
                 text, finish = text + self.stops.flush(self._produce(self.detokenizer.flush())), "length"
         self.text += text

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from llmkit.engine import LoadOptions
 from llmkit.engine.base import BatchingEngine, Decode
-from llmkit.engine.sampling import pick_tokens, raw_logprobs
+from llmkit.engine.constrain import guides_for
+from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
 from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.engine.types import Capabilities, EngineInfo, TokenLogprob
 from llmkit.errors import (
@@ -51,6 +52,15 @@ class TransformersEngine(BatchingEngine):
         # transformers 5 renamed forward's `past_key_values` to `cache`; accept either.
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._constraint_tokenizer: Any = None
+
+    def constraint_tokenizer(self) -> Any:
+        """llguidance's view of the tokenizer, built on the first constrained request (about a second), then kept."""
+        if self._constraint_tokenizer is None:
+            from llmkit.engine.constrain import hf_tokenizer
+
+            self._constraint_tokenizer = hf_tokenizer(self.tokenizer, self.vocab_size)
+        return self._constraint_tokenizer
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -188,9 +198,16 @@ class TransformersEngine(BatchingEngine):
         generators = None
         if seed is not None:
             generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
+        guides = guides_for(self, params.constraint, n)
         sequences = [
-            SequenceState.start(i, self.tokenizer, ids, params, logprobs=logprobs is not None) for i in range(n)
+            SequenceState.start(i, self.tokenizer, ids, params, logprobs=logprobs is not None, guide=guides[i])
+            for i in range(n)
         ]
+        masks = None
+        if params.constraint is not None:
+            from llmkit.engine.constrain import MaskComputer
+
+            masks = MaskComputer(self.vocab_size)
         input_ids = torch.tensor([ids] * n, device=device)
         seen = input_ids
         cache = None  # the model starts its own (with sliding-window layers where the config has them)
@@ -198,9 +215,12 @@ class TransformersEngine(BatchingEngine):
         try:
             with torch.inference_mode():
                 for _step in range(params.max_new_tokens):
+                    if masks is not None:  # the next mask is computed on a thread while the model runs
+                        masks.start([seq.guided for seq in sequences])
                     logits, cache = self.forward_step(input_ids, cache)
+                    allowed = logits if masks is None else masks.apply(logits, [seq.guided for seq in sequences])
                     next_ids = pick_tokens(
-                        logits, params, generators, seen if params.repetition_penalty != 1.0 else None
+                        allowed, params, generators, seen if needs_history(params) else None, len(ids)
                     )
                     scored = None if logprobs is None else raw_logprobs(logits, next_ids, logprobs)
                     token_times.append(time.perf_counter() - started)

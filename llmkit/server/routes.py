@@ -356,6 +356,7 @@ async def _run(
     """Submit every prompt (one job each, batched by the scheduler), then answer with one JSON body or an SSE
     stream. Returns (Renderer, [Finished per prompt]) when not streaming."""
     host = _host(request)
+    await host.prepare_constraint(params)
     try:
         jobs = host.submit_many(
             [(p.text, p.ids) for p in prompts],

@@ -257,6 +257,13 @@ class ModelHost:
     def check_context(self, prompt_tokens: int, params) -> None:
         self.require_engine().check_context(prompt_tokens, params)
 
+    async def prepare_constraint(self, params) -> None:
+        """Build the engine's view of its vocabulary for constrained decoding (seconds on a 262k vocabulary, once)
+        on a worker thread, so the first constrained request does not stall every running row of the batch."""
+        build = getattr(self.require_engine(), "constraint_tokenizer", None)
+        if params.constraint is not None and build is not None:
+            await run_in_threadpool(build)
+
     # --- submitting ---------------------------------------------------------------------------
 
     def submit(self, prompt: str, ids: list[int], params, *, request_id: str, arrived: float, outputs=None) -> Job:

@@ -14,7 +14,9 @@ with the field renamed to the name the client sent. The table gives, today:
     n                      num_sequences
     stop (str | list)      stop (list)
     temperature, top_p, seed
-    top_k, min_p, repetition_penalty  (extensions, as in vLLM and llama-server)
+    presence_penalty, frequency_penalty, logit_bias
+    top_k, min_p, repetition_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold
+                           (extensions, as in vLLM or llama-server)
 
 and /generate takes every field by its llmkit name, max_new_tokens also as max_length.
 
@@ -23,8 +25,9 @@ the field, not quietly converted. Every bad field is reported: the message joins
 and, with more than one, the error body lists them (`errors`, below).
 
 Defaults are llmkit's (temperature 0.8, top_k 50, 64 new tokens), not OpenAI's; temperature
-0 means greedy. OpenAI fields llmkit cannot honour (suffix, best_of > 1, non-zero
-presence/frequency penalties, logit_bias, tools, non-text response formats) are a 400 naming
+0 means greedy. `response_format` (json_object, json_schema) and vLLM's guided_json, guided_regex,
+guided_choice and guided_grammar set GenerationParams' `constraint` (`constraint_of`), on both /v1 bodies.
+OpenAI fields llmkit cannot honour (suffix, best_of > 1, tools) are a 400 naming
 the field rather than silently ignored; unknown fields are a 400 too (extra="forbid", like
 GenerationParams). `model` is accepted and ignored: one server serves one model, and responses
 name it.
@@ -52,6 +55,7 @@ them: [{"param": ..., "message": ...}] on /v1/*, [{"field": ..., "message": ...}
 
 from __future__ import annotations
 
+import json
 import re
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, Optional, Union, get_args, get_origin
 
@@ -227,17 +231,33 @@ class _OpenAIBody(RequestBody):
     model: Optional[str] = Field(None, description="Accepted and ignored: the server serves one model.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    # Accepted so that clients sending their defaults work; other values are refused in to_params.
-    user: Optional[str] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None  # OpenAI's end-user id: accepted and ignored
+    # Structured output (llmkit/engine/constrain.py): OpenAI's response_format, or one of vLLM's guided_* fields.
+    response_format: Optional[dict[str, Any]] = Field(
+        None,
+        description='{"type": "text"}, {"type": "json_object"} (any JSON object) or {"type": "json_schema", '
+        '"json_schema": {"name": ..., "schema": {...}, "strict": ...}}: enforced while decoding.',
+    )
+    guided_json: Optional[Union[dict[str, Any], str]] = Field(
+        None, description="A JSON schema the output must follow (vLLM's name; an llmkit extension)."
+    )
+    guided_regex: Optional[str] = Field(None, description="A regex the whole output must match (vLLM's name).")
+    guided_choice: Optional[list[str]] = Field(None, description="The output is one of these texts (vLLM's name).")
+    guided_grammar: Optional[str] = Field(
+        None, description="A Lark or GBNF grammar the output must match (vLLM's name)."
+    )
+
+    def _given(self) -> tuple[dict[str, Any], dict[str, str], list[tuple[str | None, str]]]:
+        values, renames, errors = super()._given()
+        found = constraint_of(self)
+        if isinstance(found, tuple):
+            errors.append(found)
+        elif found is not None:
+            values["constraint"], renames["constraint"] = found[1], found[0]
+        return values, renames, errors
 
     def _unsupported(self) -> list[tuple[str, bool]]:
         return [
-            ("presence_penalty", bool(self.presence_penalty)),
-            ("frequency_penalty", bool(self.frequency_penalty)),
-            ("logit_bias", bool(self.logit_bias)),
             ("stream_options", self.stream_options is not None and not self.stream),
         ]
 
@@ -264,6 +284,56 @@ class _OpenAIBody(RequestBody):
     def output_options(self) -> Outputs:
         """What the body asks to see besides the text."""
         return Outputs()
+
+
+CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def constraint_of(body: Any) -> list[Any] | tuple[str, str] | None:
+    """The body's constraint as [the field that set it, GenerationParams' `constraint` value], None when it asks for
+    none, or (field, sentence) when its shape is wrong. Whether the constraint itself can be enforced is
+    GenerationParams' check (an unsupported schema feature is a 400 naming the field and the feature)."""
+    sent = [name for name in CONSTRAINT_FIELDS if getattr(body, name) is not None]
+    fmt = body.response_format
+    if fmt is not None and fmt.get("type") == "text" and not fmt.keys() - {"type"}:
+        sent.remove("response_format")  # plain text: no constraint
+    if len(sent) > 1:
+        return sent[1], f"give one of {', '.join(sent)}, not several"
+    if not sent:
+        return None
+    name = sent[0]
+    value = getattr(body, name)
+    if name == "guided_regex":
+        return [name, {"kind": "regex", "value": value}]
+    if name == "guided_grammar":
+        return [name, {"kind": "grammar", "value": value}]
+    if name == "guided_choice":
+        if not value or not all(value):
+            return name, "guided_choice must be a list of non-empty texts"
+        return [name, {"kind": "choice", "value": tuple(value)}]
+    if name == "guided_json":
+        schema = value
+    else:
+        kind = value.get("type")
+        if kind not in RESPONSE_FORMAT_TYPES:
+            return name, f"response_format type must be one of {', '.join(RESPONSE_FORMAT_TYPES)} (got {kind!r})"
+        if kind == "json_object":
+            return [name, {"kind": "json_object"}]
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            return name, 'response_format of type json_schema needs "json_schema": {"name": ..., "schema": {...}}'
+        schema = spec.get("schema")
+        if schema is None:
+            return [name, {"kind": "json_object"}]  # OpenAI's schema is optional: then any JSON object
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError:
+            return name, f"{name}: the JSON schema is not valid JSON"
+    if not isinstance(schema, dict):
+        return name, f"{name}: the JSON schema must be a JSON object"
+    return [name, {"kind": "json_schema", "value": json.dumps(schema)}]
 
 
 class Outputs(NamedTuple):
@@ -422,14 +492,11 @@ class _ChatBody(_OpenAIBody):
     top_logprobs: Optional[int] = _bounded(
         "top_logprobs", "With logprobs: true, the N most likely tokens at each position, with their log-probability."
     )
-    response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
 
     def _unsupported(self) -> list[tuple[str, bool]]:
-        text_format = self.response_format is None or self.response_format.get("type") == "text"
         return super()._unsupported() + [
-            ("response_format", not text_format),
             ("tools", bool(self.tools)),
             ("tool_choice", self.tool_choice not in (None, "none")),
         ]
