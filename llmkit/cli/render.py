@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from llmkit.errors import one_line
 
@@ -85,6 +87,117 @@ def sequence_header(index: int, total: int) -> None:
 def end_text() -> None:
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+# --- generate --logprobs / --show-tokens: each token's share of the text, drawn as it streams ---
+# On a terminal each token is coloured by its probability (the raw one, before sampling knobs) and, with
+# --show-tokens, shaded light and dark in turn so its boundaries show. Piped, --logprobs leaves the text plain and
+# --show-tokens writes one token per line: its id, a tab, the text it adds as a JSON string (joined, they are the
+# output; a character split across tokens comes whole with the token that completes it), and with --logprobs a
+# tab and its log-prob. A token's share is its offset up to the next token's offset.
+
+PROBABILITY_BANDS = ((0.8, "green", ">= 80%"), (0.5, "yellow", "50-80%"), (0.2, "dark_orange", "20-50%"))
+LOW_PROBABILITY = ("red", "< 20%")
+TOKEN_SHADES = ("on grey35", "")  # --show-tokens on a terminal: every other token shaded (two greys would be one
+# grey on a 16-colour terminal)
+
+
+def probability_style(logprob: float) -> str:
+    """The colour of a token whose log-probability is `logprob` (PROBABILITY_BANDS)."""
+    probability = math.exp(logprob) if logprob > -745 else 0.0  # exp underflows to 0 below about -745 anyway
+    for floor, style, _ in PROBABILITY_BANDS:
+        if probability >= floor:
+            return style
+    return LOW_PROBABILITY[0]
+
+
+def colours_tokens() -> bool:
+    """Whether generated tokens are drawn with colours and shades (stdout is a terminal) or plain."""
+    return out.is_terminal
+
+
+def token_legend(*, colour: bool, boundaries: bool) -> None:
+    """One stderr line saying what the colours (and shades) of the text above mean; terminals only."""
+    if not out.is_terminal:
+        return
+    parts = []
+    if colour:
+        bands = [(style, label) for _, style, label in PROBABILITY_BANDS] + [LOW_PROBABILITY]
+        parts.append("token probability " + " ".join(f"[{style}]{label}[/]" for style, label in bands))
+    if boundaries:
+        parts.append(f"[{TOKEN_SHADES[0]}]one token[/]the next[{TOKEN_SHADES[0]}]and the next[/]")
+    err.print(" · ".join(parts))
+
+
+def prompt_tokens(tokens: list[tuple[int, str]]) -> None:
+    """--show-tokens: the prompt's tokens on stderr, `[id]"text"` each; a piece that is not whole UTF-8 is
+    written bytes:\\xNN, unquoted, as the HTTP API names it."""
+    listed = " ".join(
+        f"[{token}]{piece if piece.startswith('bytes:') else json.dumps(piece, ensure_ascii=False)}"
+        for token, piece in tokens
+    )
+    err.print(escape(f"prompt: {len(tokens)} token{'' if len(tokens) == 1 else 's'}: {listed}"))
+
+
+class TokenView:
+    """Draws one sequence's text token by token (see PROBABILITY_BANDS above): feed() each Chunk's text and
+    log-prob entries as they come (or a whole Completion's once), then finish()."""
+
+    def __init__(self, *, colour: bool, boundaries: bool):
+        self.terminal = out.is_terminal
+        self.colour = colour
+        self.boundaries = boundaries
+        self.shown = 0  # characters of the sequence's text drawn so far
+        self.current: Any = None  # the TokenLogprob whose text is being drawn
+        self.started = 0  # tokens begun: the shade alternates on it
+        self.share = ""  # piped --show-tokens: the current token's text so far
+
+    def feed(self, fragment: str, entries: Sequence[Any]) -> None:
+        cursor = 0
+        for entry in entries:
+            cut = min(max(entry.offset - self.shown, cursor), len(fragment))
+            self._draw(fragment[cursor:cut])
+            cursor = cut
+            self._begin(entry)
+        self._draw(fragment[cursor:])
+        self.shown += len(fragment)
+
+    def finish(self) -> None:
+        if self.terminal or not self.boundaries:
+            end_text()
+        else:
+            self._line()
+
+    def _begin(self, entry: Any) -> None:
+        if self.boundaries and not self.terminal:
+            self._line()
+        self.current = entry
+        self.started += 1
+        self.share = ""
+
+    def _line(self) -> None:
+        if self.current is None:
+            return
+        fields = [str(self.current.token), json.dumps(self.share, ensure_ascii=False)]
+        if self.colour:
+            fields.append(repr(self.current.logprob))
+        text("\t".join(fields) + "\n")
+
+    def _draw(self, fragment: str) -> None:
+        if not fragment:
+            return
+        if not self.terminal:
+            if self.boundaries:
+                self.share += fragment
+            else:
+                text(fragment)
+            return
+        styles = []
+        if self.colour and self.current is not None:
+            styles.append(probability_style(self.current.logprob))
+        if self.boundaries and TOKEN_SHADES[self.started % 2]:
+            styles.append(TOKEN_SHADES[self.started % 2])
+        out.print(Text(fragment, style=" ".join(styles)), end="")
 
 
 def timing_line(result, threads: int | None = None) -> None:
@@ -746,6 +859,16 @@ def next_token_tables(view) -> None:
         Text(f"{view.prompt_tokens} prompt tokens · {scope} (temperature 1, nothing cut){common}", style="dim"),
         soft_wrap=False,
     )
+    if getattr(view, "constraint", None):  # the mask comes before every knob: say what it took away
+        out.print(
+            Text(
+                f"constraint {view.constraint}: removed {view.constraint_removed_tokens:,} of {view.vocab_size:,} "
+                f"tokens, holding {view.constraint_removed_mass:.1%} of the model's probability; every setting "
+                "samples from the rest",
+                style="dim",
+            ),
+            soft_wrap=False,
+        )
     from rich.cells import cell_len
 
     cell_width = EXPLORE_BAR_WIDTH + 1 + 6

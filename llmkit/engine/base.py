@@ -228,6 +228,15 @@ class Engine(abc.ABC):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
+        """The request fits the model: prompt plus new tokens within the context, logit_bias ids in the vocabulary."""
+        size = getattr(self, "vocab_size", None) if params.logit_bias else None
+        if isinstance(size, int):
+            bad = [key for key in params.logit_bias if int(key) >= size]
+            if bad:
+                raise InvalidParams(
+                    f"logit_bias names token {bad[0]}, outside the model's vocabulary (ids 0 to {size - 1})",
+                    field="logit_bias",
+                )
         limit = self.info.context_length
         if limit and prompt_tokens + params.max_new_tokens > limit:
             raise InvalidParams(
@@ -248,13 +257,20 @@ class Engine(abc.ABC):
     # --- generation -------------------------------------------------------------------------
 
     def stream(
-        self, prompt: str, params: GenerationParams, *, chat: bool = False, system: str | None = None
+        self,
+        prompt: str,
+        params: GenerationParams,
+        *,
+        chat: bool = False,
+        system: str | None = None,
+        logprobs: int | None = None,
     ) -> Generation:
-        """Start generating; iterate the returned Generation for Chunks, then read `.result`."""
+        """Start generating; iterate the returned Generation for Chunks, then read `.result`. `logprobs`: as in
+        stream_ids (each token's raw log p and top `logprobs` on the Chunks; `llmkit generate --logprobs`)."""
         started = time.perf_counter()
         ids = self.prompt_ids(prompt, chat=chat, system=system)
         self.check_context(len(ids), params)
-        return self.stream_ids(prompt, ids, params, seed=choose_seed(params), started=started)
+        return self.stream_ids(prompt, ids, params, seed=choose_seed(params), started=started, logprobs=logprobs)
 
     def stream_ids(
         self,
