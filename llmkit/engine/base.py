@@ -299,6 +299,11 @@ class Engine(abc.ABC):
             pass
         return generation.result
 
+    def session(self) -> Session:
+        """A conversation on this engine (`llmkit chat`). This default recomputes every turn; the local engines
+        return one that keeps the KV cache between turns."""
+        return Session(self)
+
     # --- scores and resources, with defaults for the engines that hold the model ---------------------
 
     def generate_scored(
@@ -381,6 +386,63 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def token_logprobs(self, ids: Sequence[int]) -> list[float]:
         """log p(ids[i] | ids[:i]) for i = 1..n-1 under the unmodified model: no sampling knob touches them."""
+
+
+def common_prefix(kept: Sequence[int], ids: Sequence[int]) -> int:
+    """How many leading ids two token sequences share."""
+    count = 0
+    for old, new in zip(kept, ids):
+        if old != new:
+            break
+        count += 1
+    return count
+
+
+class Session:
+    """One conversation on one engine: every turn sends the whole history through the chat template.
+
+    This base recomputes the whole prompt each turn, which any engine can do. The local engines' sessions
+    (TransformersEngine.session, LlamaCppEngine.session) keep the KV cache of the last turn and compute only the
+    tokens after the longest prefix the new prompt shares with it; their Results say how many in
+    `usage.cached_tokens`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def stream(
+        self, messages: list[dict[str, str]], params: GenerationParams, *, logprobs: int | None = None
+    ) -> Generation:
+        """Engine.stream for a chat history: the same checks and seed, the prompt from the chat template."""
+        started = time.perf_counter()
+        engine = self.engine
+        if not engine.info.has_chat_template:
+            from llmkit.models import no_chat_template
+
+            raise UnsupportedFeature(no_chat_template(engine.info.model))
+        if not messages:
+            raise InvalidParams("messages are empty: a conversation needs at least one message", field="messages")
+        for message in messages:
+            check_text(message.get("content", ""), "a message", "messages")
+        engine.check_prompt_chars(sum(len(message.get("content", "")) for message in messages), "messages")
+        prompt, ids = engine.chat_ids(messages)
+        engine.check_context(len(ids), params)
+        return self.stream_ids(prompt, ids, params, seed=choose_seed(params), started=started, logprobs=logprobs)
+
+    def stream_ids(
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        *,
+        seed: int | None,
+        started: float,
+        logprobs: int | None = None,
+    ) -> Generation:
+        """Engine.stream_ids within this conversation: the reusing sessions override it."""
+        return self.engine.stream_ids(prompt, ids, params, seed=seed, started=started, logprobs=logprobs)
+
+    def reset(self) -> None:
+        """Forget what the next turn could reuse (the chat's /clear); this base keeps nothing."""
 
 
 class BatchingEngine(Engine):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmkit.engine import LoadOptions
-from llmkit.engine.base import Decode, Engine
+from llmkit.engine.base import Decode, Engine, Generation, Session, common_prefix
 from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
 from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.engine.types import Capabilities, EngineInfo, TokenLogprob
@@ -266,9 +266,11 @@ class LlamaCppEngine(Engine):
         started: float,
         *,
         logprobs: int | None = None,
+        cached: int = 0,
     ) -> Decode:
         """`logprobs` (None: not asked): each token's raw log p and its top `logprobs` alternatives on the Chunks,
-        from the logits llama.cpp already returned for the step."""
+        from the logits llama.cpp already returned for the step. `cached`: the context already holds ids[:cached]
+        (a session's, LlamaCppSession), so the first sequence evaluates only the rest."""
         import torch
 
         guides: list[Any] = [None] * params.num_sequences
@@ -286,10 +288,12 @@ class LlamaCppEngine(Engine):
         for sequence in sequences:
             generator = None if seed is None else [torch.Generator().manual_seed(seed + sequence.index)]
             seen = torch.tensor([ids]) if needs_history(params) else None
+            reused = cached if sequence.index == 0 else 0
             self.llm.reset()
+            self.llm.n_tokens = reused  # eval drops the context's KV from here on, then appends
             if masks is not None:  # the first mask is computed on a thread while llama.cpp reads the prompt
                 masks.start([sequence.guided])
-            self.llm.eval(ids)
+            self.llm.eval(ids[reused:])
             while not sequence.finish_reason:
                 logits = self._logits()
                 allowed = logits if masks is None else masks.apply(logits, [sequence.guided])
@@ -307,7 +311,14 @@ class LlamaCppEngine(Engine):
                 if masks is not None:
                     masks.start([sequence.guided])
                 self.llm.eval([token])
-        return build_result(prompt, ids, params, seed, sequences, token_times)
+        return build_result(prompt, ids, params, seed, sequences, token_times, cached_tokens=cached)
+
+    def session(self) -> Session:
+        """A reusing LlamaCppSession, or the recomputing base for a recurrent or hybrid model, whose state
+        cannot be cut back to a prefix."""
+        if getattr(self.llm, "_is_recurrent", False) or getattr(self.llm, "_is_hybrid", False):
+            return Session(self)
+        return LlamaCppSession(self)
 
     # --- analysis --------------------------------------------------------------------------------
 
@@ -338,3 +349,55 @@ class LlamaCppEngine(Engine):
     @property
     def vocab_size(self) -> int:
         return int(self.llm.n_vocab())
+
+
+class LlamaCppSession(Session):
+    """A conversation that keeps llama.cpp's context: the next turn keeps the longest prefix its prompt shares
+    with the tokens the context holds and evaluates only the rest (at least the last prompt token, whose logits
+    the first new token needs).
+
+    The engine has one context, which any other call (generate, scores, another session) overwrites; so a turn
+    reuses only the tokens this session left there that are still there (Llama.input_ids[:n_tokens] says
+    what the context holds). llama.cpp allocates full-size sliding-window caches by default (swa_full), so
+    cutting back is exact for Gemma 3 too. A turn with num_sequences > 1 reuses for its first sequence only."""
+
+    engine: LlamaCppEngine
+
+    def __init__(self, engine: LlamaCppEngine):
+        super().__init__(engine)
+        self._kept: list[int] = []  # the ids this session's last turn left in the context, in order
+
+    def reset(self) -> None:
+        self._kept = []
+
+    def stream_ids(
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        *,
+        seed: int | None,
+        started: float,
+        logprobs: int | None = None,
+    ) -> Generation:
+        return Generation(self._turn(prompt, ids, params, seed, started, logprobs))
+
+    def _turn(
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        seed: int | None,
+        started: float,
+        logprobs: int | None,
+    ) -> Decode:
+        """The engine's decode loop after the reusable prefix, judged when the stream starts (the context is the
+        engine's: a call made between stream_ids and the first chunk would change it)."""
+        llm = self.engine.llm
+        held = [int(token) for token in llm.input_ids[: llm.n_tokens]]
+        kept = self._kept[: common_prefix(self._kept, held)]
+        self.reset()  # until the turn ends, the context holds tokens not yet known here (a stopped stream)
+        reused = min(common_prefix(kept, ids), len(ids) - 1)
+        result = yield from self.engine._decode(prompt, ids, params, seed, started, logprobs=logprobs, cached=reused)
+        self._kept = [int(token) for token in llm.input_ids[: llm.n_tokens]]
+        return result

@@ -130,8 +130,11 @@ def build_result(
     seed: int | None,
     sequences: Sequence[SequenceState],
     token_times: Sequence[float],
+    *,
+    cached_tokens: int = 0,
 ) -> Result:
-    """token_times: seconds from request start at which each decode step produced its tokens."""
+    """token_times: seconds from request start at which each decode step produced its tokens; cached_tokens: the
+    leading prompt tokens a session's kept KV cache already held (not computed for this request)."""
     completions = tuple(
         Completion(
             s.index,
@@ -155,7 +158,8 @@ def build_result(
         decode_tokens_per_s=after_first / decode if decode > 0 and after_first > 0 else None,
         token_times_s=tuple(token_times),
     )
-    return Result(prompt, completions, Usage(len(prompt_ids), generated), timings, seed, params.model_dump())
+    usage = Usage(len(prompt_ids), generated, cached_tokens)
+    return Result(prompt, completions, usage, timings, seed, params.model_dump())
 
 
 def build_prompt_result(

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmkit.engine import LoadOptions
-from llmkit.engine.base import BatchingEngine, Decode
+from llmkit.engine.base import BatchingEngine, Decode, Generation, Session, common_prefix
 from llmkit.engine.constrain import guides_for
 from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
 from llmkit.engine.sequence import SequenceState, build_result
@@ -188,9 +188,14 @@ class TransformersEngine(BatchingEngine):
         started: float,
         *,
         logprobs: int | None = None,
+        cache: Any = None,
+        cached: int = 0,
     ) -> Decode:
         """The decode loop; `logprobs` (None: not asked) puts each token's raw log p and its top `logprobs`
-        alternatives on the Chunks, from the logits this step already computed (sampling.raw_logprobs)."""
+        alternatives on the Chunks, from the logits this step already computed (sampling.raw_logprobs).
+
+        `cache` holding the KV of ids[:cached] (a session's, TransformersSession) makes the prefill compute only
+        ids[cached:]; it is extended in place. None: the model starts its own."""
         import torch
 
         n = params.num_sequences
@@ -208,9 +213,8 @@ class TransformersEngine(BatchingEngine):
             from llmkit.engine.constrain import MaskComputer
 
             masks = MaskComputer(self.vocab_size)
-        input_ids = torch.tensor([ids] * n, device=device)
-        seen = input_ids
-        cache = None  # the model starts its own (with sliding-window layers where the config has them)
+        seen = torch.tensor([ids] * n, device=device)
+        input_ids = seen[:, cached:]  # cache None: the model starts its own (sliding-window layers where it has them)
         token_times: list[float] = []
         try:
             with torch.inference_mode():
@@ -236,7 +240,10 @@ class TransformersEngine(BatchingEngine):
             raise OutOfMemory(
                 "ran out of memory while generating; lower --max-new-tokens or --num-sequences, or use a smaller model"
             ) from None
-        return build_result(prompt, ids, params, seed, sequences, token_times)
+        return build_result(prompt, ids, params, seed, sequences, token_times, cached_tokens=cached)
+
+    def session(self) -> TransformersSession:
+        return TransformersSession(self)
 
     def next_token_logits(self, prompt: str, *, chat: bool = False, system: str | None = None) -> torch.Tensor:
         """Raw logits (1-D float32, on the CPU) for the token after the prompt, under the unmodified model."""
@@ -307,6 +314,66 @@ class TransformersEngine(BatchingEngine):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         size = getattr(text_config, "vocab_size", None)
         return int(size) if isinstance(size, int) and size > 0 else len(self.tokenizer)  # type: ignore[arg-type]
+
+
+class TransformersSession(Session):
+    """A conversation that keeps its KV cache: the next turn crops it to the longest prefix its prompt shares with
+    what the cache holds, and the prefill computes only the rest (at least the last prompt token, whose logits
+    the first new token needs).
+
+    The cache is engine.new_cache(): full-length layers everywhere, so cropping is exact even for models with
+    sliding-window layers (Gemma 3), whose mask still comes from the config; memory beyond the window is the cost.
+    A turn with num_sequences > 1 recomputes (its rows would need one cache each) and forgets the kept one."""
+
+    engine: TransformersEngine
+
+    def __init__(self, engine: TransformersEngine):
+        super().__init__(engine)
+        self._cache: Any = None
+        self._kept: list[int] = []  # the ids whose KV the cache holds, in order
+
+    def reset(self) -> None:
+        self._cache, self._kept = None, []
+
+    def stream_ids(
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        *,
+        seed: int | None,
+        started: float,
+        logprobs: int | None = None,
+    ) -> Generation:
+        if params.num_sequences > 1:
+            self.reset()
+            return super().stream_ids(prompt, ids, params, seed=seed, started=started, logprobs=logprobs)
+        cache, kept = self._cache, self._kept
+        self.reset()  # until the turn ends, the cache holds tokens not yet known here (a stopped stream)
+        reused = min(common_prefix(kept, ids), len(ids) - 1)
+        if cache is None or reused == 0:
+            cache, reused = self.engine.new_cache(), 0
+        elif cache.get_seq_length() > reused:
+            cache.crop(reused - cache.get_seq_length())  # transformers 5: a negative count of tokens to drop
+        return Generation(self._turn(prompt, ids, params, seed, started, logprobs, cache, reused))
+
+    def _turn(
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        seed: int | None,
+        started: float,
+        logprobs: int | None,
+        cache: Any,
+        reused: int,
+    ) -> Decode:
+        result = yield from self.engine._decode(
+            prompt, ids, params, seed, started, logprobs=logprobs, cache=cache, cached=reused
+        )
+        fed = [*ids, *result.completions[0].token_ids][: cache.get_seq_length()]  # the last token is never fed
+        self._cache, self._kept = cache, fed
+        return result
 
 
 # --- loading helpers --------------------------------------------------------------------------

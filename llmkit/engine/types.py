@@ -40,6 +40,7 @@ class Chunk:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV a session kept from its last turn (not computed again)
 
     @property
     def total_tokens(self) -> int:
@@ -104,6 +105,12 @@ class Result:
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
                 "total_tokens": self.usage.total_tokens,
+                # OpenAI's shape, only when something was reused, so records without a session keep their keys
+                **(
+                    {"prompt_tokens_details": {"cached_tokens": self.usage.cached_tokens}}
+                    if self.usage.cached_tokens
+                    else {}
+                ),
             },
             "timings": timings,
             "seed": self.seed,
