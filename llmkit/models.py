@@ -204,15 +204,18 @@ def available_aliases() -> list[str]:
     return [name for name, alias in ALIASES.items() if alias_installed(alias)]
 
 
-def no_chat_template(model: str) -> str:
+def no_chat_template(model: str, *, needed_by: str | None = None) -> str:
     """The sentence for --chat on a model without a chat template: which installed alias can chat, or how
-    to install one (the default model is a base model, so this is the first thing many users see)."""
+    to install one (the default model is a base model, so this is the first thing many users see).
+    `needed_by`: a command that cannot work without one (`llmkit chat`), instead of the --chat flag."""
     chat = [alias for alias in ALIASES.values() if alias.chat]
     ready = [alias.name for alias in chat if alias_installed(alias)]
     if ready:
         way = f"use a model that has one: -m {' or -m '.join(ready)} (installed)"
     else:
         way = "; or ".join(f"install {a.name}, which has one: {a.install_hint}, then add -m {a.name}" for a in chat)
+    if needed_by:
+        return f"model {model} has no chat template, which {needed_by} needs; {way}"
     return f"model {model} has no chat template, so --chat cannot work; drop --chat, or {way}"
 
 

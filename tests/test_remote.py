@@ -319,6 +319,23 @@ def test_generate_against_llmkit_serve_gives_the_local_text(cli, serve, local, k
     assert streamed.exit_code == 0 and streamed.stdout == f"{expected}\n" and "TTFT" in streamed.stderr
 
 
+def test_chat_against_llmkit_serve_gives_the_local_replies(cli, serve, local, keyless):
+    """llmkit chat -m URL sends the whole conversation to /v1/chat/completions: the server's template, llmkit's
+    text, turn after turn."""
+    from llmkit.cli.chat import one_line
+
+    result = cli("chat", "-m", serve, "--greedy", "--max-new-tokens", "8", input="hello there\nhow are you\n")
+    assert result.exit_code == 0, result.output
+    replies = []
+    history: list[dict[str, str]] = []
+    for text in ("hello there", "how are you"):
+        history.append({"role": "user", "content": text})
+        generation = local.session().stream(list(history), parse_params(greedy=True, max_new_tokens=8))
+        replies.append("".join(chunk.text for chunk in generation))
+        history.append({"role": "assistant", "content": replies[-1]})
+    assert result.stdout.splitlines() == [one_line(reply) for reply in replies]
+
+
 def test_structured_output_against_a_server_is_refused_not_pretended(cli, serve, keyless):
     """llmkit enforces constraints in its own decode loop; against a server it says so rather than send a
     response_format that a server may silently ignore."""

@@ -24,6 +24,7 @@ import typer
 
 from llmkit.cli import bench as bench_cmd
 from llmkit.cli import cache as cache_cmd
+from llmkit.cli import chat as chat_cmd
 from llmkit.cli import compare as compare_cmd
 from llmkit.cli import explore as explore_cmd
 from llmkit.cli import generate as generate_cmd
@@ -122,6 +123,7 @@ def root(
 
 
 app.command(epilog=generate_cmd.EPILOG)(wrap_errors(generate_cmd.generate))
+app.command(epilog=chat_cmd.EPILOG)(wrap_errors(chat_cmd.chat))
 app.add_typer(explore_cmd.build_app(wrap_errors), name="explore")
 app.command(epilog=monitor_cmd.EPILOG)(wrap_errors(monitor_cmd.monitor))
 app.command(epilog=compare_cmd.EPILOG)(wrap_errors(compare_cmd.compare))

@@ -1222,3 +1222,71 @@ def serve_stopped() -> None:
         _message_log.info("llmkit serve stopped", extra={"event": "stopped"})
         return
     err.print("[dim]llmkit serve stopped[/]")
+
+
+# --- chat ---
+
+CHAT_PROMPT = ">>> "  # plain text: colour codes in input()'s prompt would confuse readline's cursor arithmetic
+CHAT_CONTINUE = "... "
+
+
+def chat_prompt(*, continued: bool = False) -> str:
+    """What input() shows on a terminal; a pipe gets no prompt at all."""
+    return CHAT_CONTINUE if continued else CHAT_PROMPT
+
+
+def chat_banner(model: str, commands: int) -> None:
+    err.print(f"[dim]chatting with {escape(model)} · /help lists the {commands} commands · Ctrl-D leaves[/]")
+
+
+def chat_footer(result, cached: int, *, stopped: bool = False) -> None:
+    """One line per turn on stderr: generated tokens, TTFT, decode speed, the prompt and its cached part."""
+    t = result.timings
+    speed = f"{t.decode_tokens_per_s:.1f} tok/s" if t.decode_tokens_per_s else "tok/s n/a"
+    end = " · stopped (Ctrl-C)" if stopped else ""
+    err.print(
+        f"[dim]{result.usage.completion_tokens} tok · TTFT {t.ttft_s * 1000:.0f} ms · {speed} · "
+        f"prompt {result.usage.prompt_tokens} tok, {cached} cached{end}[/]"
+    )
+
+
+def chat_stopped() -> None:
+    """Ctrl-C during a reply that had not produced its Result: the line ends, the session goes on."""
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    err.print("[dim]stopped (Ctrl-C)[/]")
+
+
+def chat_note(message: str) -> None:
+    err.print(escape(message), soft_wrap=True)
+
+
+def chat_help(commands: Sequence[tuple[str, str]], notes: Sequence[str]) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(no_wrap=True, style="bold")
+    table.add_column()
+    for usage, what in commands:
+        table.add_row(escape(usage), escape(what))
+    err.print(table)
+    for line in notes:
+        err.print(f"[dim]{escape(line)}[/]")
+
+
+def chat_params(rows: Sequence[tuple[str, str, bool]]) -> None:
+    """/set alone: every parameter, its current value, and a mark where it differs from the table's default."""
+    table = Table(box=None, pad_edge=False)
+    table.add_column("parameter", no_wrap=True)
+    table.add_column("value")
+    table.add_column("")
+    for name, value, changed in rows:
+        table.add_row(name, escape(value), "set" if changed else "")
+    err.print(table)
+
+
+def chat_stats(rows: Sequence[tuple[str, str]]) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    err.print(table)

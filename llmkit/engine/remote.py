@@ -70,7 +70,7 @@ from llmkit.bench.client import (
     error_text,
     parse_url,
 )
-from llmkit.engine.base import Decode, Engine, Generation, TextToken, TopTokens
+from llmkit.engine.base import Decode, Engine, Generation, Session, TextToken, TopTokens
 from llmkit.engine.detokenize import StopMatcher
 from llmkit.engine.sequence import choose_seed
 from llmkit.engine.types import Capabilities, Chunk, Completion, EngineInfo, FinishReason, Result, Timings, Usage
@@ -566,6 +566,11 @@ class RemoteEngine(Engine):
             self._run(prompt, params, chat=chat, system=system, seed=choose_seed(params), started=started)
         )
 
+    def session(self) -> RemoteSession:
+        """A conversation (`llmkit chat`): each turn sends the whole messages list to /v1/chat/completions; the
+        server applies its template and keeps (or not) its own prefix cache."""
+        return RemoteSession(self)
+
     def _decode(
         self,
         prompt: str,
@@ -610,12 +615,14 @@ class RemoteEngine(Engine):
         seed: int | None,
         started: float,
         scores: list[list[float] | None] | None = None,
+        messages: list[dict[str, str]] | None = None,
     ) -> Decode:
         if chat:
             path, what = "/chat/completions", "POST /v1/chat/completions"
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
+            if messages is None:  # a whole conversation comes from RemoteSession; else the prompt and system
+                messages = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": prompt}
+                ]
         else:
             if not self.probe.completions:
                 raise EndpointMissing(f"{self.http.shown} has no POST /v1/completions (a chat-only server): use --chat")
@@ -624,6 +631,7 @@ class RemoteEngine(Engine):
         sequences: list[_Sequence] = []
         counts: list[int] = []
         prompt_tokens: int | None = None
+        cached_tokens = 0
         for index in range(params.num_sequences):
             fields = self._fields(params, None if seed is None else seed + index)
             fields.update(stream=True, stream_options={"include_usage": True})
@@ -668,6 +676,9 @@ class RemoteEngine(Engine):
                 tokens = usage["completion_tokens"]
             if prompt_tokens is None and usage and isinstance(usage.get("prompt_tokens"), int):
                 prompt_tokens = usage["prompt_tokens"]
+                details = usage.get("prompt_tokens_details")  # OpenAI's report of the server's prefix cache
+                if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                    cached_tokens = details["cached_tokens"]
             counts.append(tokens)
             text = sequence.finish()
             reason = _finish_reason(sequence, tokens, params.max_new_tokens)
@@ -685,7 +696,7 @@ class RemoteEngine(Engine):
         return Result(
             prompt,
             completions,
-            Usage(prompt_tokens, sum(counts)),
+            Usage(prompt_tokens, sum(counts), cached_tokens),
             _timings(times, prompt_tokens, counts),
             seed,
             params.model_dump(),
@@ -1001,6 +1012,31 @@ class RemoteEngine(Engine):
 
 
 # --- probing -----------------------------------------------------------------------------------------------------
+
+
+class RemoteSession(Session):
+    """A conversation with a server: nothing is kept here between turns (the server caches prefixes itself)."""
+
+    engine: RemoteEngine
+
+    def stream(
+        self, messages: list[dict[str, str]], params: GenerationParams, *, logprobs: int | None = None
+    ) -> Generation:
+        if logprobs is not None:
+            raise UnsupportedFeature(f"the {self.engine.info.engine} engine does not return log-probs while generating")
+        if not messages:
+            raise InvalidParams("messages are empty: a conversation needs at least one message", field="messages")
+        for message in messages:
+            check_text(message.get("content", ""), f"a {message.get('role', '')} message", "messages")
+        started = time.perf_counter()
+        last = messages[-1].get("content", "")
+        run = self.engine._run(
+            last, params, chat=True, system=None, seed=choose_seed(params), started=started, messages=messages
+        )
+        return Generation(run)
+
+    def reset(self) -> None:
+        """Nothing to forget: every turn carries the whole conversation."""
 
 
 def probe_server(http: Http, progress=None) -> Probe:
