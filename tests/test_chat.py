@@ -177,3 +177,22 @@ def test_interactive_session_in_a_pseudo_terminal(tiny_model_dir):
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_a_long_conversation_gets_the_room_left_in_the_context(cli, tiny_model_dir):
+    """The tiny model's context is 256 tokens: when a turn's history leaves less than max_new_tokens, the reply is
+    cut at the context and says so, rather than refused; a history that fills the context is refused in one line
+    and the session goes on."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    args = (*GREEDY, "--max-new-tokens", "90", "--logit-bias", f"{eos}=-100")
+    result = chat(cli, tiny_model_dir, "hello there", "and again", args=args)
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 2
+    assert "the reply was cut at the model's context of 256 tokens" in result.stderr
+    args = (*GREEDY, "--max-new-tokens", "150", "--logit-bias", f"{eos}=-100")
+    full = chat(cli, tiny_model_dir, "hello there", "and again", "/clear", "hi", args=args)
+    assert full.exit_code == 1  # a turn failed (piped); the ones after it still ran
+    assert "no longer fits the model's context of 256 tokens; /clear starts over" in full.stderr
+    assert len(full.stdout.splitlines()) == 2

@@ -306,7 +306,7 @@ class ChatLoop:
 
     def turn(self, text: str) -> None:
         messages = self.conversation.with_user(text)
-        generation = self.session.stream(messages, self.conversation.params)
+        generation = self.session.stream(messages, self.conversation.params, fit_context=True)
         pieces: list[str] = []
         try:
             for chunk in generation:
@@ -327,6 +327,12 @@ class ChatLoop:
         self.count(result, cached)
         if not self.quiet:
             render.chat_footer(result, cached)
+        wanted = self.conversation.params.max_new_tokens
+        if result.completions[0].finish_reason == "length" and result.usage.completion_tokens < wanted:
+            render.chat_note(
+                f"the reply was cut at the model's context of {self.engine.info.context_length} tokens "
+                f"({result.usage.prompt_tokens} in the conversation): /clear starts over"
+            )
 
     def remember(self, text: str, reply: str) -> None:
         self.conversation.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

@@ -410,9 +410,16 @@ class Session:
         self.engine = engine
 
     def stream(
-        self, messages: list[dict[str, str]], params: GenerationParams, *, logprobs: int | None = None
+        self,
+        messages: list[dict[str, str]],
+        params: GenerationParams,
+        *,
+        logprobs: int | None = None,
+        fit_context: bool = False,
     ) -> Generation:
-        """Engine.stream for a chat history: the same checks and seed, the prompt from the chat template."""
+        """Engine.stream for a chat history: the same checks and seed, the prompt from the chat template.
+        `fit_context` lowers max_new_tokens to the room the history leaves in the context (a long chat), instead
+        of refusing; a history that fills the context on its own is still refused."""
         started = time.perf_counter()
         engine = self.engine
         if not engine.info.has_chat_template:
@@ -425,6 +432,15 @@ class Session:
             check_text(message.get("content", ""), "a message", "messages")
         engine.check_prompt_chars(sum(len(message.get("content", "")) for message in messages), "messages")
         prompt, ids = engine.chat_ids(messages)
+        limit = engine.info.context_length
+        if fit_context and limit and limit < len(ids) + params.max_new_tokens:
+            if len(ids) >= limit:
+                raise InvalidParams(
+                    f"the conversation ({len(ids)} tokens) no longer fits the model's context of {limit} tokens; "
+                    "/clear starts over",
+                    field="messages",
+                )
+            params = params.model_copy(update={"max_new_tokens": limit - len(ids)})
         engine.check_context(len(ids), params)
         return self.stream_ids(prompt, ids, params, seed=choose_seed(params), started=started, logprobs=logprobs)
 

@@ -1020,7 +1020,12 @@ class RemoteSession(Session):
     engine: RemoteEngine
 
     def stream(
-        self, messages: list[dict[str, str]], params: GenerationParams, *, logprobs: int | None = None
+        self,
+        messages: list[dict[str, str]],
+        params: GenerationParams,
+        *,
+        logprobs: int | None = None,
+        fit_context: bool = False,  # the server knows its context; it answers a history too long for it
     ) -> Generation:
         if logprobs is not None:
             raise UnsupportedFeature(f"the {self.engine.info.engine} engine does not return log-probs while generating")
