@@ -39,7 +39,7 @@ RAISE_UNEXPECTED = False  # the test suite sets this so a bug shows its tracebac
 
 app = LlmkitTyper(
     name="llmkit",
-    help="Work with language models on your own machine: generate, explore, monitor, compare, serve.",
+    help="Work with language models on your own machine: generate, chat, explore, monitor, compare, serve, bench.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion, as gh, uv and Typer apps offer
     pretty_exceptions_enable=False,
