@@ -43,7 +43,10 @@ def build_tiny_model(
     layers: int = 2,
     context: int = 256,
     init_std: float = 0.02,
+    sliding_window: int | None = None,
 ) -> Path:
+    """A tiny random Llama with a BPE tokenizer trained on CORPUS; `sliding_window`: a tiny Gemma 3 instead, its
+    first layer attending to that many tokens, its second to all (as Gemma 3 alternates them)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -73,6 +76,22 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if sliding_window is not None:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config = Gemma3TextConfig(
+            **{key: getattr(config, key) for key in ("vocab_size", "hidden_size", "intermediate_size")},
+            **{key: getattr(config, key) for key in ("num_attention_heads", "num_key_value_heads")},
+            **{key: getattr(config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
+            num_hidden_layers=2,
+            head_dim=8,
+            sliding_window=sliding_window,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=context,
+            initializer_range=init_std,
+        )
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

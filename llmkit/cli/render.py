@@ -1176,6 +1176,7 @@ def serve_banner(
     request_timeout_s: float,
     engine: str = "transformers",
     threads: int | None = None,
+    prefix_cache_mb: int = 0,
 ) -> None:
     """What `llmkit serve` listens on and how it is configured (stderr; never shows the API key); threads: those
     asked for (None: the engine's default, which /health and the "ready" line report once loaded)."""
@@ -1195,6 +1196,7 @@ def serve_banner(
                 "api_key_required": api_key,
                 "rate_limit": rate_limit,
                 "threads": threads,
+                "prefix_cache_mb": prefix_cache_mb,
             },
         )
         return
@@ -1210,8 +1212,9 @@ def serve_banner(
         engine,
         f"engine {engine}: batches up to {max_batch_size} sequences with transformers, one at a time with llama.cpp",
     )
+    prefix_cache = f"{prefix_cache_mb} MB" if prefix_cache_mb else "off"
     err.print(
-        f"[dim]  {batching} · queue {max_queue} · timeout "
+        f"[dim]  {batching} · prefix cache {prefix_cache} · queue {max_queue} · timeout "
         f"{request_timeout_s:g} s · API key {'required' if api_key else 'off'} · rate limit "
         f"{rate_limit or 'off'} · threads {threads or 'default'} · Ctrl-C stops gracefully[/]"
     )

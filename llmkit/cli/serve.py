@@ -68,6 +68,15 @@ def serve(
             "The llama.cpp engine serves one request at a time.",
         ),
     ] = server_settings.DEFAULT_MAX_BATCH_SIZE,
+    prefix_cache_mb: Annotated[
+        int,
+        typer.Option(
+            "--prefix-cache-mb",
+            rich_help_panel=SERVER_PANEL,
+            help="Memory for the KV of earlier requests, so that one starting the same way (a system prompt, a "
+            "chat's history) computes only the rest; least recently used first out. 0 turns it off.",
+        ),
+    ] = server_settings.DEFAULT_PREFIX_CACHE_MB,
     max_queue: Annotated[
         int,
         typer.Option(
@@ -180,6 +189,7 @@ def serve(
         rate_limit=parse_rate_limit(rate_limit),
         max_queue=max_queue,
         max_batch_size=max_batch_size,
+        prefix_cache_mb=prefix_cache_mb,
         request_timeout_s=request_timeout,
         grace_s=grace_period,
         max_body_bytes=max_body_bytes,
@@ -236,6 +246,7 @@ def serve(
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
         threads=_threads_asked(load_options.threads),
+        prefix_cache_mb=settings.prefix_cache_mb,
     )
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the handler that was
     # installed before it started; a no-op handler there makes a graceful stop exit 0 instead of dying by signal.

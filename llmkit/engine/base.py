@@ -37,6 +37,8 @@ from llmkit.params import GenerationParams, check_text
 if TYPE_CHECKING:
     import torch
 
+    from llmkit.engine.prefix_cache import PrefixCache
+
 Decode = Generator[Chunk, None, Result]  # what _decode returns: Chunks as they come, then the Result
 
 
@@ -290,6 +292,22 @@ class Engine(abc.ABC):
         if not self.info.capabilities.decode_logprobs:
             raise UnsupportedFeature(f"the {self.info.engine} engine does not return log-probs while generating")
         return Generation(self._decode(prompt, ids, params, seed, started, logprobs=logprobs))
+
+    def prefix_stream(
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        *,
+        seed: int | None,
+        started: float,
+        logprobs: int | None = None,
+        cache: PrefixCache,
+    ) -> Generation:
+        """stream_ids for the server's serial scheduler with a prefix cache: an engine with
+        `capabilities.prefix_states` starts after the longest prefix `cache` (or its own context) holds and stores
+        what it computed there. This default computes the whole prompt and stores nothing."""
+        return self.stream_ids(prompt, ids, params, seed=seed, started=started, logprobs=logprobs)
 
     def generate(
         self, prompt: str, params: GenerationParams, *, chat: bool = False, system: str | None = None

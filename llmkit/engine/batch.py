@@ -60,6 +60,7 @@ import torch
 
 from llmkit.engine.base import BatchingEngine
 from llmkit.engine.constrain import MaskComputer, guides_for
+from llmkit.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, PrefixEntry, shared_prefix
 from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
 from llmkit.engine.scheduling import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -87,6 +88,8 @@ class _Active:
     admitted: float  # perf_counter when its prefill began
     token_times: list[float] = field(default_factory=list)
     failed: bool = False  # its own work raised; it has been told and leaves the batch
+    prefix: PrefixEntry | None = None  # the prefix cache's entry its prefill starts from
+    cached: int = 0  # leading prompt tokens whose KV came from `prefix`
 
     @property
     def finished(self) -> bool:
@@ -114,12 +117,14 @@ class BatchScheduler(Scheduler):
         max_queue: int = DEFAULT_MAX_QUEUE,
         step_delay_s: float | None = None,
         on_step: StepHook | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.eos_ids = engine.eos_ids
         self.max_batch_size = max_batch_size
+        self.prefix_cache = prefix_cache  # None: every prompt is computed whole (serve --prefix-cache-mb 0)
         self._pad_id = self._pick_pad_id()
         self._device = engine.device
 
@@ -204,25 +209,52 @@ class BatchScheduler(Scheduler):
     # --- model steps --------------------------------------------------------------------------
 
     def _prefill(self, newcomers: list[BatchRequest]) -> None:
+        """Prefill the newcomers: those the prefix cache has a prefix for in one forward pass over their
+        remaining tokens, the others in one over their whole prompts."""
         started = time.perf_counter()
         actives = [active for active in (self._activate_alone(r, started) for r in newcomers) if active is not None]
         newcomers[:] = [a.request for a in actives]  # a failure from here on is the batch's, told to these
-        if not actives:
-            return
-        rows = [a.request.prompt_ids for a in actives for _ in range(a.request.rows)]
-        width = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(rows):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[i, width - len(ids) :] = 1
+        self._find_prefixes(actives)
+        leaders, followers = self._leaders(actives)
+        if followers:  # newcomers that share a prefix only with each other: one computes it, the others reuse it
+            self._prefill_group(leaders, started)
+            started = time.perf_counter()
+            actives = followers
+            self._find_prefixes(actives)
+        for group in ([a for a in actives if a.prefix is None], [a for a in actives if a.prefix is not None]):
+            if group:
+                self._prefill_group(group, started)
+                started = time.perf_counter()
+
+    def _prefill_group(self, actives: list[_Active], started: float) -> None:
+        """One forward pass over the rows of `actives`, each starting after its cached prefix.
+
+        Every row stays contiguous and right-aligned: [padding | cached prefix | computed tokens], the computed
+        part S columns wide for every row (S: the longest remainder). A row with a shorter remainder computes the
+        last few tokens of its prefix again rather than leave a hole, so a column's distance is a position's
+        distance, as sliding-window layers (Gemma 3) assume."""
+        computed = max(len(a.request.prompt_ids) - a.cached for a in actives)
+        for active in actives:
+            active.cached = max(len(active.request.prompt_ids) - computed, 0)  # at most what the lookup found
+            if self.prefix_cache is not None:
+                self.prefix_cache.record(len(active.request.prompt_ids), active.cached)
+        rows = [a for a in actives for _ in range(a.request.rows)]
+        reused = [a.cached for a in rows]
+        past = max(reused)
+        input_ids = torch.full((len(rows), computed), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), past + computed), dtype=torch.long)
+        for i, (active, kept) in enumerate(zip(rows, reused)):
+            ids = active.request.prompt_ids[kept:]
+            input_ids[i, computed - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[i, past + computed - kept - len(ids) :] = 1
         input_ids, mask = input_ids.to(self._device), mask.to(self._device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self.engine.new_cache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        cache = self._restored_cache(rows, reused, past)
         logits, cache = self.engine.forward_step(input_ids, cache, attention_mask=mask, position_ids=positions)
 
         tokens = self._sample(actives, logits)
         scores = self._score(actives, logits, tokens)
+        self._store_prompts(actives, cache, mask)
         self._merge(actives, cache, mask, tokens)
         if self.on_step:
             self.on_step("prefill", len(rows), time.perf_counter() - started)
@@ -246,6 +278,96 @@ class BatchScheduler(Scheduler):
         if self.on_step:
             self.on_step("decode", len(tokens), time.perf_counter() - started)
         self._dispatch(tokens, list(self._active), scores)
+
+    # --- the prefix cache (engine/prefix_cache.py) -----------------------------------------------
+
+    def _find_prefixes(self, actives: list[_Active]) -> None:
+        if self.prefix_cache is None:
+            return
+        for active in actives:
+            active.prefix, active.cached = self.prefix_cache.lookup(active.request.prompt_ids)
+
+    def _leaders(self, actives: list[_Active]) -> tuple[list[_Active], list[_Active]]:
+        """Split the newcomers the cache has nothing for, when some of them share a prefix worth caching (a burst
+        of requests with one system prompt): (those to prefill first, the others, which then find their prefix in
+        the cache). ([], []) when there is nothing to gain."""
+        if self.prefix_cache is None:
+            return [], []
+        leaders: list[tuple[_Active, tuple[int, ...]]] = []
+        followers: list[_Active] = []
+        for active in actives:
+            if active.prefix is not None:
+                followers.append(active)
+                continue
+            ids = tuple(active.request.prompt_ids)
+            if any(shared_prefix(ids, other) >= MIN_PREFIX_TOKENS for _, other in leaders):
+                followers.append(active)
+            else:
+                leaders.append((active, ids))
+        if len(followers) == sum(a.prefix is not None for a in actives):  # no newcomer waits for another
+            return [], []
+        return [a for a, _ in leaders], followers
+
+    def _restored_cache(self, rows: list[_Active], reused: list[int], past: int) -> Any:
+        """A new cache holding, for each row, the first `reused` tokens' KV from its prefix entry, left-padded to
+        `past` columns (an empty one when no row reuses anything)."""
+        cache = self.engine.new_cache()
+        if past == 0:
+            return cache
+        layers = len(rows[0].prefix.payload)  # type: ignore[union-attr]  # past > 0: every row has an entry
+        for layer in range(layers):
+            keys, values = [], []
+            for active, kept in zip(rows, reused):
+                key, value = active.prefix.payload[layer]  # type: ignore[union-attr]
+                keys.append(_pad_left(key[:, :, :kept], past))
+                values.append(_pad_left(value[:, :, :kept], past))
+            cache.update(torch.cat(keys), torch.cat(values), layer)
+        return cache
+
+    def _store_prompts(self, actives: list[_Active], cache: Any, mask: torch.Tensor) -> None:
+        """Snapshot each newcomer's prompt KV (its first row) so that requests arriving while it runs can reuse it."""
+        row = 0
+        for active in actives:
+            self._store_row(cache, mask, row, active.request.prompt_ids)
+            row += active.request.rows
+
+    def _store_finished(self, active: _Active) -> None:
+        """Snapshot a finished request's prompt and reply (its first row: every token it fed the model), which is
+        how the next turn of a conversation begins."""
+        if self.prefix_cache is None or self._cache is None or self._mask is None:
+            return
+        row = 0
+        for other in self._active:
+            if other is active:
+                fed = [*active.request.prompt_ids, *active.sequences[0].token_ids[:-1]]  # the last is never fed
+                self._store_row(self._cache, self._mask, row, fed)
+                return
+            row += other.request.rows
+
+    def _store_row(self, cache: Any, mask: torch.Tensor, row: int, ids: list[int]) -> None:
+        """Copy the KV of `ids` out of `row` (its real columns, right-aligned; the first len(ids) of them) into the
+        prefix cache, unless an entry holds them already. A failure here costs the cache an entry, nothing more."""
+        if self.prefix_cache is None or not self.prefix_cache.worth_storing(ids):
+            return
+        try:
+            self._copy_row(cache, mask, row, ids)
+        except Exception:  # MemoryError and torch's OutOfMemoryError included
+            log.warning("could not keep a prefix in the prefix cache", exc_info=True)
+
+    def _copy_row(self, cache: Any, mask: torch.Tensor, row: int, ids: list[int]) -> None:
+        assert self.prefix_cache is not None
+        held = int(mask[row].sum())
+        count = min(len(ids), held)
+        first = mask.shape[1] - held
+        payload = [
+            (
+                layer.keys[row : row + 1, :, first : first + count].clone(),
+                layer.values[row : row + 1, :, first : first + count].clone(),
+            )
+            for layer in _layers(cache)
+        ]
+        nbytes = sum(key.nbytes + value.nbytes for key, value in payload)
+        self.prefix_cache.store(ids[:count], payload, nbytes)
 
     def _activate_alone(self, request: BatchRequest, admitted_at: float) -> _Active | None:
         """_activate, or None after failing this request alone."""
@@ -410,8 +532,15 @@ class BatchScheduler(Scheduler):
             if chunk is not None:
                 request.sink(chunk)
         if active.finished:
+            self._store_finished(active)
             result = build_result(
-                request.prompt, request.prompt_ids, request.params, request.seed, active.sequences, active.token_times
+                request.prompt,
+                request.prompt_ids,
+                request.params,
+                request.seed,
+                active.sequences,
+                active.token_times,
+                cached_tokens=active.cached,
             )
             queue_s = active.admitted - request.started
             request.sink(Finished(result, queue_s=queue_s, prefill_s=active.token_times[0] - queue_s))

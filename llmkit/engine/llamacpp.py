@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmkit.engine import LoadOptions
 from llmkit.engine.base import Decode, Engine, Generation, Session, common_prefix
@@ -28,6 +28,9 @@ from llmkit.engine.types import Capabilities, EngineInfo, TokenLogprob
 from llmkit.errors import ModelLoadError, UnsupportedFeature, one_line
 from llmkit.models import ALIASES, MARKER_TOKEN, Progress, assemble_alias, check_gguf_magic, resolve
 from llmkit.params import GenerationParams
+
+if TYPE_CHECKING:
+    from llmkit.engine.prefix_cache import PrefixCache
 
 ENGINE_NAME = "llama.cpp"
 DEFAULT_CONTEXT = 4096  # tokens of KV cache allocated; capped at the model's training context
@@ -236,7 +239,7 @@ class LlamaCppEngine(Engine):
             has_chat_template=bool(llm.metadata.get("tokenizer.chat_template")),
             load_s=time.perf_counter() - started,
             threads=llm.n_threads,
-            capabilities=Capabilities(decode_logprobs=True),
+            capabilities=Capabilities(decode_logprobs=True, prefix_states=not _is_recurrent_or_hybrid(llm)),
             choices={
                 "dtype": "the GGUF file's own tensor types",
                 "quantize": "as stored in the GGUF",
@@ -267,10 +270,12 @@ class LlamaCppEngine(Engine):
         *,
         logprobs: int | None = None,
         cached: int = 0,
+        after_prompt: Callable[[], None] | None = None,
     ) -> Decode:
         """`logprobs` (None: not asked): each token's raw log p and its top `logprobs` alternatives on the Chunks,
         from the logits llama.cpp already returned for the step. `cached`: the context already holds ids[:cached]
-        (a session's, LlamaCppSession), so the first sequence evaluates only the rest."""
+        (a session's, LlamaCppSession), so the first sequence evaluates only the rest. `after_prompt` is called
+        once the first sequence's prompt is evaluated (the server's prefix cache saves the state then)."""
         import torch
 
         guides: list[Any] = [None] * params.num_sequences
@@ -285,6 +290,7 @@ class LlamaCppEngine(Engine):
             for i in range(params.num_sequences)
         ]
         token_times: list[float] = []
+        cached = same_batches(cached, len(ids), self.llm.n_batch)
         for sequence in sequences:
             generator = None if seed is None else [torch.Generator().manual_seed(seed + sequence.index)]
             seen = torch.tensor([ids]) if needs_history(params) else None
@@ -294,6 +300,8 @@ class LlamaCppEngine(Engine):
             if masks is not None:  # the first mask is computed on a thread while llama.cpp reads the prompt
                 masks.start([sequence.guided])
             self.llm.eval(ids[reused:])
+            if after_prompt is not None and sequence.index == 0:
+                after_prompt()
             while not sequence.finish_reason:
                 logits = self._logits()
                 allowed = logits if masks is None else masks.apply(logits, [sequence.guided])
@@ -316,9 +324,88 @@ class LlamaCppEngine(Engine):
     def session(self) -> Session:
         """A reusing LlamaCppSession, or the recomputing base for a recurrent or hybrid model, whose state
         cannot be cut back to a prefix."""
-        if getattr(self.llm, "_is_recurrent", False) or getattr(self.llm, "_is_hybrid", False):
+        if _is_recurrent_or_hybrid(self.llm):
             return Session(self)
         return LlamaCppSession(self)
+
+    # --- the server's prefix cache ------------------------------------------------------------------
+
+    def prefix_stream(
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        *,
+        seed: int | None,
+        started: float,
+        logprobs: int | None = None,
+        cache: PrefixCache,
+    ) -> Generation:
+        if not self.info.capabilities.prefix_states:
+            return super().prefix_stream(
+                prompt, ids, params, seed=seed, started=started, logprobs=logprobs, cache=cache
+            )
+        return Generation(self._prefix_turn(prompt, ids, params, seed, started, logprobs, cache))
+
+    def _prefix_turn(
+        self,
+        prompt: str,
+        ids: list[int],
+        params: GenerationParams,
+        seed: int | None,
+        started: float,
+        logprobs: int | None,
+        cache: PrefixCache,
+    ) -> Decode:
+        """Start from the cache's best entry (its sequence state loaded into the context), and store the state
+        of this prompt once it is evaluated.
+
+        Only prompt states are kept, never a reply's: llama.cpp computes a generated token alone, by its one-token
+        kernel, whose rounding differs from the batch kernel that evaluates the same token as part of the next
+        prompt, and with quantized weights that is enough to change a seeded (or greedy) token now and then. A
+        prompt's tokens are all computed in batches, whose rows come out the same whatever the batch, so a
+        reused prompt gives the text a recompute gives; the next turn recomputes the last reply. The context as
+        the last request left it is not trusted for the same reason (score_tokens evaluates one token at a time)."""
+        entry, reused = cache.lookup(ids)
+        if entry is not None:
+            self._load_state(entry.payload, entry.ids)
+            reused = same_batches(reused, len(ids), self.llm.n_batch)
+        cache.record(len(ids), reused)
+
+        def keep_prompt() -> None:
+            if cache.worth_storing(ids):
+                state = self._save_state()
+                cache.store(ids, state, len(state))
+
+        return (
+            yield from self._decode(
+                prompt, ids, params, seed, started, logprobs=logprobs, cached=reused, after_prompt=keep_prompt
+            )
+        )
+
+    def _save_state(self) -> bytes:
+        """Sequence 0's KV (the only sequence llmkit's context holds), as llama.cpp serializes it."""
+        import ctypes
+
+        import llama_cpp
+
+        ctx = self.llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
+        return bytes(buffer)[:written]
+
+    def _load_state(self, state: bytes, ids: Sequence[int]) -> None:
+        """Replace the context's sequence 0 with a saved one holding `ids`."""
+        import ctypes
+
+        import llama_cpp
+
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if not llama_cpp.llama_state_seq_set_data(self.llm._ctx.ctx, buffer, len(state), 0):
+            raise RuntimeError("llama.cpp could not load a saved prefix state")
+        self.llm.input_ids[: len(ids)] = ids
+        self.llm.n_tokens = len(ids)
 
     # --- analysis --------------------------------------------------------------------------------
 
@@ -349,6 +436,27 @@ class LlamaCppEngine(Engine):
     @property
     def vocab_size(self) -> int:
         return int(self.llm.n_vocab())
+
+
+def same_batches(reused: int, length: int, n_batch: int) -> int:
+    """How many of `reused` prompt tokens to keep so that the rest is evaluated as exactly as the whole prompt.
+
+    llama.cpp computes a batch of one token by another kernel than a batch of several (matrix-vector, not
+    matrix-matrix), and the two differ in the last bits: a prompt whose last token is evaluated alone gives the
+    same first token but, through that token's keys and values, a different 20th one at temperature 1. A whole
+    prompt is evaluated in batches of n_batch, so its last token is alone only when length % n_batch == 1; the
+    part after a reused prefix must end the same way."""
+    lone_whole = length % n_batch == 1
+    if reused <= 0 or ((length - reused) % n_batch == 1) == lone_whole:
+        return max(reused, 0)
+    if lone_whole:  # keep a multiple of n_batch before the last token
+        return reused - (reused - (length - 1)) % n_batch
+    return reused - 1
+
+
+def _is_recurrent_or_hybrid(llm) -> bool:
+    """A model whose state cannot be cut back to a prefix (Mamba, RWKV, hybrids): every turn starts over."""
+    return bool(getattr(llm, "_is_recurrent", False) or getattr(llm, "_is_hybrid", False))
 
 
 class LlamaCppSession(Session):

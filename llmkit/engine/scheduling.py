@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llmkit.engine.prefix_cache import PrefixCache
 from llmkit.engine.sequence import choose_seed
 from llmkit.engine.types import Chunk, Result, TokenLogprob
 from llmkit.errors import Cancelled, GenerationFailed, LlmkitError, QueueFull, RequestTimeout, ShuttingDown
@@ -150,6 +151,7 @@ class Scheduler:
     """The bounded FIFO queue and the inference-thread loop; a subclass provides `step` and what is running."""
 
     max_batch_size: int
+    prefix_cache: PrefixCache | None = None  # the KV of earlier requests (engine/prefix_cache.py); None: off
 
     def __init__(
         self, *, max_queue: int = DEFAULT_MAX_QUEUE, step_delay_s: float | None = None, on_step: StepHook | None = None

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from llmkit.engine.base import Generation
+from llmkit.engine.prefix_cache import PrefixCache
 from llmkit.engine.scheduling import (
     DEFAULT_MAX_QUEUE,
     BatchRequest,
@@ -61,9 +62,11 @@ class SerialScheduler(Scheduler):
         max_queue: int = DEFAULT_MAX_QUEUE,
         step_delay_s: float | None = None,
         on_step: StepHook | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
         self.engine = engine
+        self.prefix_cache = prefix_cache  # used by an engine with capabilities.prefix_states (Engine.prefix_stream)
         self._running: _Running | None = None  # touched only by the loop thread
         self._answered = False  # the last _start_next answered a request without starting it (or failed it)
         self._starting = False  # a request has left the queue and is not yet _running (read by submit)
@@ -139,6 +142,16 @@ class SerialScheduler(Scheduler):
             self._starting = False
 
     def _stream(self, request: BatchRequest) -> Generation:
+        if self.prefix_cache is not None:
+            return self.engine.prefix_stream(
+                request.prompt,
+                request.prompt_ids,
+                request.params,
+                seed=request.seed,
+                started=request.started,
+                logprobs=request.logprobs,
+                cache=self.prefix_cache,
+            )
         return self.engine.stream_ids(
             request.prompt,
             request.prompt_ids,

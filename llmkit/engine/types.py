@@ -128,6 +128,9 @@ class Capabilities:
     # from the logits the step already has; `score_tokens(ids, top)` gives a prompt's with alternatives too.
     # What `llmkit serve`'s logprobs and echo need.
     decode_logprobs: bool = False
+    # `prefix_stream` restores a saved state and computes only the rest of a prompt (the server's prefix cache,
+    # engine/prefix_cache.py, for an engine the serial scheduler runs; a BatchingEngine's batcher has its own).
+    prefix_states: bool = False
     # Scores (explore's log p and next-token view, compare's perplexity). A local engine has the model's whole
     # distribution at every position; a remote server (engine/remote.py) has what its probe found.
     logits: bool = True  # next_token_logits and token_logprobs over token ids: the whole vocabulary

@@ -60,6 +60,7 @@ def build_app(engine, settings: ServerSettings) -> FastAPI:
         running=lambda: host.scheduler.running_rows if host.scheduler else 0,
         ready=lambda: 1.0 if host.ready else 0.0,
         failures=lambda: host.scheduler.failures if host.scheduler else None,
+        prefix_cache=lambda: host.scheduler.prefix_cache if host.scheduler else None,
     )
 
     @asynccontextmanager

@@ -16,7 +16,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -88,13 +88,17 @@ class Metrics:
         running: Callable[[], float],
         ready: Callable[[], float],
         failures: Callable[[], Any] | None = None,
+        prefix_cache: Callable[[], Any] | None = None,
     ) -> None:
-        """Gauges read live values when scraped; `failures` returns the scheduler's FailureLog (or None)."""
+        """Gauges read live values when scraped; `failures` returns the scheduler's FailureLog (or None),
+        `prefix_cache` its PrefixCache (None: off, and its metrics are left out)."""
         self.waiting.set_function(waiting)
         self.running.set_function(running)
         self.ready.set_function(ready)
         if failures is not None:
             self.registry.register(_FailureCounts(failures))
+        if prefix_cache is not None:
+            self.registry.register(_PrefixCacheMetrics(prefix_cache))
 
     def observe_step(self, kind: str, rows: int, seconds: float) -> None:
         """The batch loop's hook (called on the inference thread; prometheus_client is thread-safe)."""
@@ -104,6 +108,38 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _PrefixCacheMetrics:
+    """llmkit_prefix_cache_*: how often requests found a prefix, how many prompt tokens it saved, and what the
+    cache holds, read from the scheduler's PrefixCache when scraped. Hit rate by tokens:
+    cached_tokens_total / prompt_tokens_total."""
+
+    COUNTERS = (
+        ("lookups", "Requests that looked for a cached prefix of their prompt."),
+        ("hits", "Requests that reused a cached prefix."),
+        ("prompt_tokens", "Prompt tokens of the requests that looked."),
+        ("cached_tokens", "Prompt tokens whose KV came from the cache instead of being computed."),
+        ("evictions", "Entries dropped to stay within --prefix-cache-mb."),
+    )
+
+    def __init__(self, cache: Callable[[], Any]):
+        self.cache = cache
+
+    def collect(self) -> Iterator[Any]:
+        cache = self.cache()
+        if cache is None:
+            return
+        stats = cache.stats
+        values = {"lookups": stats.lookups, "hits": stats.hits, "prompt_tokens": stats.prompt_tokens}
+        values |= {"cached_tokens": stats.cached_tokens, "evictions": stats.evicted}
+        for name, text in self.COUNTERS:
+            yield CounterMetricFamily(f"llmkit_prefix_cache_{name}", text, value=values[name])
+        yield GaugeMetricFamily("llmkit_prefix_cache_bytes", "Bytes of KV the prefix cache holds.", value=cache.bytes)
+        yield GaugeMetricFamily(
+            "llmkit_prefix_cache_capacity_bytes", "The prefix cache's bound (--prefix-cache-mb).", value=cache.max_bytes
+        )
+        yield GaugeMetricFamily("llmkit_prefix_cache_entries", "Prefixes the cache holds.", value=len(cache))
 
 
 class _FailureCounts:

@@ -131,6 +131,7 @@ class AccessLog:
             "client": client[0] if client else None,
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
+            "cached_tokens": usage.get("cached_tokens"),
         }
         if state.get("ended_by"):
             fields["ended_by"] = state["ended_by"]

@@ -250,10 +250,16 @@ class Renderer:
         }
 
 
-def combined_usage(finished: Sequence[Finished]) -> dict[str, int]:
+def combined_usage(finished: Sequence[Finished]) -> dict[str, Any]:
     """Usage of a body: each prompt's tokens once, every choice's generated tokens, summed over its prompts."""
     bodies = [usage_body(done.result) for done in finished]
-    return {key: sum(body[key] for body in bodies) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    usage: dict[str, Any] = {
+        key: sum(body[key] for body in bodies) for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    usage["prompt_tokens_details"] = {
+        "cached_tokens": sum(body["prompt_tokens_details"]["cached_tokens"] for body in bodies)
+    }
+    return usage
 
 
 def combined_timings(finished: Sequence[Finished]) -> dict[str, Any]:
@@ -265,6 +271,7 @@ def combined_timings(finished: Sequence[Finished]) -> dict[str, Any]:
     combined: dict[str, Any] = {
         "queue_ms": max(b["queue_ms"] for b in bodies),
         "prompt_n": sum(b["prompt_n"] for b in bodies),
+        "cache_n": sum(b["cache_n"] for b in bodies),
         "prompt_ms": max(b["prompt_ms"] for b in bodies),
         "predicted_n": sum(b["predicted_n"] for b in bodies),
         "predicted_ms": max(b["predicted_ms"] for b in bodies),
@@ -287,7 +294,11 @@ def _record(request: Request, job: Job, finished=None) -> None:
     metrics = request.app.state.metrics
     if finished is not None:
         result = finished.result
-        usage = usage_body(result)
+        usage = {
+            "prompt_tokens": result.usage.prompt_tokens,
+            "completion_tokens": result.usage.completion_tokens,
+            "cached_tokens": result.usage.cached_tokens,
+        }
         before = getattr(request.state, "usage", None) or {}
         request.state.usage = {key: before.get(key, 0) + value for key, value in usage.items()}
         metrics.prompt_tokens.inc(result.usage.prompt_tokens)

@@ -46,6 +46,19 @@ ENDED_BY = {"timeout": "timeout", "shutting_down": "shutdown", "cancelled": "dis
 FAILING_AFTER_STEPS = 3  # forward passes failed in a row before /health answers 503 "failing"
 
 
+def _prefix_cache_fields(cache) -> dict[str, Any] | None:
+    """What the prefix cache holds and how often it helped (None: off); /metrics has the counters."""
+    if cache is None:
+        return None
+    stats = cache.stats
+    return {
+        "entries": len(cache),
+        "mb": round(cache.bytes / 2**20, 1),
+        "capacity_mb": round(cache.max_bytes / 2**20, 1),
+        "token_hit_rate": round(stats.cached_tokens / stats.prompt_tokens, 3) if stats.prompt_tokens else None,
+    }
+
+
 def _failure_fields(failures) -> dict[str, Any]:
     """/health's account of what failed: counts, and the last failure with its age."""
     fields: dict[str, Any] = {"failed_steps": failures.steps, "failed_requests": failures.requests}
@@ -126,7 +139,13 @@ class ModelHost:
     def _scheduler_for(self, engine):
         """An engine that says it batches (info.capabilities.batching) gets the BatchScheduler; any other engine
         serves one request at a time."""
-        if engine.info.capabilities.batching:
+        capabilities = engine.info.capabilities
+        prefix_cache = None
+        if self.settings.prefix_cache_mb > 0 and (capabilities.batching or capabilities.prefix_states):
+            from llmkit.engine.prefix_cache import PrefixCache
+
+            prefix_cache = PrefixCache(self.settings.prefix_cache_mb * 2**20)
+        if capabilities.batching:
             from llmkit.engine.batch import BatchScheduler
 
             return BatchScheduler(
@@ -134,10 +153,13 @@ class ModelHost:
                 max_batch_size=self.settings.max_batch_size,
                 max_queue=self.settings.max_queue,
                 on_step=self.on_step,
+                prefix_cache=prefix_cache,
             )
         from llmkit.engine.serial import SerialScheduler
 
-        return SerialScheduler(engine, max_queue=self.settings.max_queue, on_step=self.on_step)
+        return SerialScheduler(
+            engine, max_queue=self.settings.max_queue, on_step=self.on_step, prefix_cache=prefix_cache
+        )
 
     def _fail(self, message: str) -> None:
         self.state, self.error = "error", message
@@ -196,6 +218,7 @@ class ModelHost:
             "waiting": scheduler.waiting,
             "running": scheduler.running_rows,
             "max_batch_size": scheduler.max_batch_size,
+            "prefix_cache": _prefix_cache_fields(scheduler.prefix_cache),
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             **_failure_fields(failures),
         }

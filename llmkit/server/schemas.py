@@ -624,11 +624,13 @@ else:
 # --- responses ---------------------------------------------------------------------------------
 
 
-def usage_body(result: Result) -> dict[str, int]:
+def usage_body(result: Result) -> dict[str, Any]:
+    """OpenAI's usage record; prompt_tokens_details.cached_tokens: prompt tokens the prefix cache supplied."""
     return {
         "prompt_tokens": result.usage.prompt_tokens,
         "completion_tokens": result.usage.completion_tokens,
         "total_tokens": result.usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": result.usage.cached_tokens},
     }
 
 
@@ -642,6 +644,7 @@ def timings_body(result: Result, queue_s: float) -> dict[str, Any]:
         "prompt_n": result.usage.prompt_tokens,
         "prompt_ms": round(prefill_s * 1000, 3),
         "prompt_per_second": round(result.usage.prompt_tokens / prefill_s, 3) if prefill_s > 0 else None,
+        "cache_n": result.usage.cached_tokens,
         "predicted_n": result.usage.completion_tokens,
         "predicted_ms": round(t.decode_s * 1000, 3),
         "predicted_per_second": round(t.decode_tokens_per_s, 3) if t.decode_tokens_per_s else None,

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from llmkit.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from llmkit.engine.scheduling import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 from llmkit.errors import InvalidParams
 
@@ -86,6 +87,7 @@ class ServerSettings:
     rate_limit: RateLimit | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # 0: off
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     grace_s: float = DEFAULT_GRACE_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -107,6 +109,7 @@ class ServerSettings:
         for name, value, low in (
             ("max_queue", self.max_queue, 0),
             ("max_batch_size", self.max_batch_size, 1),
+            ("prefix_cache_mb", self.prefix_cache_mb, 0),
             ("max_body_bytes", self.max_body_bytes, 1024),
             ("max_connections", self.max_connections, 1),
         ):
