@@ -302,11 +302,11 @@ class Engine(abc.ABC):
         seed: int | None,
         started: float,
         logprobs: int | None = None,
-        cache: PrefixCache,
+        cache: PrefixCache | None,
     ) -> Generation:
-        """stream_ids for the server's serial scheduler with a prefix cache: an engine with
-        `capabilities.prefix_states` starts after the longest prefix `cache` (or its own context) holds and stores
-        what it computed there. This default computes the whole prompt and stores nothing."""
+        """stream_ids for the server's serial scheduler, with its prefix cache (None: off): an engine with
+        `capabilities.prefix_states` starts after the longest prefix `cache` holds and stores its prompt there.
+        This default computes the whole prompt and stores nothing."""
         return self.stream_ids(prompt, ids, params, seed=seed, started=started, logprobs=logprobs)
 
     def generate(

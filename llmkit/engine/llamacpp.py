@@ -339,9 +339,9 @@ class LlamaCppEngine(Engine):
         seed: int | None,
         started: float,
         logprobs: int | None = None,
-        cache: PrefixCache,
+        cache: PrefixCache | None,
     ) -> Generation:
-        if not self.info.capabilities.prefix_states:
+        if cache is None or not self.info.capabilities.prefix_states:
             return super().prefix_stream(
                 prompt, ids, params, seed=seed, started=started, logprobs=logprobs, cache=cache
             )

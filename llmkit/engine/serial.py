@@ -142,23 +142,14 @@ class SerialScheduler(Scheduler):
             self._starting = False
 
     def _stream(self, request: BatchRequest) -> Generation:
-        if self.prefix_cache is not None:
-            return self.engine.prefix_stream(
-                request.prompt,
-                request.prompt_ids,
-                request.params,
-                seed=request.seed,
-                started=request.started,
-                logprobs=request.logprobs,
-                cache=self.prefix_cache,
-            )
-        return self.engine.stream_ids(
+        return self.engine.prefix_stream(
             request.prompt,
             request.prompt_ids,
             request.params,
             seed=request.seed,
             started=request.started,
             logprobs=request.logprobs,
+            cache=self.prefix_cache,
         )
 
     def _fail_alone(self, request: BatchRequest, exc: Exception) -> None:
