@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -266,3 +267,26 @@ def test_pipe_stays_clean(tiny_model_dir):
     )
     assert out.returncode == 0, out.stderr
     json.loads(out.stdout)  # nothing but the JSON line on stdout
+
+
+def test_a_process_that_loaded_a_model_ends_with_its_code_and_all_its_output(tiny_model_dir):
+    """main() skips the interpreter's teardown once torch is loaded (os._exit): the exit code, every byte of
+    stdout, and a pipe closed early must come out as they would with a normal exit."""
+    many = run_llmkit(
+        "generate", "-m", str(tiny_model_dir), "--seed", "1", "-n", "4", "--max-new-tokens", "40", "--json", PROMPT
+    )
+    assert many.returncode == 0, many.stderr
+    record = json.loads(many.stdout)
+    assert len(record["completions"]) == 4
+    too_long = run_llmkit("generate", "-m", str(tiny_model_dir), "--max-new-tokens", "5", "fox " * 600)
+    assert too_long.returncode == 2 and "context" in too_long.stderr
+    command = [sys.executable, "-m", "llmkit", "generate", "-m", str(tiny_model_dir), "--max-new-tokens", "60", PROMPT]
+    head = subprocess.run(
+        " ".join(map(shlex.quote, command)) + " | head -c 3",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LLMKIT_NO_PROGRESS": "1"},
+    )
+    assert len(head.stdout) <= 3 and "Exception ignored" not in head.stderr and "Traceback" not in head.stderr
