@@ -148,12 +148,13 @@ def main() -> None:
 
 def exit_now(code: int) -> None:
     """End the process with `code` without the interpreter's teardown, when a heavy library is loaded (the
-    commands hold no file open by then and register nothing to run at exit); otherwise a normal exit."""
+    commands hold no file open by then); otherwise a normal exit. The functions registered with atexit still run
+    (logging's shutdown, and whatever a user's tooling registered, such as coverage: 12 ms here)."""
     if not {"torch", "llama_cpp"} & sys.modules.keys():
         raise SystemExit(code)
-    import logging
+    import atexit
 
-    logging.shutdown()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
