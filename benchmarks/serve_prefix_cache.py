@@ -35,18 +35,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import Server, fmt, machine, percentile  # noqa: E402  (a sibling script)
+from chat_prefix import QUESTIONS  # noqa: E402  (sibling scripts)
+from serve_load import Server, fmt, machine, percentile  # noqa: E402
 
-QUESTIONS = [
-    "Summarize the text in one sentence.",
-    "What is its main subject?",
-    "Name one detail from it.",
-    "Why does that detail matter?",
-    "Say it more simply.",
-    "Give the text a title.",
-    "What comes next?",
-    "Thank you. Anything else?",
-]
 OPENERS = ["Hi!", "Hello.", "Good morning.", "Hey there.", "Greetings.", "Hi, quick one.", "Hello again.", "Yo."]
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from llmkit.engine import load_engine
 from llmkit.engine.batch import BatchScheduler
-from llmkit.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, shared_prefix
+from llmkit.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, common_prefix
 from llmkit.engine.scheduling import Finished
 from llmkit.engine.serial import SerialScheduler
 from tests.conftest import CHAT_TEMPLATE, build_tiny_model
@@ -22,13 +22,13 @@ GREEDY_TWO = dict(seed=2, temperature=0.9, num_sequences=2, max_new_tokens=8)
 # --- the store ---------------------------------------------------------------------------------------------
 
 
-def test_shared_prefix_counts_leading_equal_ids():
-    assert shared_prefix((1, 2, 3, 4), (1, 2, 9)) == 2
-    assert shared_prefix((1, 2, 3), (1, 2, 3, 4)) == 3
-    assert shared_prefix((), (1,)) == 0
-    assert shared_prefix((5,), (6,)) == 0
+def test_common_prefix_counts_leading_equal_ids():
+    assert common_prefix((1, 2, 3, 4), (1, 2, 9)) == 2
+    assert common_prefix((1, 2, 3), (1, 2, 3, 4)) == 3
+    assert common_prefix((), (1,)) == 0
+    assert common_prefix((5,), (6,)) == 0
     long = tuple(range(5000))
-    assert shared_prefix(long, (*long[:4321], -1)) == 4321
+    assert common_prefix(long, (*long[:4321], -1)) == 4321
 
 
 def ids(n: int, start: int = 0) -> list[int]:
@@ -154,7 +154,7 @@ def test_requests_arriving_together_and_joining_a_running_batch_reuse_a_shared_s
         assert completions(result) == completions(reference)
     # The three newcomers are prefilled together: as wide as the longest remainder, each row reusing the rest.
     first_ids = tuple(tiny_engine.prompt_ids(jobs[0][0]))
-    shared = [shared_prefix(first_ids, tuple(tiny_engine.prompt_ids(prompt))) for prompt, _ in jobs[1:]]
+    shared = [common_prefix(first_ids, tuple(tiny_engine.prompt_ids(prompt))) for prompt, _ in jobs[1:]]
     assert min(shared) >= MIN_PREFIX_TOKENS
     computed = max(r.usage.prompt_tokens - n for r, n in zip(results[1:], shared))
     assert [r.usage.cached_tokens for r in results[1:]] == [r.usage.prompt_tokens - computed for r in results[1:]]
@@ -194,7 +194,7 @@ def test_mixed_remainders_in_one_prefill_stay_exact(tiny_engine):
     for result, reference in zip(results, expected):
         assert completions(result) == completions(reference)
     short, long = results
-    shared = shared_prefix(tuple(tiny_engine.prompt_ids(jobs[0][0])), tuple(tiny_engine.prompt_ids(jobs[1][0])))
+    shared = common_prefix(tuple(tiny_engine.prompt_ids(jobs[0][0])), tuple(tiny_engine.prompt_ids(jobs[1][0])))
     assert long.usage.cached_tokens == shared  # the longest remainder is computed whole
     computed = long.usage.prompt_tokens - shared
     assert short.usage.cached_tokens == short.usage.prompt_tokens - computed > 0  # the same width computed

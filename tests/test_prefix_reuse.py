@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from llmkit.engine import load_engine
-from llmkit.engine.base import Session, common_prefix
+from llmkit.engine.base import Session
+from llmkit.engine.prefix_cache import common_prefix
 from llmkit.engine.types import Result
 from llmkit.errors import InvalidParams
 from llmkit.params import parse_params

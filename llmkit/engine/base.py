@@ -406,14 +406,13 @@ class Engine(abc.ABC):
         """log p(ids[i] | ids[:i]) for i = 1..n-1 under the unmodified model: no sampling knob touches them."""
 
 
-def common_prefix(kept: Sequence[int], ids: Sequence[int]) -> int:
-    """How many leading ids two token sequences share."""
-    count = 0
-    for old, new in zip(kept, ids):
-        if old != new:
-            break
-        count += 1
-    return count
+def check_messages(messages: list[dict[str, str]]) -> None:
+    """A conversation's messages as every session takes them: at least one, each content valid text."""
+    if not messages:
+        raise InvalidParams("messages are empty: a conversation needs at least one message", field="messages")
+    for message in messages:
+        role = message.get("role")
+        check_text(message.get("content", ""), f"a {role} message" if role else "a message", "messages")
 
 
 class Session:
@@ -444,10 +443,7 @@ class Session:
             from llmkit.models import no_chat_template
 
             raise UnsupportedFeature(no_chat_template(engine.info.model))
-        if not messages:
-            raise InvalidParams("messages are empty: a conversation needs at least one message", field="messages")
-        for message in messages:
-            check_text(message.get("content", ""), "a message", "messages")
+        check_messages(messages)
         engine.check_prompt_chars(sum(len(message.get("content", "")) for message in messages), "messages")
         prompt, ids = engine.chat_ids(messages)
         limit = engine.info.context_length

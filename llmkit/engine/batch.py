@@ -60,7 +60,7 @@ import torch
 
 from llmkit.engine.base import BatchingEngine
 from llmkit.engine.constrain import MaskComputer, guides_for
-from llmkit.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, PrefixEntry, shared_prefix
+from llmkit.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, PrefixEntry, common_prefix
 from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
 from llmkit.engine.scheduling import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -300,7 +300,7 @@ class BatchScheduler(Scheduler):
                 followers.append(active)
                 continue
             ids = tuple(active.request.prompt_ids)
-            if any(shared_prefix(ids, other) >= MIN_PREFIX_TOKENS for _, other in leaders):
+            if any(common_prefix(ids, other) >= MIN_PREFIX_TOKENS for _, other in leaders):
                 followers.append(active)
             else:
                 leaders.append((active, ids))

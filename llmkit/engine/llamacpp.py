@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkit.engine import LoadOptions
-from llmkit.engine.base import Decode, Engine, Generation, Session, common_prefix
+from llmkit.engine.base import Decode, Engine, Generation, Session
+from llmkit.engine.prefix_cache import common_prefix
 from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
 from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.engine.types import Capabilities, EngineInfo, TokenLogprob
@@ -324,9 +325,7 @@ class LlamaCppEngine(Engine):
     def session(self) -> Session:
         """A reusing LlamaCppSession, or the recomputing base for a recurrent or hybrid model, whose state
         cannot be cut back to a prefix."""
-        if _is_recurrent_or_hybrid(self.llm):
-            return Session(self)
-        return LlamaCppSession(self)
+        return LlamaCppSession(self) if self.info.capabilities.prefix_states else Session(self)
 
     # --- the server's prefix cache ------------------------------------------------------------------
 

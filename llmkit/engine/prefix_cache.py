@@ -43,9 +43,10 @@ class PrefixCacheStats:
     evicted: int = 0  # entries dropped for room (not the ones a longer entry superseded)
 
 
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading ids two tuples share: a binary search over slice comparisons, which run in C (a chat
-    history is thousands of tokens and every entry is compared on every request)."""
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids two token sequences share: a binary search over slice comparisons, which run in C (a
+    chat history is thousands of tokens, and the server compares every entry on every request)."""
+    a, b = tuple(a), tuple(b)  # a list slice never equals a tuple slice
     low, high = 0, min(len(a), len(b))
     while low < high:
         middle = (low + high + 1) // 2
@@ -75,7 +76,7 @@ class PrefixCache:
         key = tuple(ids)
         best, reused = None, 0
         for entry in self._entries.values():
-            shared = shared_prefix(entry.ids, key)
+            shared = common_prefix(entry.ids, key)
             if shared > reused:
                 best, reused = entry, shared
         reused = min(reused, len(key) - 1)

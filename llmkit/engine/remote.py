@@ -70,7 +70,7 @@ from llmkit.bench.client import (
     error_text,
     parse_url,
 )
-from llmkit.engine.base import Decode, Engine, Generation, Session, TextToken, TopTokens
+from llmkit.engine.base import Decode, Engine, Generation, Session, TextToken, TopTokens, check_messages
 from llmkit.engine.detokenize import StopMatcher
 from llmkit.engine.sequence import choose_seed
 from llmkit.engine.types import Capabilities, Chunk, Completion, EngineInfo, FinishReason, Result, Timings, Usage
@@ -1029,10 +1029,7 @@ class RemoteSession(Session):
     ) -> Generation:
         if logprobs is not None:
             raise UnsupportedFeature(f"the {self.engine.info.engine} engine does not return log-probs while generating")
-        if not messages:
-            raise InvalidParams("messages are empty: a conversation needs at least one message", field="messages")
-        for message in messages:
-            check_text(message.get("content", ""), f"a {message.get('role', '')} message", "messages")
+        check_messages(messages)
         started = time.perf_counter()
         last = messages[-1].get("content", "")
         run = self.engine._run(

@@ -134,7 +134,7 @@ def build_result(
     cached_tokens: int = 0,
 ) -> Result:
     """token_times: seconds from request start at which each decode step produced its tokens; cached_tokens: the
-    leading prompt tokens a session's kept KV cache already held (not computed for this request)."""
+    leading prompt tokens whose KV was reused (a session's last turn, the server's prefix cache), not computed."""
     completions = tuple(
         Completion(
             s.index,

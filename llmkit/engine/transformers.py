@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmkit.engine import LoadOptions
-from llmkit.engine.base import BatchingEngine, Decode, Generation, Session, common_prefix
+from llmkit.engine.base import BatchingEngine, Decode, Generation, Session
 from llmkit.engine.constrain import guides_for
+from llmkit.engine.prefix_cache import common_prefix
 from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
 from llmkit.engine.sequence import SequenceState, build_result
 from llmkit.engine.types import Capabilities, EngineInfo, TokenLogprob

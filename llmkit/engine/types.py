@@ -40,7 +40,7 @@ class Chunk:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens whose KV a session kept from its last turn (not computed again)
+    cached_tokens: int = 0  # prompt tokens whose KV was reused (a session's last turn, serve's prefix cache)
 
     @property
     def total_tokens(self) -> int:

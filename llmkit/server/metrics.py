@@ -131,8 +131,13 @@ class _PrefixCacheMetrics:
         if cache is None:
             return
         stats = cache.stats
-        values = {"lookups": stats.lookups, "hits": stats.hits, "prompt_tokens": stats.prompt_tokens}
-        values |= {"cached_tokens": stats.cached_tokens, "evictions": stats.evicted}
+        values = {
+            "lookups": stats.lookups,
+            "hits": stats.hits,
+            "prompt_tokens": stats.prompt_tokens,
+            "cached_tokens": stats.cached_tokens,
+            "evictions": stats.evicted,
+        }
         for name, text in self.COUNTERS:
             yield CounterMetricFamily(f"llmkit_prefix_cache_{name}", text, value=values[name])
         yield GaugeMetricFamily("llmkit_prefix_cache_bytes", "Bytes of KV the prefix cache holds.", value=cache.bytes)
