@@ -251,7 +251,8 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
 def test_extreme_sampling_settings_run_batched_on_each_configuration(tiny_model_dir, dtype, quantize):
     """The NaN class of bug on the faster paths: every extreme setting the schema accepts, batched together
     with an ordinary request, samples real tokens and finishes; the ordinary request is unaffected."""
-    from llmkit.engine.batch import BatchScheduler, Finished
+    from llmkit.engine.batch import BatchScheduler
+    from llmkit.engine.scheduling import Finished
     from tests.server_helpers import completions, run_steps, scheduler_request
 
     engine = load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize=quantize)

@@ -256,7 +256,7 @@ def test_the_knob_is_a_grid_name_and_starts_from_its_neutral_value():
 
 
 def test_two_params_that_differ_only_in_the_knob_are_not_sampled_together():
-    from llmkit.engine.batch import _sampling_key
+    from llmkit.engine.rows import _sampling_key
 
     soft, hard = Frobbed(frobnicate=0.5, seed=1), Frobbed(frobnicate=2.0, seed=1)
     assert _sampling_key(soft) != _sampling_key(hard)
@@ -271,7 +271,7 @@ def test_two_params_that_differ_only_in_the_knob_are_not_sampled_together():
     [("temperature", 1.3), ("top_k", 7), ("top_p", 0.5), ("min_p", 0.2), ("repetition_penalty", 1.2), ("greedy", True)],
 )
 def test_every_real_sampling_knob_is_in_the_batch_key(name, value):
-    from llmkit.engine.batch import _sampling_key
+    from llmkit.engine.rows import _sampling_key
 
     assert _sampling_key(parse_params({name: value})) != _sampling_key(parse_params({}))
 

@@ -129,16 +129,16 @@ POISON_SEED = 666
 def test_a_request_whose_sampling_fails_leaves_alone_and_its_batch_mates_finish(tiny_engine, references, monkeypatch):
     """A row forced to fail while sampling, in the same sampling group as a healthy request (same settings)
     and batched with others: only it fails; the others give exactly the text they give alone."""
-    import llmkit.engine.batch as batch
+    import llmkit.engine.rows as rows
 
-    real_pick = batch.pick_tokens
+    real_pick = rows.pick_tokens
 
     def poisoned_pick(logits, params, generators, seen=None, prompt_len=0):
         if any(g.initial_seed() == POISON_SEED for g in generators or []):
             raise RuntimeError("poisoned row")
         return real_pick(logits, params, generators, seen, prompt_len)
 
-    monkeypatch.setattr(batch, "pick_tokens", poisoned_pick)
+    monkeypatch.setattr(rows, "pick_tokens", poisoned_pick)
     scheduler = BatchScheduler(tiny_engine)
     sinks = []
     for prompt, spec in zip(PROMPTS, SPECS):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from llmkit.engine.batch import BatchRequest, BatchScheduler, Finished
+from llmkit.engine.batch import BatchScheduler
+from llmkit.engine.scheduling import BatchRequest, Finished
 from llmkit.params import parse_params
 
 pytestmark = pytest.mark.slow
