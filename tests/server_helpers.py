@@ -1,5 +1,5 @@
 """Start `llmkit serve` as a real process on a free loopback port and read its SSE streams; drive a
-scheduler (batch.py, serial.py) step by step in-process."""
+scheduler (batch.py, llamacpp_batch.py, serial.py) step by step in-process."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The server's prefix cache (engine/prefix_cache.py): a request that starts like an earlier one computes only
-the rest, in the batcher and in the serial scheduler, and gives the same tokens as with the cache off."""
+the rest, in the transformers and the llama.cpp batchers, and gives the same tokens as with the cache off."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from llmkit.engine import load_engine
 from llmkit.engine.batch import BatchScheduler
 from llmkit.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, common_prefix
 from llmkit.engine.scheduling import Finished
-from llmkit.engine.serial import SerialScheduler
 from tests.conftest import CHAT_TEMPLATE, build_tiny_model
 from tests.server_helpers import completions, run_steps, scheduler_request
 
@@ -253,7 +252,7 @@ def result_params(spec):
     return parse_params(spec)
 
 
-# --- the serial scheduler (llama.cpp) ------------------------------------------------------------------------
+# --- the llama.cpp batcher ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -265,30 +264,33 @@ def gguf_engine(tmp_path_factory):
     return load_engine(str(path), engine="llama.cpp")
 
 
-def test_the_serial_scheduler_restores_a_saved_state_after_other_requests(gguf_engine):
+def test_the_llamacpp_batcher_restores_a_saved_prompt_state_in_another_sequence(gguf_engine):
     assert gguf_engine.info.capabilities.prefix_states
     cache = PrefixCache(64 * 2**20)
-    scheduler = SerialScheduler(gguf_engine, prefix_cache=cache)
+    scheduler = gguf_engine.scheduler(prefix_cache=cache)
     first = conversation(gguf_engine, scheduler, SEEDED, turns=2)
-    # Another conversation overwrites the context; the first one's next turn comes back from the cache.
-    other = chat_prompt(gguf_engine, "Something else entirely")
-    serve_in_order(scheduler, gguf_engine, [(other, SEEDED)])
+    # Other requests run in between, in other sequences; the first conversation's next turn comes from the cache.
+    others = [(chat_prompt(gguf_engine, f"Something else entirely, number {i}"), SEEDED) for i in range(3)]
+    serve_in_order(scheduler, gguf_engine, others, together=True)
     said = ["hello world", first[0][1].text, "The quick brown fox?", first[1][1].text, "Tell me about the sea."]
     prompt = chat_prompt(gguf_engine, *said)
-    [result] = serve_in_order(scheduler, gguf_engine, [(prompt, SEEDED)])
+    [result, alongside] = serve_in_order(scheduler, gguf_engine, [(prompt, SEEDED), others[0]], together=True)
     assert result.usage.cached_tokens >= first[1][1].usage.prompt_tokens
-    for prompt_i, got in [*first, (prompt, result)]:
-        [expected] = serve_in_order(SerialScheduler(gguf_engine), gguf_engine, [(prompt_i, SEEDED)])
+    # Its own prompt, stored before: all of it but the last two tokens, which are evaluated together (same_batches).
+    assert alongside.usage.cached_tokens == alongside.usage.prompt_tokens - 2
+    plain = gguf_engine.scheduler()
+    for prompt_i, got in [*first, (prompt, result), (others[0][0], alongside)]:
+        [expected] = serve_in_order(plain, gguf_engine, [(prompt_i, SEEDED)])
         assert completions(got) == completions(expected)
     assert cache.stats.hits >= 2 and len(cache) >= 2
     # Prompts only: a reply's tokens were computed one at a time, by llama.cpp's one-token kernel, and reusing
     # them could change the next turn's text on quantized weights.
-    prompts = {tuple(gguf_engine.prompt_ids(p)) for p in [*(p for p, _ in first), other, prompt]}
-    assert {entry.ids for entry in cache._entries.values()} <= prompts
+    asked = [*(p for p, _ in first), *(p for p, _ in others), prompt]
+    assert {entry.ids for entry in cache._entries.values()} <= {tuple(gguf_engine.prompt_ids(p)) for p in asked}
 
 
-def test_the_serial_scheduler_without_a_cache_reuses_nothing(gguf_engine):
-    record = conversation(gguf_engine, SerialScheduler(gguf_engine), SEEDED, turns=2)
+def test_the_llamacpp_batcher_without_a_cache_reuses_nothing(gguf_engine):
+    record = conversation(gguf_engine, gguf_engine.scheduler(), SEEDED, turns=2)
     assert [result.usage.cached_tokens for _, result in record] == [0, 0]
 
 

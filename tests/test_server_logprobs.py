@@ -158,15 +158,14 @@ def test_a_token_s_log_p_leaves_with_the_text_it_shows(tiny_engine):
     assert all(e.offset <= len(shown) for e in released)
 
 
-def test_serial_scheduler_logprobs_and_echo_on_llama_cpp(tmp_path):
+def test_llama_cpp_batcher_logprobs_and_echo(tmp_path):
     pytest.importorskip("llama_cpp")
     from llmkit.engine import load_engine
-    from llmkit.engine.serial import SerialScheduler
     from tests.tiny_gguf import write_tiny_gguf
 
     llama = load_engine(str(write_tiny_gguf(tmp_path / "tiny.gguf")), engine="llama.cpp")
     assert llama.info.capabilities.decode_logprobs
-    scheduler = SerialScheduler(llama)
+    scheduler = llama.scheduler()
     spec = dict(seed=2, temperature=0.9, max_new_tokens=8)
     request, sink = scheduler_request(llama, "hello world", spec, logprobs=2, prompt_logprobs=2)
     only, only_sink = scheduler_request(llama, "hello", dict(greedy=True), prompt_logprobs=0, prompt_only=True)
@@ -430,12 +429,12 @@ def test_the_tokenizer_routes_answer_as_their_spec_says(server):
 
 
 def test_a_request_whose_logprobs_fail_fails_alone(tiny_engine, monkeypatch):
-    import llmkit.engine.batch as batch
+    import llmkit.engine.rows as rows
 
     def broken(*args, **kwargs):
         raise RuntimeError("poisoned log-softmax")
 
-    monkeypatch.setattr(batch, "raw_logprobs", broken)
+    monkeypatch.setattr(rows, "raw_logprobs", broken)
     scheduler = BatchScheduler(tiny_engine)
     asked, asked_sink = scheduler_request(tiny_engine, PROMPT, dict(greedy=True, max_new_tokens=6), logprobs=1)
     other, other_sink = scheduler_request(tiny_engine, "Hello", dict(greedy=True, max_new_tokens=6))

@@ -1207,11 +1207,8 @@ def serve_banner(
     )
     batching = {
         "transformers": f"batches up to {max_batch_size} sequences",
-        "llama.cpp": "llama.cpp engine: one request at a time",
-    }.get(
-        engine,
-        f"engine {engine}: batches up to {max_batch_size} sequences with transformers, one at a time with llama.cpp",
-    )
+        "llama.cpp": f"llama.cpp engine: batches up to {max_batch_size} sequences",
+    }.get(engine, f"engine {engine}: batches up to {max_batch_size} sequences")
     prefix_cache = f"{prefix_cache_mb} MB" if prefix_cache_mb else "off"
     err.print(
         f"[dim]  {batching} · prefix cache {prefix_cache} · queue {max_queue} · timeout "

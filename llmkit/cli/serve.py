@@ -65,7 +65,8 @@ def serve(
             "--max-batch-size",
             rich_help_panel=SERVER_PANEL,
             help="Sequences decoded together in one forward pass (a request with n=k takes k). "
-            "The llama.cpp engine serves one request at a time.",
+            "The llama.cpp engine allocates its KV cache at start: max(this, 16) sequences of the "
+            "model's context (at most 4096 tokens).",
         ),
     ] = server_settings.DEFAULT_MAX_BATCH_SIZE,
     prefix_cache_mb: Annotated[

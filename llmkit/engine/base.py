@@ -14,9 +14,10 @@ distribution, for what an engine without `logits` (remote.py: a server) provides
 `text_logprobs` (perplexity through a server's echo), `unhonoured` (knobs a server ignores),
 `server_metrics` (memory and CPU the server reports) and `close`. A `BatchingEngine` adds what the server's
 batcher (batch.py) needs to run many requests through one forward pass: `eos_ids`, `device`,
-`new_cache()` and `forward_step(...)`, and says so with `info.capabilities.batching`, which is what the
-server reads to choose its scheduler. Nothing here imports torch or needs a model, so an engine that only
-talks to a server can keep the contract.
+`new_cache()` and `forward_step(...)`. `scheduler(...)` is the server's scheduler for the engine: one
+request at a time by default, the engine's batcher where `info.capabilities.batching` says it has one
+(batch.py for a BatchingEngine, llamacpp_batch.py for llama.cpp's sequences). Nothing here imports torch
+or needs a model, so an engine that only talks to a server can keep the contract.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from llmkit.params import GenerationParams, check_text
 if TYPE_CHECKING:
     import torch
 
-    from llmkit.engine.prefix_cache import PrefixCache
+    from llmkit.engine.scheduling import Scheduler
 
 Decode = Generator[Chunk, None, Result]  # what _decode returns: Chunks as they come, then the Result
 
@@ -293,22 +294,6 @@ class Engine(abc.ABC):
             raise UnsupportedFeature(f"the {self.info.engine} engine does not return log-probs while generating")
         return Generation(self._decode(prompt, ids, params, seed, started, logprobs=logprobs))
 
-    def prefix_stream(
-        self,
-        prompt: str,
-        ids: list[int],
-        params: GenerationParams,
-        *,
-        seed: int | None,
-        started: float,
-        logprobs: int | None = None,
-        cache: PrefixCache | None,
-    ) -> Generation:
-        """stream_ids for the server's serial scheduler, with its prefix cache (None: off): an engine with
-        `capabilities.prefix_states` starts after the longest prefix `cache` holds and stores its prompt there.
-        This default computes the whole prompt and stores nothing."""
-        return self.stream_ids(prompt, ids, params, seed=seed, started=started, logprobs=logprobs)
-
     def generate(
         self, prompt: str, params: GenerationParams, *, chat: bool = False, system: str | None = None
     ) -> Result:
@@ -321,6 +306,16 @@ class Engine(abc.ABC):
         """A conversation on this engine (`llmkit chat`). This default recomputes every turn; the local engines
         return one that keeps the KV cache between turns."""
         return Session(self)
+
+    def scheduler(self, **options: Any) -> Scheduler:
+        """The server's scheduler for this engine (options: max_batch_size, max_queue, on_step, prefix_cache). This
+        default serves one request at a time, without a prefix cache (serial.py); an engine that batches
+        (info.capabilities.batching) returns its batcher."""
+        from llmkit.engine.serial import SerialScheduler
+
+        options.pop("max_batch_size", None)
+        options.pop("prefix_cache", None)
+        return SerialScheduler(self, **options)
 
     # --- scores and resources, with defaults for the engines that hold the model ---------------------
 
@@ -482,6 +477,11 @@ class BatchingEngine(Engine):
     drops rows and leading columns of every layer's keys and values."""
 
     eos_ids: frozenset[int]  # token ids that end a sequence
+
+    def scheduler(self, **options: Any) -> Scheduler:
+        from llmkit.engine.batch import BatchScheduler
+
+        return BatchScheduler(self, **options)
 
     @property
     @abc.abstractmethod

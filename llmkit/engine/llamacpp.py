@@ -7,16 +7,17 @@ SequenceState (incremental detokenizing, stop strings, EOS), the same Result
 records. So a seed, a stop string or `--json` mean the same with either engine, and
 `generate`, `explore`, `monitor` and `compare` take `--engine llama.cpp` unchanged.
 
-`num_sequences > 1` runs the sequences one after another (llama.cpp's one context
-holds one sequence here); token_logprobs evaluates one token at a time, reading the
-logits after each, which is exact and fast enough for perplexity windows.
+`num_sequences > 1` runs the sequences one after another (the engine's own context
+holds one sequence); token_logprobs evaluates one token at a time, reading the
+logits after each, which is exact and fast enough for perplexity windows. The server
+batches requests in a second context over the same weights (llamacpp_batch.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from llmkit.models import ALIASES, MARKER_TOKEN, Progress, assemble_alias, check
 from llmkit.params import GenerationParams
 
 if TYPE_CHECKING:
-    from llmkit.engine.prefix_cache import PrefixCache
+    from llmkit.engine.scheduling import Scheduler
 
 ENGINE_NAME = "llama.cpp"
 DEFAULT_CONTEXT = 4096  # tokens of KV cache allocated; capped at the model's training context
@@ -161,8 +162,8 @@ class LlamaCppTokenizer:
 
 
 class LlamaCppEngine(Engine):
-    """The Engine contract over llama.cpp: its own decode loop, next_token_logits and token_logprobs. Its one
-    context holds one sequence, so it does not batch (info.capabilities.batching stays False)."""
+    """The Engine contract over llama.cpp: its own decode loop, next_token_logits and token_logprobs, over a
+    context that holds one sequence; `scheduler()` gives the server a batcher with a context of its own."""
 
     def __init__(self, llm, info: EngineInfo):
         self.llm = llm
@@ -240,7 +241,9 @@ class LlamaCppEngine(Engine):
             has_chat_template=bool(llm.metadata.get("tokenizer.chat_template")),
             load_s=time.perf_counter() - started,
             threads=llm.n_threads,
-            capabilities=Capabilities(decode_logprobs=True, prefix_states=not _is_recurrent_or_hybrid(llm)),
+            capabilities=Capabilities(
+                batching=True, decode_logprobs=True, prefix_states=not _is_recurrent_or_hybrid(llm)
+            ),
             choices={
                 "dtype": "the GGUF file's own tensor types",
                 "quantize": "as stored in the GGUF",
@@ -271,12 +274,10 @@ class LlamaCppEngine(Engine):
         *,
         logprobs: int | None = None,
         cached: int = 0,
-        after_prompt: Callable[[], None] | None = None,
     ) -> Decode:
         """`logprobs` (None: not asked): each token's raw log p and its top `logprobs` alternatives on the Chunks,
         from the logits llama.cpp already returned for the step. `cached`: the context already holds ids[:cached]
-        (a session's, LlamaCppSession), so the first sequence evaluates only the rest. `after_prompt` is called
-        once the first sequence's prompt is evaluated (the server's prefix cache saves the state then)."""
+        (a session's, LlamaCppSession), so the first sequence evaluates only the rest."""
         import torch
 
         guides: list[Any] = [None] * params.num_sequences
@@ -301,8 +302,6 @@ class LlamaCppEngine(Engine):
             if masks is not None:  # the first mask is computed on a thread while llama.cpp reads the prompt
                 masks.start([sequence.guided])
             self.llm.eval(ids[reused:])
-            if after_prompt is not None and sequence.index == 0:
-                after_prompt()
             while not sequence.finish_reason:
                 logits = self._logits()
                 allowed = logits if masks is None else masks.apply(logits, [sequence.guided])
@@ -322,89 +321,19 @@ class LlamaCppEngine(Engine):
                 self.llm.eval([token])
         return build_result(prompt, ids, params, seed, sequences, token_times, cached_tokens=cached)
 
+    def scheduler(self, **options: Any) -> Scheduler:
+        """The server's batcher: a row per sequence of a second llama.cpp context (llamacpp_batch.py). A recurrent or
+        hybrid model's state cannot be cut back to a prefix, so it gets no prefix cache."""
+        from llmkit.engine.llamacpp_batch import LlamaCppBatchScheduler
+
+        if not self.info.capabilities.prefix_states:
+            options["prefix_cache"] = None
+        return LlamaCppBatchScheduler(self, **options)
+
     def session(self) -> Session:
         """A reusing LlamaCppSession, or the recomputing base for a recurrent or hybrid model, whose state
         cannot be cut back to a prefix."""
         return LlamaCppSession(self) if self.info.capabilities.prefix_states else Session(self)
-
-    # --- the server's prefix cache ------------------------------------------------------------------
-
-    def prefix_stream(
-        self,
-        prompt: str,
-        ids: list[int],
-        params: GenerationParams,
-        *,
-        seed: int | None,
-        started: float,
-        logprobs: int | None = None,
-        cache: PrefixCache | None,
-    ) -> Generation:
-        if cache is None or not self.info.capabilities.prefix_states:
-            return super().prefix_stream(
-                prompt, ids, params, seed=seed, started=started, logprobs=logprobs, cache=cache
-            )
-        return Generation(self._prefix_turn(prompt, ids, params, seed, started, logprobs, cache))
-
-    def _prefix_turn(
-        self,
-        prompt: str,
-        ids: list[int],
-        params: GenerationParams,
-        seed: int | None,
-        started: float,
-        logprobs: int | None,
-        cache: PrefixCache,
-    ) -> Decode:
-        """Start from the cache's best entry (its sequence state loaded into the context), and store the state
-        of this prompt once it is evaluated.
-
-        Only prompt states are kept, never a reply's: llama.cpp computes a generated token alone, by its one-token
-        kernel, whose rounding differs from the batch kernel that evaluates the same token as part of the next
-        prompt, and with quantized weights that is enough to change a seeded (or greedy) token now and then. A
-        prompt's tokens are all computed in batches, whose rows come out the same whatever the batch, so a
-        reused prompt gives the text a recompute gives; the next turn recomputes the last reply. The context as
-        the last request left it is not trusted for the same reason (score_tokens evaluates one token at a time)."""
-        entry, reused = cache.lookup(ids)
-        if entry is not None:
-            self._load_state(entry.payload, entry.ids)
-            reused = same_batches(reused, len(ids), self.llm.n_batch)
-        cache.record(len(ids), reused)
-
-        def keep_prompt() -> None:
-            if cache.worth_storing(ids):
-                state = self._save_state()
-                cache.store(ids, state, len(state))
-
-        return (
-            yield from self._decode(
-                prompt, ids, params, seed, started, logprobs=logprobs, cached=reused, after_prompt=keep_prompt
-            )
-        )
-
-    def _save_state(self) -> bytes:
-        """Sequence 0's KV (the only sequence llmkit's context holds), as llama.cpp serializes it."""
-        import ctypes
-
-        import llama_cpp
-
-        ctx = self.llm._ctx.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
-        return bytes(buffer)[:written]
-
-    def _load_state(self, state: bytes, ids: Sequence[int]) -> None:
-        """Replace the context's sequence 0 with a saved one holding `ids`."""
-        import ctypes
-
-        import llama_cpp
-
-        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if not llama_cpp.llama_state_seq_set_data(self.llm._ctx.ctx, buffer, len(state), 0):
-            raise RuntimeError("llama.cpp could not load a saved prefix state")
-        self.llm.input_ids[: len(ids)] = ids
-        self.llm.n_tokens = len(ids)
 
     # --- analysis --------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ Entries are whole sequences, not shared blocks: a chat's next turn supersedes it
 begin another's is dropped when the longer one is stored), so a conversation holds one entry; a system prompt
 shared by many users is held once per user, which costs memory but no lookup structure. The bound is bytes
 (`--prefix-cache-mb`); the least recently used entries go first. What an entry holds (`payload`) is the
-scheduler's business: KV tensors for the batcher (batch.py), a llama.cpp state for the serial one (serial.py).
+scheduler's business: KV tensors for the transformers batcher (batch.py), a llama.cpp sequence state for
+llama.cpp's (llamacpp_batch.py).
 
 Touched only by the scheduler's loop thread; the counters are read by /metrics from the event loop (plain
 ints, read whole).

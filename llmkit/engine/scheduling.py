@@ -1,9 +1,10 @@
 """What the server's schedulers share: the request record, the events and errors a request ends with,
 and the bounded queue with its loop on the inference thread.
 
-Two schedulers stand on this. BatchScheduler (batch.py) decodes many requests in one forward pass
-of the transformers engine; SerialScheduler (serial.py) runs one request at a time through an
-engine that cannot batch (llama.cpp). The server (server/runtime.py) sees only what lives here:
+Three schedulers stand on this: two through rows.py's continuous batching, BatchScheduler (batch.py)
+over the transformers engine's cache tensors and LlamaCppBatchScheduler (llamacpp_batch.py) over the
+sequences of a llama.cpp context, and SerialScheduler (serial.py), one request at a time, for an
+engine without a batcher. The server (server/runtime.py) sees only what lives here:
 `submit` (QueueFull past `max_queue`, ShuttingDown once closing), `BatchRequest.cancel` and
 `deadline`, `run_forever` / `close` / `abort` / `join`, the read-only `alive`, `heartbeat`, `busy`,
 `waiting`, `running_rows`, `max_batch_size`, the `on_step` metrics hook, and each request's `sink`,

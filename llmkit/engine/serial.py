@@ -1,9 +1,10 @@
-"""The server's scheduler for engines that cannot batch (llama.cpp): one request at a time.
+"""The server's scheduler for an engine that cannot batch: one request at a time.
 
-llmkit's llama.cpp context holds one sequence (see llamacpp.py), so there is no batch for a
-request to join. The loop takes the oldest waiting request and runs it through the engine's own
-stream path (`Engine.stream_ids` -> `_decode`, the code behind `llmkit generate --engine llama.cpp`,
-so a seed gives the same text), handing each Chunk to the request's sink. One step advances the
+Both engines llmkit ships batch (batch.py, llamacpp_batch.py); this is what `Engine.scheduler`
+gives any other engine that keeps the contract (tests/test_engine_contract.py serves one), so such
+an engine can be served before it has a batcher. The loop takes the oldest waiting request and runs
+it through the engine's own stream path (`Engine.stream_ids` -> `_decode`, the code behind
+`llmkit generate`, so a seed gives the same text), handing each Chunk to the request's sink. One step advances the
 running request by one chunk (usually one token); before each, the loop checks the request's cancel
 flag and deadline and its own abort flag, so a client that hung up, a timeout or a shutdown frees
 the model within a token. Requests behind it wait in the shared bounded queue (scheduling.py),
@@ -27,7 +28,6 @@ import time
 from dataclasses import dataclass
 
 from llmkit.engine.base import Generation
-from llmkit.engine.prefix_cache import PrefixCache
 from llmkit.engine.scheduling import (
     DEFAULT_MAX_QUEUE,
     BatchRequest,
@@ -62,11 +62,9 @@ class SerialScheduler(Scheduler):
         max_queue: int = DEFAULT_MAX_QUEUE,
         step_delay_s: float | None = None,
         on_step: StepHook | None = None,
-        prefix_cache: PrefixCache | None = None,
     ):
         super().__init__(max_queue=max_queue, step_delay_s=step_delay_s, on_step=on_step)
         self.engine = engine
-        self.prefix_cache = prefix_cache  # used by an engine with capabilities.prefix_states (Engine.prefix_stream)
         self._running: _Running | None = None  # touched only by the loop thread
         self._answered = False  # the last _start_next answered a request without starting it (or failed it)
         self._starting = False  # a request has left the queue and is not yet _running (read by submit)
@@ -142,14 +140,13 @@ class SerialScheduler(Scheduler):
             self._starting = False
 
     def _stream(self, request: BatchRequest) -> Generation:
-        return self.engine.prefix_stream(
+        return self.engine.stream_ids(
             request.prompt,
             request.prompt_ids,
             request.params,
             seed=request.seed,
             started=request.started,
             logprobs=request.logprobs,
-            cache=self.prefix_cache,
         )
 
     def _fail_alone(self, request: BatchRequest, exc: Exception) -> None:

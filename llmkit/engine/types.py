@@ -123,13 +123,14 @@ class Capabilities:
     """What an engine can do beyond the contract every engine keeps (llmkit.engine.base); callers ask this
     record, never the engine's name."""
 
-    batching: bool = False  # a BatchingEngine: the server decodes many requests in one forward pass
+    batching: bool = False  # the server decodes many requests in one forward pass (Engine.scheduler() batches)
     # `stream_ids(..., logprobs=N)` puts each generated token's raw log p and its top N on the Chunks (TokenLogprob),
     # from the logits the step already has; `score_tokens(ids, top)` gives a prompt's with alternatives too.
     # What `llmkit serve`'s logprobs and echo need.
     decode_logprobs: bool = False
-    # `prefix_stream` restores a saved state and computes only the rest of a prompt (the server's prefix cache,
-    # engine/prefix_cache.py, for an engine the serial scheduler runs; a BatchingEngine's batcher has its own).
+    # A sequence's state can be cut back to a prefix, saved and restored: a chat session reuses its last turn, and
+    # the server's batcher keeps prompts in its prefix cache (engine/prefix_cache.py). False for llama.cpp's
+    # recurrent and hybrid models.
     prefix_states: bool = False
     # Scores (explore's log p and next-token view, compare's perplexity). A local engine has the model's whole
     # distribution at every position; a remote server (engine/remote.py) has what its probe found.

@@ -11,7 +11,8 @@
     connections.py uvicorn's h11 protocol with an idle timeout, a request read timeout and a connection cap
     serving.py     the uvicorn Server and Config: those limits, trusted proxies, a shutdown that answers
 
-The schedulers themselves are in llmkit/engine: batch.py (the transformers engine, batched)
-and serial.py (llama.cpp, one request at a time), over scheduling.py. Importing this package is
+The schedulers themselves are in llmkit/engine: batch.py (the transformers engine) and
+llamacpp_batch.py (llama.cpp), both over rows.py, and serial.py (one request at a time, for an
+engine without a batcher), all over scheduling.py. Importing this package is
 light; fastapi is imported by app.py, torch by the engine when the model loads.
 """

@@ -1,9 +1,10 @@
 """The model's life inside the server, and the bridge between asyncio and the inference thread.
 
 One thread owns the model: it loads it (so /health can answer 503 "loading" meanwhile)
-and then runs the scheduler's loop for the life of the server: BatchScheduler for the
-transformers engine, which batches requests into one forward pass, and SerialScheduler,
-one request at a time, for engines that cannot (llama.cpp). Nothing on the
+and then runs the loop of the engine's scheduler (Engine.scheduler) for the life of the server:
+a batcher that decodes many requests in one forward pass (BatchScheduler for transformers,
+LlamaCppBatchScheduler for llama.cpp), or one request at a time (SerialScheduler, for an engine
+without a batcher). Nothing on the
 asyncio side calls the model; handlers tokenize, submit a BatchRequest and await its
 events, which the loop hands over with `loop.call_soon_threadsafe` into an
 asyncio.Queue per request. This is the shape transformers' serving code argues for
@@ -137,28 +138,19 @@ class ModelHost:
             log.error("the generation loop stopped unexpectedly")
 
     def _scheduler_for(self, engine):
-        """An engine that says it batches (info.capabilities.batching) gets the BatchScheduler; any other engine
-        serves one request at a time."""
+        """The engine's own scheduler (Engine.scheduler: a batcher, or one request at a time), with the prefix cache
+        when the engine can use one."""
         capabilities = engine.info.capabilities
         prefix_cache = None
-        if self.settings.prefix_cache_mb > 0 and (capabilities.batching or capabilities.prefix_states):
+        if self.settings.prefix_cache_mb > 0 and capabilities.batching:  # the batchers keep one; serial.py does not
             from llmkit.engine.prefix_cache import PrefixCache
 
             prefix_cache = PrefixCache(self.settings.prefix_cache_mb * 2**20)
-        if capabilities.batching:
-            from llmkit.engine.batch import BatchScheduler
-
-            return BatchScheduler(
-                engine,
-                max_batch_size=self.settings.max_batch_size,
-                max_queue=self.settings.max_queue,
-                on_step=self.on_step,
-                prefix_cache=prefix_cache,
-            )
-        from llmkit.engine.serial import SerialScheduler
-
-        return SerialScheduler(
-            engine, max_queue=self.settings.max_queue, on_step=self.on_step, prefix_cache=prefix_cache
+        return engine.scheduler(
+            max_batch_size=self.settings.max_batch_size,
+            max_queue=self.settings.max_queue,
+            on_step=self.on_step,
+            prefix_cache=prefix_cache,
         )
 
     def _fail(self, message: str) -> None:
