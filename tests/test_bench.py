@@ -603,3 +603,31 @@ def test_bench_against_llama_cpp_python_server(cli, llama_server, keyless):
     assert {r["output_counted_by"] for r in point["requests"]} == {"tokenizer"}
     assert point["token_counts"] == {"input": "llama-cpp-python tokenizer", "output": "llama-cpp-python tokenizer"}
     assert any("no usage" in note for note in document["notes"])
+
+
+def test_the_server_tokenizer_retries_once_a_connection_the_server_closed():
+    """llama-server closes idle keep-alive connections; a (de)tokenize call that meets one is sent again."""
+    from llmkit.bench.client import ServerTokenizer, parse_url
+    from llmkit.errors import EndpointUnreachable
+
+    calls = []
+
+    def handler(closing: int):
+        def answer(request):
+            calls.append(request.url.path)
+            if len(calls) <= closing:
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            return httpx.Response(200, json={"tokens": [1, 2, 3]})
+
+        return answer
+
+    async def encode(closing: int):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler(closing))) as http:
+            tokenizer = ServerTokenizer(http, parse_url("http://test/v1"), ServerTokenizer.SHAPES[0])
+            return await tokenizer.encode("hello")
+
+    assert asyncio.run(encode(1)) == [1, 2, 3] and len(calls) == 2
+    calls.clear()
+    with pytest.raises(EndpointUnreachable):
+        asyncio.run(encode(2))
+    assert len(calls) == 2

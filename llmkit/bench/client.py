@@ -544,9 +544,20 @@ class ServerTokenizer:
         return ServerTokenizer(client, self.endpoint, self.shape)
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        response = await self.client.post(
-            self.endpoint.root + path, json=body, headers=self.endpoint.headers(), timeout=PROBE_TIMEOUT_S
-        )
+        """POST to a (de)tokenize endpoint. It changes nothing on the server, so a connection the server closed
+        while the pool kept it (llama-server closes idle keep-alive connections) is retried once on a new one."""
+        import httpx
+
+        url = self.endpoint.root + path
+        for attempt in (1, 2):
+            try:
+                response = await self.client.post(
+                    url, json=body, headers=self.endpoint.headers(), timeout=PROBE_TIMEOUT_S
+                )
+                break
+            except (httpx.TransportError, OSError) as exc:
+                if attempt == 2 or isinstance(exc, httpx.TimeoutException):
+                    raise _unreachable(self.endpoint, exc) from None
         if response.status_code != 200:
             raise EndpointFailed(f"{self.endpoint.root}{path} answered {response.status_code} while building prompts")
         return response.json()
