@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from llmkit.engine.base import BatchingEngine
-from llmkit.engine.prefix_cache import MIN_PREFIX_TOKENS, PrefixCache, common_prefix
+from llmkit.engine.prefix_cache import MIN_PREFIX_TOKENS, common_prefix
 from llmkit.engine.rows import RowScheduler, _Active
-from llmkit.engine.scheduling import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, BatchRequest, StepHook
+from llmkit.engine.scheduling import BatchRequest
 
 log = logging.getLogger("llmkit.server")
 
@@ -47,25 +47,9 @@ log = logging.getLogger("llmkit.server")
 class BatchScheduler(RowScheduler):
     """Continuous batching over one loaded BatchingEngine (engine/base.py); see the module docstring."""
 
-    def __init__(
-        self,
-        engine: BatchingEngine,
-        *,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_queue: int = DEFAULT_MAX_QUEUE,
-        step_delay_s: float | None = None,
-        on_step: StepHook | None = None,
-        prefix_cache: PrefixCache | None = None,
-    ):
-        super().__init__(
-            engine,
-            device=engine.device,
-            max_batch_size=max_batch_size,
-            max_queue=max_queue,
-            step_delay_s=step_delay_s,
-            on_step=on_step,
-            prefix_cache=prefix_cache,
-        )
+    def __init__(self, engine: BatchingEngine, **options: Any):
+        """options: RowScheduler's (max_batch_size, max_queue, step_delay_s, on_step, prefix_cache)."""
+        super().__init__(engine, device=engine.device, **options)
         # The running rows' KV, touched only by the loop thread.
         self._cache: Any = None  # the engine's KV cache of the running rows (new_cache())
         self._mask: torch.Tensor | None = None  # [rows, columns] 1 = real token in the cache

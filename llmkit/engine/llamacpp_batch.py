@@ -19,7 +19,8 @@ one request after another, then join the running rows' decode steps. Flash atten
 in the engine's own context (llama-server turns it on, for 10-20% more decode speed here): its CPU
 kernel takes another path for one query against a long cache when one sequence is in the batch,
 and another for many queries of one sequence, so a row's text would depend on its batch-mates and a
-reused prefix would change the tokens after it.
+reused prefix would change the tokens after it. `llmkit serve --flash-attn` turns it on, for an
+operator who wants the speed more than that guarantee.
 
 A request with n > 1 evaluates its prompt once and copies that sequence's KV to its other rows
 (`llama_memory_seq_cp`). The prefix cache (prefix_cache.py) keeps prompt states only: a row's state is
@@ -41,9 +42,8 @@ from typing import Any
 
 import torch
 
-from llmkit.engine.prefix_cache import PrefixCache
 from llmkit.engine.rows import RowScheduler, _Active
-from llmkit.engine.scheduling import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, BatchRequest, StepHook
+from llmkit.engine.scheduling import BatchRequest
 from llmkit.errors import InvalidParams
 from llmkit.params import MAX_SEQUENCES
 
@@ -54,7 +54,7 @@ class BatchContext:
     """A llama.cpp context over `llm`'s loaded model with `rows` sequences of `per_row` tokens each, set up as
     `llm`'s own context otherwise (threads, batch sizes, sliding-window cache), so a prompt evaluates the same."""
 
-    def __init__(self, llm: Any, rows: int, per_row: int):
+    def __init__(self, llm: Any, rows: int, per_row: int, *, flash_attn: bool = False):
         import llama_cpp
         from llama_cpp._internals import LlamaContext
 
@@ -62,7 +62,7 @@ class BatchContext:
         params.n_seq_max = rows
         params.n_ctx = rows * per_row
         params.kv_unified = False  # one KV stream per row: see the module docstring (exactness)
-        params.flash_attn_type = 0  # off, as in `llm` (llama_cpp.Llama's default): see the module docstring
+        params.flash_attn_type = 1 if flash_attn else 0  # off as in `llm` unless asked: see the module docstring
         params.n_batch = max(params.n_batch, rows)  # a decode step holds a token per row
         params.n_ubatch = max(params.n_ubatch, rows)
         self._api = llama_cpp
@@ -142,30 +142,20 @@ class BatchContext:
 class LlamaCppBatchScheduler(RowScheduler):
     """Continuous batching over the llama.cpp engine: a row per context sequence; see the module docstring."""
 
-    def __init__(
-        self,
-        engine: Any,
-        *,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_queue: int = DEFAULT_MAX_QUEUE,
-        step_delay_s: float | None = None,
-        on_step: StepHook | None = None,
-        prefix_cache: PrefixCache | None = None,
-    ):
-        super().__init__(
-            engine,
-            device=torch.device("cpu"),
-            max_batch_size=max_batch_size,
-            max_queue=max_queue,
-            step_delay_s=step_delay_s,
-            on_step=on_step,
-            prefix_cache=prefix_cache,
-        )
+    def __init__(self, engine: Any, *, flash_attn: bool = False, **options: Any):
+        """options: RowScheduler's (max_batch_size, max_queue, step_delay_s, on_step, prefix_cache). flash_attn: the
+        decode runs llama.cpp's flash attention (faster, but a row's text may then depend on its batch-mates)."""
+        super().__init__(engine, device=torch.device("cpu"), **options)
         # A request bigger than the batch runs alone (RowScheduler._admit), so there are sequences for its n too.
-        rows = max(max_batch_size, MAX_SEQUENCES)
+        rows = max(self.max_batch_size, MAX_SEQUENCES)
         per_row = int(engine.llm.n_ctx())  # what the engine's own context holds (llmkit serve checks the model's)
-        self.context = BatchContext(engine.llm, rows, per_row)
-        log.info("llama.cpp batch context: %d sequences of %d tokens", rows, per_row)
+        self.context = BatchContext(engine.llm, rows, per_row, flash_attn=flash_attn)
+        log.info(
+            "llama.cpp batch context: %d sequences of %d tokens%s",
+            rows,
+            per_row,
+            ", flash attention on (--flash-attn)" if flash_attn else "",
+        )
         self._free = list(range(rows))  # a heap of the sequence ids no row holds: a newcomer takes the lowest
         # Per running row, in _active's row order (touched only by the loop thread):
         self._seqs: list[int] = []  # its sequence in the context
