@@ -503,3 +503,23 @@ def test_serve_rejects_a_bad_engine_and_a_folder_for_llamacpp(cli, tiny_model_di
     )
     assert folder.returncode != 0
     assert "llama.cpp engine loads GGUF files" in folder.stderr
+
+
+def test_flash_attention_is_llamacpps_and_asked_for(llama, tiny_engine, cli, tiny_model_dir):
+    from llmkit.errors import UnsupportedFeature
+
+    scheduler = llama.scheduler(flash_attn=True)
+    sinks = []
+    for prompt, spec in zip(PROMPTS, SPECS):
+        req, sink = scheduler_request(llama, prompt, spec)
+        scheduler.submit(req)
+        sinks.append(sink)
+    run_steps(scheduler)
+    for spec, sink in zip(SPECS, sinks):  # its text may differ from the engine's; its shape may not
+        assert isinstance(sink.final, Finished)
+        assert len(sink.final.result.completions) == spec.get("num_sequences", 1)
+        assert all(0 < len(c.token_ids) <= spec["max_new_tokens"] for c in sink.final.result.completions)
+    with pytest.raises(UnsupportedFeature, match="applies to the llama.cpp engine"):
+        tiny_engine.scheduler(flash_attn=True)
+    refused = cli("serve", "-m", str(tiny_model_dir), "--flash-attn")
+    assert refused.exit_code == 2 and "--flash-attn applies to the llama.cpp engine" in refused.stderr

@@ -1177,6 +1177,7 @@ def serve_banner(
     engine: str = "transformers",
     threads: int | None = None,
     prefix_cache_mb: int = 0,
+    flash_attn: bool = False,
 ) -> None:
     """What `llmkit serve` listens on and how it is configured (stderr; never shows the API key); threads: those
     asked for (None: the engine's default, which /health and the "ready" line report once loaded)."""
@@ -1197,6 +1198,7 @@ def serve_banner(
                 "rate_limit": rate_limit,
                 "threads": threads,
                 "prefix_cache_mb": prefix_cache_mb,
+                "flash_attn": flash_attn,
             },
         )
         return
@@ -1209,6 +1211,8 @@ def serve_banner(
         "transformers": f"batches up to {max_batch_size} sequences",
         "llama.cpp": f"llama.cpp engine: batches up to {max_batch_size} sequences",
     }.get(engine, f"engine {engine}: batches up to {max_batch_size} sequences")
+    if flash_attn:
+        batching += ", flash attention on"
     prefix_cache = f"{prefix_cache_mb} MB" if prefix_cache_mb else "off"
     err.print(
         f"[dim]  {batching} · prefix cache {prefix_cache} · queue {max_queue} · timeout "

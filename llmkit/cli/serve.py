@@ -69,6 +69,15 @@ def serve(
             "model's context (at most 4096 tokens).",
         ),
     ] = server_settings.DEFAULT_MAX_BATCH_SIZE,
+    flash_attn: Annotated[
+        bool,
+        typer.Option(
+            "--flash-attn",
+            rich_help_panel=SERVER_PANEL,
+            help="llama.cpp engine: decode with llama.cpp's flash attention, 10-20% faster here; a seeded "
+            "request's text may then depend on what it is batched with and on the prefix cache.",
+        ),
+    ] = False,
     prefix_cache_mb: Annotated[
         int,
         typer.Option(
@@ -179,7 +188,7 @@ def serve(
         [], LoadOptions
     ],  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
-    """Serve a model over HTTP: OpenAI-compatible completions and chat (continuous batching with transformers)."""
+    """Serve a model over HTTP: OpenAI-compatible completions and chat, with continuous batching."""
     if log_format == "json":  # from here on every line is JSON, a bad option's error included
         _log_as_json()
     settings = ServerSettings(
@@ -191,6 +200,7 @@ def serve(
         max_queue=max_queue,
         max_batch_size=max_batch_size,
         prefix_cache_mb=prefix_cache_mb,
+        flash_attn=flash_attn,
         request_timeout_s=request_timeout,
         grace_s=grace_period,
         max_body_bytes=max_body_bytes,
@@ -201,6 +211,13 @@ def serve(
         forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     ).check()
     load_options = make_load_options()
+    if flash_attn and load_options.engine == "transformers":
+        from llmkit.errors import InvalidParams
+
+        raise InvalidParams(
+            "--flash-attn applies to the llama.cpp engine: add --engine llama.cpp (or auto, for a GGUF model)",
+            field="flash_attn",
+        )
     from llmkit.models import is_url, resolve, shown_url
 
     if model and is_url(model):
@@ -248,6 +265,7 @@ def serve(
         request_timeout_s=settings.request_timeout_s,
         threads=_threads_asked(load_options.threads),
         prefix_cache_mb=settings.prefix_cache_mb,
+        flash_attn=settings.flash_attn,
     )
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal with the handler that was
     # installed before it started; a no-op handler there makes a graceful stop exit 0 instead of dying by signal.

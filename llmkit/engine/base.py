@@ -313,6 +313,7 @@ class Engine(abc.ABC):
         (info.capabilities.batching) returns its batcher."""
         from llmkit.engine.serial import SerialScheduler
 
+        no_flash_attn(self, options)
         options.pop("max_batch_size", None)
         options.pop("prefix_cache", None)
         return SerialScheduler(self, **options)
@@ -481,6 +482,7 @@ class BatchingEngine(Engine):
     def scheduler(self, **options: Any) -> Scheduler:
         from llmkit.engine.batch import BatchScheduler
 
+        no_flash_attn(self, options)
         return BatchScheduler(self, **options)
 
     @property
@@ -504,3 +506,9 @@ class BatchingEngine(Engine):
     ) -> tuple[torch.Tensor, Any]:
         """One forward pass of `input_ids` [rows, new columns] extending `cache` (None: the engine starts one);
         returns (the last position's logits [rows, vocab], the cache)."""
+
+
+def no_flash_attn(engine: Engine, options: dict[str, Any]) -> None:
+    """`llmkit serve --flash-attn` is llama.cpp's; any other engine says so rather than ignore it."""
+    if options.pop("flash_attn", False):
+        raise UnsupportedFeature(f"--flash-attn applies to the llama.cpp engine, not {engine.info.engine}")

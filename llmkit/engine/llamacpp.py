@@ -322,8 +322,9 @@ class LlamaCppEngine(Engine):
         return build_result(prompt, ids, params, seed, sequences, token_times, cached_tokens=cached)
 
     def scheduler(self, **options: Any) -> Scheduler:
-        """The server's batcher: a row per sequence of a second llama.cpp context (llamacpp_batch.py). A recurrent or
-        hybrid model's state cannot be cut back to a prefix, so it gets no prefix cache."""
+        """The server's batcher: a row per sequence of a second llama.cpp context (llamacpp_batch.py; options as
+        there, flash_attn included). A recurrent or hybrid model's state cannot be cut back to a prefix, so it gets
+        no prefix cache."""
         from llmkit.engine.llamacpp_batch import LlamaCppBatchScheduler
 
         if not self.info.capabilities.prefix_states:

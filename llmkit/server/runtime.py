@@ -146,11 +146,13 @@ class ModelHost:
             from llmkit.engine.prefix_cache import PrefixCache
 
             prefix_cache = PrefixCache(self.settings.prefix_cache_mb * 2**20)
+        options: dict[str, Any] = {"flash_attn": True} if self.settings.flash_attn else {}
         return engine.scheduler(
             max_batch_size=self.settings.max_batch_size,
             max_queue=self.settings.max_queue,
             on_step=self.on_step,
             prefix_cache=prefix_cache,
+            **options,
         )
 
     def _fail(self, message: str) -> None:

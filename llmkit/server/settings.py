@@ -88,6 +88,7 @@ class ServerSettings:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # 0: off
+    flash_attn: bool = False  # llama.cpp's batched decode with flash attention (faster; text may vary by batch)
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     grace_s: float = DEFAULT_GRACE_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
