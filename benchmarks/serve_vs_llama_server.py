@@ -9,10 +9,11 @@ that many concurrent clients, one warm-up request first.
 
 llama-server runs with `-np` = the largest level (parallel slots), `-c` = slots x 1024 tokens, the
 threads llmkit uses (`-t`), an HTTP thread per client and some (`--threads-http`) and `-fa` as
-`--flash-attn` says (its default turns flash attention on; llmkit keeps it off, see docs/serve.md);
-llmkit serve with `--max-batch-size` = the largest level. Point `--llama-server` at the binary
-(built from the llama.cpp vendored in llama-cpp-python's source package: cmake -B build && cmake
---build build --target llama-server), or set LLAMA_SERVER.
+`--flash-attn` says (its default turns flash attention on; llmkit keeps it off unless
+`--llmkit-flash-attn`, see docs/serve.md); llmkit serve with `--max-batch-size` = the largest
+level. Point `--llama-server` at the binary (built from the llama.cpp vendored in
+llama-cpp-python's source package: cmake -B build && cmake --build build --target llama-server),
+or set LLAMA_SERVER.
 
 Printed per level: output tok/s (output tokens from usage / the level's wall time), E2E p50/p95 and
 TTFT p50/p95 (ms, client-side), the medians over the repeats, and the ratios: llmkit / llama-server
@@ -104,6 +105,7 @@ def main() -> None:
         choices=["auto", "on", "off"],
         help="llama-server's -fa (its default, auto, turns it on here; llmkit keeps it off, see serve.md)",
     )
+    parser.add_argument("--llmkit-flash-attn", action="store_true", help="llmkit serve --flash-attn")
     parser.add_argument("--level-cap-s", type=float, default=900.0)
     parser.add_argument("--logs", default="/tmp")
     parser.add_argument("--json", help="also write the full report to this file")
@@ -122,7 +124,8 @@ def main() -> None:
         "llmkit": (
             [sys.executable, "-m", "llmkit", "serve", "-m", str(gguf), "--engine", args.engine,
              "--port", str(llmkit_port), "--max-batch-size", str(slots), "--max-queue", "1024",
-             "--request-timeout", "900", "--threads", str(args.threads)],
+             "--request-timeout", "900", "--threads", str(args.threads),
+             *(["--flash-attn"] if args.llmkit_flash_attn else [])],
             f"http://127.0.0.1:{llmkit_port}",
         ),
         "llama-server": (
@@ -134,7 +137,8 @@ def main() -> None:
     }  # fmt: skip
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(
-        f"model: {gguf.name}; llmkit serve --engine {args.engine}; llama-server {args.llama_server} "
+        f"model: {gguf.name}; llmkit serve --engine {args.engine}{' --flash-attn' if args.llmkit_flash_attn else ''}; "
+        f"llama-server {args.llama_server} "
         f"-fa {args.flash_attn}; {args.repeats} runs per level, medians"
     )
     processes = {}
