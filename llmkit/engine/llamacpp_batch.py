@@ -22,10 +22,10 @@ and another for many queries of one sequence, so a row's text would depend on it
 reused prefix would change the tokens after it. `llmkit serve --flash-attn` turns it on, for an
 operator who wants the speed more than that guarantee.
 
-A request with n > 1 evaluates its prompt once and copies that sequence's KV to its other rows
-(`llama_memory_seq_cp`). The prefix cache (prefix_cache.py) keeps prompt states only: a row's state is
-saved with `llama_state_seq_get_data` once its prompt is evaluated, and restored into a newcomer's
-sequence with `llama_state_seq_set_data`. Never a reply's: llama.cpp computes a generated token alone,
+A request with n > 1 evaluates its prompt once and copies that sequence's state to its other rows.
+The prefix cache (prefix_cache.py) keeps prompt states only: a row's state is saved with
+`llama_state_seq_get_data` once its prompt is evaluated, and restored into a newcomer's sequence
+with `llama_state_seq_set_data`. Never a reply's: llama.cpp computes a generated token alone,
 by its one-token kernel, whose rounding differs from the batch kernel that evaluates the same token as
 part of the next prompt, and with quantized weights that is enough to change a seeded (or greedy) token
 now and then. The part after a reused prefix ends in a batch of the size the whole prompt's would
@@ -38,6 +38,7 @@ import ctypes
 import heapq
 import logging
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -72,15 +73,8 @@ class BatchContext:
         self._context = LlamaContext(model=llm._model, params=params, verbose=False)
         self.ctx = self._context.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        capacity = max(self.n_batch, rows)
-        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
-        self._capacity = capacity
-
-    def close(self) -> None:
-        if self._batch is not None:
-            self._api.llama_batch_free(self._batch)
-            self._batch = None
-        self._context.close()
+        self._batch = llama_cpp.llama_batch_init(max(self.n_batch, rows), 0, 1)  # reused by every decode
+        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)  # the context frees itself the same way
 
     def decode(self, tokens: list[int], positions: list[int], seqs: list[int], logits: list[bool]) -> torch.Tensor:
         """One llama_decode of these tokens (at most n_batch); the logits of those flagged, [flagged, vocab]."""
@@ -119,8 +113,10 @@ class BatchContext:
         self._api.llama_memory_seq_rm(self.memory, seq, start, -1)
 
     def copy(self, source: int, target: int) -> None:
-        """Sequence `target` holds what `source` holds (n > 1: the prompt, evaluated once)."""
-        self._api.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+        """Sequence `target` holds what `source` holds (n > 1: the prompt, evaluated once). Through a saved state:
+        llama_memory_seq_cp between streams copies the whole stream at the next llama_decode, after a state loaded
+        into `target` meanwhile (a newcomer's prefix, if the request failed at once) and over it."""
+        self.load(self.save(source), target)
 
     def clear(self) -> None:
         self._api.llama_memory_clear(self.memory, True)
