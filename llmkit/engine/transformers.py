@@ -12,6 +12,7 @@ loop and the server's batcher (batch.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import time
 from collections.abc import Sequence
@@ -45,15 +46,25 @@ class TransformersEngine(BatchingEngine):
     def __init__(self, model, tokenizer, info: EngineInfo):
         self.model = model
         self.tokenizer = tokenizer
-        self.info = info
         self.eos_ids = _eos_ids(model, tokenizer)
         from llmkit.engine.fastpath import uses_gemv_switch
 
         self._gemv_switch = info.quantize == "none" and uses_gemv_switch(info.device, model.dtype)
+        from llmkit.engine.decode_step import lean_decoder_for
+
+        self._lean, step_choices = lean_decoder_for(model)  # None: every step goes through transformers' forward
         # transformers 5 renamed forward's `past_key_values` to `cache`; accept either.
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self._constraint_tokenizer: Any = None
+        choices = {}
+        for name, why in info.choices.items():
+            choices[name] = step_choices.get(name, why)
+            if name == "decode_matmul":  # the step's choice next to the kernel's
+                choices["decode_step"] = step_choices["decode_step"]
+        for name, why in step_choices.items():
+            choices.setdefault(name, why)
+        self.info = dataclasses.replace(info, choices=choices)
 
     def constraint_tokenizer(self) -> Any:
         """llguidance's view of the tokenizer, built on the first constrained request (about a second), then kept."""
@@ -217,12 +228,19 @@ class TransformersEngine(BatchingEngine):
         seen = torch.tensor([ids] * n, device=device)
         input_ids = seen[:, cached:]  # cache None: the model starts its own (sliding-window layers where it has them)
         token_times: list[float] = []
+        run = None  # the lean step's run, once the prompt is in the cache
         try:
             with torch.inference_mode():
                 for _step in range(params.max_new_tokens):
                     if masks is not None:  # the next mask is computed on a thread while the model runs
                         masks.start([seq.guided for seq in sequences])
-                    logits, cache = self.forward_step(input_ids, cache)
+                    if run is not None:
+                        with self.step_context(n):
+                            logits = run.step(input_ids)
+                    else:
+                        logits, cache = self.forward_step(input_ids, cache)
+                        if self._lean is not None and params.max_new_tokens > 1:
+                            run = self._lean.begin(cache, len(ids) + params.max_new_tokens)
                     allowed = logits if masks is None else masks.apply(logits, [seq.guided for seq in sequences])
                     next_ids = pick_tokens(
                         allowed, params, generators, seen if needs_history(params) else None, len(ids)
@@ -241,6 +259,9 @@ class TransformersEngine(BatchingEngine):
             raise OutOfMemory(
                 "ran out of memory while generating; lower --max-new-tokens or --num-sequences, or use a smaller model"
             ) from None
+        finally:
+            if run is not None:
+                run.end(cache)  # the caller's cache (a chat session's) holds every token fed
         return build_result(prompt, ids, params, seed, sequences, token_times, cached_tokens=cached)
 
     def session(self) -> TransformersSession:

@@ -1,0 +1,184 @@
+"""A lean one-token decode step for Llama-family models: transformers' own arithmetic, less around it.
+
+Why: at one token per step a small model's time is not all in its weights. transformers' forward builds a causal
+mask, position ids and output records on every step, goes through four module wrappers per layer, and grows its
+KV cache by concatenation (every cached key and value copied again on every step, so a long generation pays
+more per token). This step calls the same modules and ops on the same values in the same order, and writes each
+new key and value into a buffer sized for the whole generation, attention reading a view of it. Figures:
+docs/performance.md (benchmarks/generate_speed.py, configuration `forward` beside `default`).
+
+What stays the same: every number; tests/test_decode_step.py compares each step's logits with transformers'
+forward bit for bit, in float32, bfloat16 and int8. (Fusing q/k/v and gate/up into one product each was measured
+too: about 3% more here, but the fused copy of weights that transformers maps from the file added 280 MB of
+resident memory on SmolLM2, and this machine's float32 kernel gives other bits for differently aligned weights.)
+
+Used by the engine's own decode loop (generate, explore, monitor, compare, chat turns) for the steps after the
+prompt; the server's batcher, whose rows have their own lengths, keeps transformers' forward.
+LLMKIT_DECODE_STEP=forward turns it off (every step through transformers' forward).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DECODE_STEP_ENV = "LLMKIT_DECODE_STEP"  # "forward": every step through transformers' forward
+SUPPORTED_MODEL_TYPES = ("llama", "gemma3_text")  # the architectures it reproduces (tested bit for bit)
+
+
+def lean_decoder_for(model: Any) -> tuple[LeanDecoder | None, dict[str, str]]:
+    """(a LeanDecoder for `model` or None, the choices it makes for EngineInfo.choices: decode_step, and kv_cache
+    where it changes it)."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    forward = "transformers' forward"
+    if os.environ.get(DECODE_STEP_ENV, "auto") == "forward":
+        return None, {"decode_step": f"{forward} ({DECODE_STEP_ENV}=forward)"}
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        return None, {"decode_step": f"{forward} (the lean step is for {supported}, not {model_type})"}
+    attention = getattr(config, "_attn_implementation", "sdpa")
+    if attention != "sdpa" or getattr(config, "pretraining_tp", 1) != 1:
+        return None, {"decode_step": f"{forward} (attention {attention}; the lean step reproduces sdpa)"}
+    if getattr(config, "use_bidirectional_attention", False) or getattr(config, "attn_logit_softcapping", None):
+        return None, {"decode_step": f"{forward} (bidirectional or soft-capped attention)"}
+    return LeanDecoder(model), {
+        "decode_step": f"llmkit's one-token step ({model_type}): transformers' ops without its per-step overhead",
+        "kv_cache": "written in place into buffers sized for the generation (transformers' dynamic cache for the "
+        "prompt and for the server's batches)",
+    }
+
+
+class LeanDecoder:
+    """The step for one loaded model; `begin` starts one generation's run of it.
+
+    Llama: norm, attention, residual; norm, MLP, residual. Gemma 3 adds a norm after attention and around the MLP
+    ("sandwich"), normalizes q and k per head, has its own rotary table per layer type, and sliding-window layers
+    that attend to the last `sliding_window` tokens only (what its own cache holds for them)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        config = model.config
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.layers = list(model.model.layers[: config.num_hidden_layers])
+        self.layer_types: list[str | None] = list(getattr(config, "layer_types", None) or [None] * len(self.layers))
+        self.windows = [getattr(block.self_attn, "sliding_window", None) for block in self.layers]
+        self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def begin(self, cache: Any, capacity: int) -> LeanRun:
+        """A run that continues from the cache's KV (every row at the same length), room for `capacity` tokens."""
+        return LeanRun(self, cache, capacity)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str | None, tuple[Any, Any]]:
+        """(cos, sin) for each layer type, shaped to broadcast over heads."""
+        tables = {}
+        for layer_type in set(self.layer_types):
+            if layer_type is None:
+                cos, sin = self.model.model.rotary_emb(hidden, position_ids=position_ids)
+            else:
+                cos, sin = self.model.model.rotary_emb(hidden, position_ids, layer_type)
+            tables[layer_type] = (cos.unsqueeze(1), sin.unsqueeze(1))
+        return tables
+
+
+class LeanRun:
+    """One generation's KV buffers; `step` feeds one token per row, `end` hands the KV back to the transformers
+    cache it came from (views of the buffers), so a chat session goes on with it.
+
+    Every layer's buffer is indexed by position; a sliding-window layer of the model's own cache holds only its
+    last tokens, which land at their positions (earlier ones are never read again)."""
+
+    def __init__(self, decoder: LeanDecoder, cache: Any, capacity: int):
+        self.decoder = decoder
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = cache.get_seq_length()
+        # which layers the cache keeps to their window (the model's own cache) rather than whole (a session's)
+        self.window_held = [getattr(layer, "is_sliding", False) for layer in cache.layers]
+        for layer in cache.layers:
+            keys, values = layer.keys, layer.values
+            shape = (*keys.shape[:2], capacity, keys.shape[3])
+            self.keys.append(keys.new_empty(shape))
+            self.values.append(values.new_empty(shape))
+            held = keys.shape[2]
+            self.keys[-1][:, :, self.length - held : self.length] = keys
+            self.values[-1][:, :, self.length - held : self.length] = values
+
+    def end(self, cache: Any) -> None:
+        length = self.length
+        for layer, keys, values in zip(cache.layers, self.keys, self.values):
+            start = 0
+            if getattr(layer, "is_sliding", False):  # it keeps the last window - 1 tokens (DynamicSlidingWindowLayer)
+                start = max(0, length - layer.sliding_window + 1)
+                layer.cumulative_length = length
+            layer.keys, layer.values = keys[:, :, start:length], values[:, :, start:length]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, vocab) for `tokens` (rows, 1), each at the next position; writes their KV."""
+        decoder = self.decoder
+        model = decoder.model
+        position = self.length
+        if position >= self.keys[0].shape[2]:
+            raise RuntimeError(f"the KV buffers hold {position} tokens, all they were sized for")
+        hidden = model.model.embed_tokens(tokens)
+        position_ids = torch.full((1, 1), position, dtype=torch.long, device=tokens.device)
+        tables = decoder.rotary(hidden, position_ids)
+        rows = tokens.shape[0]
+        head_dim = decoder.head_dim
+        half = head_dim // 2
+        for index, block in enumerate(decoder.layers):
+            attention = block.self_attn
+            cos, sin = tables[decoder.layer_types[index]]
+            residual = hidden
+            hidden = block.input_layernorm(hidden)
+            q = attention.q_proj(hidden).view(rows, 1, -1, head_dim).transpose(1, 2)
+            k = attention.k_proj(hidden).view(rows, 1, -1, head_dim).transpose(1, 2)
+            v = attention.v_proj(hidden).view(rows, 1, -1, head_dim).transpose(1, 2)
+            if decoder.qk_norm:
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q = (q * cos) + (torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin)
+            k = (k * cos) + (torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin)
+            keys, values = self.keys[index], self.values[index]
+            keys[:, :, position : position + 1] = k
+            values[:, :, position : position + 1] = v
+            window = decoder.windows[index]
+            if window is None or position + 1 < window:  # transformers skips the mask while the window holds all
+                out = F.scaled_dot_product_attention(
+                    q,
+                    keys[:, :, : position + 1],
+                    values[:, :, : position + 1],
+                    scale=attention.scaling,
+                    enable_gqa=q.shape[1] != k.shape[1],
+                )
+            else:  # as transformers runs it then: q packed per KV head, a mask that keeps the window's keys
+                start = max(0, position + 1 - window)
+                first = start if self.window_held[index] else 0  # a full-length cache layer is masked instead
+                mask = torch.arange(first, position + 1, device=q.device) >= start
+                out = F.scaled_dot_product_attention(
+                    q.reshape(rows, k.shape[1], -1, head_dim),
+                    keys[:, :, first : position + 1],
+                    values[:, :, first : position + 1],
+                    attn_mask=mask.expand(rows, 1, 1, -1),
+                    scale=attention.scaling,
+                ).reshape(rows, -1, 1, head_dim)
+            hidden = attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+            if decoder.sandwich:
+                hidden = block.post_attention_layernorm(hidden)
+                hidden = residual + hidden
+                residual = hidden
+                hidden = block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(hidden)))
+            else:
+                hidden = residual + hidden
+                residual = hidden
+                hidden = block.mlp(block.post_attention_layernorm(hidden))
+            hidden = residual + hidden
+        self.length = position + 1
+        logits = model.lm_head(model.model.norm(hidden))[:, -1, :]
+        if decoder.softcap is not None:
+            logits = torch.tanh(logits / decoder.softcap) * decoder.softcap
+        return logits

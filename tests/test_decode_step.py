@@ -1,0 +1,141 @@
+"""The lean one-token decode step (llmkit/engine/decode_step.py) computes exactly what transformers' forward does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llmkit.engine import load_engine
+from llmkit.engine.decode_step import DECODE_STEP_ENV
+from llmkit.params import GenerationParams
+from tests.conftest import build_tiny_model
+
+PROMPT = "the quick brown fox"
+
+
+def _engine(folder, monkeypatch=None, *, forward: bool = False, **options):
+    if monkeypatch is not None:
+        if forward:
+            monkeypatch.setenv(DECODE_STEP_ENV, "forward")
+        else:
+            monkeypatch.delenv(DECODE_STEP_ENV, raising=False)
+    return load_engine(str(folder), device="cpu", **options)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_dir(tmp_path_factory):
+    """A tiny Gemma 3 whose sliding-window layer sees 4 tokens, so the steps below go far past its window."""
+    return build_tiny_model(tmp_path_factory.mktemp("gemma") / "tiny-gemma", sliding_window=4)
+
+
+@pytest.mark.parametrize(
+    "options", [{"dtype": "float32"}, {"dtype": "bfloat16"}, {"quantize": "int8"}], ids=["float32", "bfloat16", "int8"]
+)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+@pytest.mark.parametrize("cache_kind", ["model's", "session's"])
+def test_every_step_equals_transformers_forward_bit_for_bit(
+    tiny_model_dir, tiny_gemma_dir, monkeypatch, options, rows, architecture, cache_kind
+):
+    folder = tiny_model_dir if architecture == "llama" else tiny_gemma_dir
+    engine = _engine(folder, monkeypatch, **options)
+    assert engine._lean is not None
+    session_cache = cache_kind == "session's"
+    assert_steps_equal_forward(engine, engine.prompt_ids(PROMPT), rows=rows, steps=40, session_cache=session_cache)
+
+
+def assert_steps_equal_forward(engine, ids: list[int], *, rows: int = 1, steps: int, session_cache: bool = False):
+    """Prefill `ids` (in `rows` rows), then feed `steps` tokens through the lean step and through transformers'
+    forward side by side: every step's logits and the final KV must be the same bits. The cache starts as the
+    model's own (sliding-window layers keep their window) or as a session's (full layers everywhere)."""
+    with torch.inference_mode():
+        logits, cache = engine.forward_step(torch.tensor([ids] * rows), engine.new_cache() if session_cache else None)
+        reference_cache = copy.deepcopy(cache)
+        run = engine._lean.begin(cache, len(ids) + steps)
+        tokens = logits.argmax(-1, keepdim=True)
+        if rows > 1:  # rows that differ from each other
+            tokens = (tokens + torch.arange(rows)[:, None] * 7) % engine.vocab_size
+        for step in range(steps):
+            with engine.step_context(rows):
+                lean = run.step(tokens)
+            expected, reference_cache = engine.forward_step(tokens, reference_cache)
+            assert torch.equal(lean, expected), f"step {step}: max difference {(lean - expected).abs().max()}"
+            tokens = expected.argmax(-1, keepdim=True)
+        run.end(cache)
+    assert cache.get_seq_length() == reference_cache.get_seq_length() == len(ids) + steps
+    for ours, theirs in zip(cache.layers, reference_cache.layers):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GenerationParams(max_new_tokens=48, temperature=0),
+        GenerationParams(max_new_tokens=32, temperature=1.3, top_k=40, seed=11, num_sequences=3),
+        GenerationParams(max_new_tokens=24, temperature=0.8, repetition_penalty=1.3, seed=5),
+    ],
+    ids=["greedy", "sampled-3-rows", "repetition-penalty"],
+)
+def test_generations_are_identical_with_and_without_it(tiny_model_dir, monkeypatch, params):
+    lean = _engine(tiny_model_dir, monkeypatch, dtype="float32")
+    forward = _engine(tiny_model_dir, monkeypatch, forward=True, dtype="float32")
+    assert lean._lean is not None and forward._lean is None
+    ours, theirs = lean.generate(PROMPT, params), forward.generate(PROMPT, params)
+    assert [c.token_ids for c in ours.completions] == [c.token_ids for c in theirs.completions]
+    assert [c.text for c in ours.completions] == [c.text for c in theirs.completions]
+    assert len(ours.completions[0].token_ids) > 1  # decode steps really ran
+
+
+def test_logprobs_are_identical_with_and_without_it(tiny_model_dir, monkeypatch):
+    params = GenerationParams(max_new_tokens=20, temperature=0.9, seed=3)
+    outputs = []
+    for forward in (False, True):
+        engine = _engine(tiny_model_dir, monkeypatch, forward=forward, dtype="float32")
+        stream = engine.stream(PROMPT, params, logprobs=3)
+        chunks = list(stream)
+        outputs.append([(t.token, t.logprob, t.top) for chunk in chunks for t in chunk.logprobs])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 20
+
+
+def _chat(engine, params, questions):
+    """Each turn's Result of a conversation asking `questions` in turn, the replies kept in the history."""
+    session, messages, results = engine.session(), [], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        stream = session.stream(messages, params)
+        for _chunk in stream:
+            pass
+        results.append(stream.result)
+        messages.append({"role": "assistant", "content": stream.result.text})
+    return results
+
+
+def test_a_chat_session_goes_on_from_the_cache_it_hands_back(tiny_model_dir, monkeypatch):
+    params = GenerationParams(max_new_tokens=12, temperature=0)
+    questions = ["the quick brown fox", "jumps over the lazy dog", "a lazy dog"]
+    lean = _chat(_engine(tiny_model_dir, monkeypatch, dtype="float32"), params, questions)
+    forward = _chat(_engine(tiny_model_dir, monkeypatch, forward=True, dtype="float32"), params, questions)
+    assert [r.completions[0].token_ids for r in lean] == [r.completions[0].token_ids for r in forward]
+    assert [r.usage.cached_tokens for r in lean] == [r.usage.cached_tokens for r in forward]
+    assert lean[1].usage.cached_tokens > 0 and lean[2].usage.cached_tokens > 0  # later turns reused the KV
+
+
+def test_choices_say_which_step_runs(tiny_model_dir, tiny_gemma_dir, monkeypatch):
+    assert "llmkit's one-token step (llama)" in _engine(tiny_model_dir, monkeypatch).info.choices["decode_step"]
+    forward = _engine(tiny_model_dir, monkeypatch, forward=True)
+    assert forward.info.choices["decode_step"] == f"transformers' forward ({DECODE_STEP_ENV}=forward)"
+    gemma = _engine(tiny_gemma_dir, monkeypatch)
+    assert "llmkit's one-token step (gemma3_text)" in gemma.info.choices["decode_step"]
+
+
+def test_a_run_refuses_to_write_past_its_buffers(tiny_engine):
+    ids = tiny_engine.prompt_ids(PROMPT)
+    with torch.inference_mode():
+        logits, cache = tiny_engine.forward_step(torch.tensor([ids]), None)
+        run = tiny_engine._lean.begin(cache, len(ids) + 1)
+        tokens = logits.argmax(-1, keepdim=True)
+        run.step(tokens)
+        with pytest.raises(RuntimeError, match="sized for"):
+            run.step(tokens)
