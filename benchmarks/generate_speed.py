@@ -19,8 +19,9 @@ The reference gets `min_new_tokens=max_new_tokens`; llmkit may stop earlier at E
 counts are printed for both and tok/s always uses the actual counts. Ratios compare medians and
 read "> 1 means llmkit is better": reference/llmkit for times, llmkit/reference for speeds.
 
-Configurations (--configs): default (what `llmkit generate` uses: dtype auto), float32, bfloat16,
-float16, int8 (--quantize int8); plus the llama.cpp engine and raw llama-cpp-python for GGUF models
+Configurations (--configs): default (what `llmkit generate` uses: dtype auto), forward (the default with
+every decode step through transformers' forward instead of llmkit's lean step: LLMKIT_DECODE_STEP=forward),
+float32, bfloat16, float16, int8 (--quantize int8); plus the llama.cpp engine and raw llama-cpp-python for GGUF models
 when llama-cpp-python is installed (raw gets the engine's thread count, so both run alike). Each row
 also shows what the engine chose (EngineInfo.choices) and how many greedy tokens equal the reference's.
 
@@ -178,6 +179,7 @@ def ratio(metric: str, summary: dict, side: str) -> float | None:
 
 CONFIGS = {  # --configs name -> (label, load_engine keyword arguments)
     "default": ("llmkit default", {}),
+    "forward": ("llmkit default, transformers' forward", {"decode_step": "forward"}),
     "float32": ("llmkit float32", {"dtype": "float32"}),
     "bfloat16": ("llmkit bfloat16", {"dtype": "bfloat16"}),
     "float16": ("llmkit float16", {"dtype": "float16"}),
@@ -196,6 +198,23 @@ def bytes_per_token(model) -> int:
     return total
 
 
+def load_llmkit(model: str, threads: int | None, options: dict):
+    """load_engine with a configuration's options; `decode_step` is set through its environment variable, which
+    the engine reads when it loads."""
+    from llmkit.engine.decode_step import DECODE_STEP_ENV
+
+    step = options.pop("decode_step", "auto")
+    previous = os.environ.get(DECODE_STEP_ENV)
+    os.environ[DECODE_STEP_ENV] = step
+    try:
+        return load_engine(model, threads=threads, **options)
+    finally:
+        if previous is None:
+            del os.environ[DECODE_STEP_ENV]
+        else:
+            os.environ[DECODE_STEP_ENV] = previous
+
+
 def sides_for(args, folder: str) -> dict:
     """name -> (load, run, bytes of weights read per token): the reference, then each llmkit path."""
     sides = {
@@ -208,7 +227,7 @@ def sides_for(args, folder: str) -> dict:
     for name in args.configs.split(","):
         label, options = CONFIGS[name]
         sides[label] = (
-            lambda options=options: load_engine(args.model, threads=args.threads, **options),
+            lambda options=options: load_llmkit(args.model, args.threads, dict(options)),
             run_llmkit,
             lambda engine: bytes_per_token(engine.model),
         )
