@@ -41,8 +41,10 @@ def lean_decoder_for(model: Any) -> tuple[LeanDecoder | None, dict[str, str]]:
         supported = ", ".join(SUPPORTED_MODEL_TYPES)
         return None, {"decode_step": f"{forward} (the lean step is for {supported}, not {model_type})"}
     attention = getattr(config, "_attn_implementation", "sdpa")
-    if attention != "sdpa" or getattr(config, "pretraining_tp", 1) != 1:
+    if attention != "sdpa":
         return None, {"decode_step": f"{forward} (attention {attention}; the lean step reproduces sdpa)"}
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return None, {"decode_step": f"{forward} (pretraining_tp {config.pretraining_tp})"}
     if getattr(config, "use_bidirectional_attention", False) or getattr(config, "attn_logit_softcapping", None):
         return None, {"decode_step": f"{forward} (bidirectional or soft-capped attention)"}
     return LeanDecoder(model), {

@@ -12,7 +12,6 @@ loop and the server's batcher (batch.py).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import time
 from collections.abc import Sequence
@@ -39,32 +38,25 @@ from llmkit.params import GenerationParams
 if TYPE_CHECKING:
     import torch
 
+    from llmkit.engine.decode_step import LeanDecoder
+
 
 class TransformersEngine(BatchingEngine):
     """Load once with `TransformersEngine.load`; then `stream()` / `generate()` any number of times."""
 
-    def __init__(self, model, tokenizer, info: EngineInfo):
+    def __init__(self, model, tokenizer, info: EngineInfo, lean: LeanDecoder | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.info = info
+        self._lean = lean  # the one-token step after the prompt; None: every step through transformers' forward
         self.eos_ids = _eos_ids(model, tokenizer)
         from llmkit.engine.fastpath import uses_gemv_switch
 
         self._gemv_switch = info.quantize == "none" and uses_gemv_switch(info.device, model.dtype)
-        from llmkit.engine.decode_step import lean_decoder_for
-
-        self._lean, step_choices = lean_decoder_for(model)  # None: every step goes through transformers' forward
         # transformers 5 renamed forward's `past_key_values` to `cache`; accept either.
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self._constraint_tokenizer: Any = None
-        choices = {}
-        for name, why in info.choices.items():
-            choices[name] = step_choices.get(name, why)
-            if name == "decode_matmul":  # the step's choice next to the kernel's
-                choices["decode_step"] = step_choices["decode_step"]
-        for name, why in step_choices.items():
-            choices.setdefault(name, why)
-        self.info = dataclasses.replace(info, choices=choices)
 
     def constraint_tokenizer(self) -> Any:
         """llguidance's view of the tokenizer, built on the first constrained request (about a second), then kept."""
@@ -123,6 +115,9 @@ class TransformersEngine(BatchingEngine):
                 from llmkit.engine.fastpath import quantize_int8
 
                 replaced = quantize_int8(model)
+            from llmkit.engine.decode_step import lean_decoder_for
+
+            lean, step_choices = lean_decoder_for(model)
         except (MemoryError, torch.OutOfMemoryError):
             raise OutOfMemory(
                 f"not enough memory to load {source.name}; try a smaller model or --dtype bfloat16"
@@ -141,12 +136,12 @@ class TransformersEngine(BatchingEngine):
             quantize=quantize,
             threads=thread_count,
             choices={
-                **_speed_choices(device_name, torch_dtype, dtype_why, replaced),
+                **_speed_choices(device_name, torch_dtype, dtype_why, replaced, step_choices),
                 "threads": f"{thread_count} ({threads_why})",
             },
             capabilities=Capabilities(batching=True, decode_logprobs=True),
         )
-        return cls(model, tokenizer, info)
+        return cls(model, tokenizer, info, lean)
 
     def step_context(self, token_rows: int):
         """The kernel setting for one forward pass of `token_rows` rows (batch x new tokens)."""
@@ -401,8 +396,11 @@ class TransformersSession(Session):
 # --- loading helpers --------------------------------------------------------------------------
 
 
-def _speed_choices(device: str, torch_dtype, dtype_why: str, int8_layers: int) -> dict[str, str]:
-    """How decoding will run and why, for EngineInfo.choices (monitor, --json, /health)."""
+def _speed_choices(
+    device: str, torch_dtype, dtype_why: str, int8_layers: int, step_choices: dict[str, str]
+) -> dict[str, str]:
+    """How decoding will run and why, for EngineInfo.choices (monitor, --json, /health); `step_choices` are the
+    decode step's (decode_step.lean_decoder_for)."""
     from llmkit.engine.fastpath import GEMV_MAX_ROWS, uses_gemv_switch
 
     choices = {"dtype": f"{str(torch_dtype).removeprefix('torch.')} ({dtype_why})"}
@@ -416,7 +414,10 @@ def _speed_choices(device: str, torch_dtype, dtype_why: str, int8_layers: int) -
             if uses_gemv_switch(device, torch_dtype)
             else f"torch default ({'oneDNN/MKL' if device == 'cpu' else device})"
         )
-    choices["kv_cache"] = "dynamic (static cache + torch.compile did not pay off on the CPU; see docs/performance.md)"
+    choices["decode_step"] = step_choices["decode_step"]
+    choices["kv_cache"] = step_choices.get(
+        "kv_cache", "dynamic (static cache + torch.compile did not pay off on the CPU; see docs/performance.md)"
+    )
     return choices
 
 
