@@ -239,6 +239,16 @@ def scheduler_request(engine, prompt: str, spec: dict, **kwargs):
     return BatchRequest(prompt, engine.prompt_ids(prompt), parse_params(spec), sink, **kwargs), sink
 
 
+def submit_all(scheduler, engine, prompts, specs, **kwargs) -> list:
+    """Submit one request per (prompt, spec) pair, in order; their Collectors."""
+    sinks = []
+    for prompt, spec in zip(prompts, specs):
+        request, sink = scheduler_request(engine, prompt, spec, **kwargs)
+        scheduler.submit(request)
+        sinks.append(sink)
+    return sinks
+
+
 def run_steps(scheduler, limit: int = 2000) -> int:
     """Step the scheduler until it has nothing left to do; the number of steps that did work."""
     steps = 0

@@ -6,7 +6,7 @@ from llmkit.engine.batch import BatchScheduler
 from llmkit.engine.scheduling import Failed, Finished
 from llmkit.errors import Cancelled, QueueFull, RequestTimeout
 from llmkit.params import parse_params
-from tests.server_helpers import completions, run_steps, scheduler_request
+from tests.server_helpers import completions, run_steps, scheduler_request, submit_all
 
 PROMPTS = [
     "Once upon a time",
@@ -29,11 +29,7 @@ def references(tiny_engine):
 
 def test_batched_together_equals_alone(tiny_engine, references):
     scheduler = BatchScheduler(tiny_engine)
-    sinks = []
-    for prompt, spec in zip(PROMPTS, SPECS):
-        req, sink = scheduler_request(tiny_engine, prompt, spec)
-        scheduler.submit(req)
-        sinks.append(sink)
+    sinks = submit_all(scheduler, tiny_engine, PROMPTS, SPECS)
     run_steps(scheduler)
     for sink, reference in zip(sinks, references):
         assert isinstance(sink.final, Finished)

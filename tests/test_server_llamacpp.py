@@ -30,6 +30,7 @@ from tests.server_helpers import (
     seed_without_eos,
     sse_events,
     stream_texts,
+    submit_all,
 )
 from tests.tiny_gguf import write_tiny_gguf
 
@@ -82,11 +83,7 @@ def assert_engines_text(llama, prompt, spec, sink):
 def test_batcher_decodes_requests_together_with_the_engines_text(llama):
     steps = []
     scheduler = llama.scheduler(on_step=lambda kind, rows, seconds: steps.append((kind, rows)))
-    sinks = []
-    for prompt, spec in zip(PROMPTS, SPECS):
-        req, sink = scheduler_request(llama, prompt, spec)
-        scheduler.submit(req)
-        sinks.append(sink)
+    sinks = submit_all(scheduler, llama, PROMPTS, SPECS)
     scheduler.step()
     assert scheduler.waiting == 0 and scheduler.running_rows == 5  # all four at once, n=2 taking two rows
     run_steps(scheduler)
@@ -509,11 +506,7 @@ def test_flash_attention_is_llamacpps_and_asked_for(llama, tiny_engine, cli, tin
     from llmkit.errors import UnsupportedFeature
 
     scheduler = llama.scheduler(flash_attn=True)
-    sinks = []
-    for prompt, spec in zip(PROMPTS, SPECS):
-        req, sink = scheduler_request(llama, prompt, spec)
-        scheduler.submit(req)
-        sinks.append(sink)
+    sinks = submit_all(scheduler, llama, PROMPTS, SPECS)
     run_steps(scheduler)
     for spec, sink in zip(SPECS, sinks):  # its text may differ from the engine's; its shape may not
         assert isinstance(sink.final, Finished)
