@@ -10,7 +10,8 @@ Sides, interleaved round by round so machine noise hits them alike:
 - pipeline: `pipeline("text-generation", model=FOLDER, dtype=float32)` called with max_new_tokens =
   min_new_tokens = N and do_sample=False (the tutorial's way), FOLDER being the local safetensors folder llmkit
   loads for the model;
-- llmkit: `llmkit generate -m MODEL --greedy --max-new-tokens N --json PROMPT` (dtype auto, or --dtype);
+- llmkit: `llmkit generate -m MODEL --greedy --max-new-tokens N --json PROMPT` (--dtype and --quantize auto,
+  or as given: --quantize none shows the default before it kept bfloat16 weights on CPUs without native BF16);
 - llmkit, transformers' forward: the same with LLMKIT_DECODE_STEP=forward (every decode step through
   transformers' forward instead of llmkit's lean step), to show what the step itself is worth.
 
@@ -18,7 +19,7 @@ llmkit may stop early at an end-of-sequence token; the token counts come from it
 Medians over --runs rounds; ratios read "> 1: faster than the pipeline".
 
 Usage: LLMKIT_CACHE_DIR=/tmp/llmkit-cache python benchmarks/decode_whole_process.py [--model smollm2-135m]
-       [--short 32] [--long 256] [--runs 3] [--dtype auto] [--json out.json]
+       [--short 32] [--long 256] [--runs 3] [--dtype auto] [--quantize auto] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ pipe(sys.argv[3], max_new_tokens=n, min_new_tokens=n, do_sample=False)
 def sides(args, folder: str, env: dict[str, str]) -> dict[str, tuple[list[str], dict[str, str]]]:
     """name -> (command without the token count and prompt, environment)."""
     llmkit = [sys.executable, "-m", "llmkit", "generate", "-m", args.model, "--greedy", "--json", "--dtype", args.dtype]
+    llmkit += ["--quantize", args.quantize]
     return {
         "pipeline (float32)": ([sys.executable, "-c", PIPELINE, folder], env),
         "llmkit generate": (llmkit, {**env, DECODE_STEP_ENV: "auto"}),
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", default="auto", help="llmkit's --dtype (the pipeline stays float32)")
+    parser.add_argument("--quantize", default="auto", help="llmkit's --quantize")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -98,7 +101,8 @@ def main() -> None:
         }
     reference = results["pipeline (float32)"]["decode_tok_s"]
     print(
-        f"{args.model}: llmkit dtype {args.dtype} ({dtype} if auto), pipeline float32; greedy; "
+        f"{args.model}: llmkit dtype {args.dtype} ({dtype} if auto), quantize {args.quantize}, pipeline float32; "
+        "greedy; "
         f"{args.short} vs {args.long} new tokens; medians of {args.runs} rounds; {cpu_model()}, {os.cpu_count()} cores"
     )
     print(f"{'side':40s} {'short s':>8s} {'long s':>8s} {'tokens':>9s} {'decode tok/s':>13s} {'vs pipeline':>12s}")

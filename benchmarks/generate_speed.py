@@ -19,11 +19,13 @@ The reference gets `min_new_tokens=max_new_tokens`; llmkit may stop earlier at E
 counts are printed for both and tok/s always uses the actual counts. Ratios compare medians and
 read "> 1 means llmkit is better": reference/llmkit for times, llmkit/reference for speeds.
 
-Configurations (--configs): default (what `llmkit generate` uses: dtype auto), forward (the default with
-every decode step through transformers' forward instead of llmkit's lean step: LLMKIT_DECODE_STEP=forward),
-float32, bfloat16, float16, int8 (--quantize int8); plus the llama.cpp engine and raw llama-cpp-python for GGUF models
-when llama-cpp-python is installed (raw gets the engine's thread count, so both run alike). Each row
-also shows what the engine chose (EngineInfo.choices) and how many greedy tokens equal the reference's.
+Configurations (--configs): default (what `llmkit generate` uses: dtype and quantize auto), forward (the
+default with every decode step through transformers' forward instead of llmkit's lean step:
+LLMKIT_DECODE_STEP=forward), float32, bfloat16, float16, int8 (--quantize int8), bf16-weights (--quantize bf16),
+unquantized (the default with --quantize none: what it was before `auto` kept bfloat16 weights on CPUs without
+native BF16); plus the llama.cpp engine and raw llama-cpp-python for GGUF models when llama-cpp-python is
+installed (raw gets the engine's thread count, so both run alike). Each row also shows what the engine chose
+(EngineInfo.choices) and how many greedy tokens equal the reference's.
 
 Threads: --threads N (or $LLMKIT_THREADS) sets torch's threads for the whole process before anything loads,
 so the reference and every llmkit side compute with the same count (llama.cpp's n_threads and
@@ -184,18 +186,25 @@ CONFIGS = {  # --configs name -> (label, load_engine keyword arguments)
     "bfloat16": ("llmkit bfloat16", {"dtype": "bfloat16"}),
     "float16": ("llmkit float16", {"dtype": "float16"}),
     "int8": ("llmkit int8", {"quantize": "int8"}),
+    "bf16-weights": ("llmkit bf16 weights", {"quantize": "bf16"}),
+    "unquantized": ("llmkit default, --quantize none", {"quantize": "none"}),
 }
 
 
 def bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: parameters and buffers (int8 weights are buffers), minus the
+    """Bytes of weights one decode step reads: parameters and buffers (quantized weights are buffers), minus the
     input embedding when the output head does not share it (only one row of it is read per token)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "inv_freq" not in name)
-    embedding, head = model.get_input_embeddings().weight, getattr(model.get_output_embeddings(), "weight", None)
+    embedding, head = _weight(model.get_input_embeddings()), _weight(model.get_output_embeddings())
     if head is None or head.data_ptr() != embedding.data_ptr():
         total -= embedding.numel() * embedding.element_size()
     return total
+
+
+def _weight(module):
+    """A layer's weight tensor: `weight`, or --quantize bf16's `weight_bf16` (None for int8's, a separate copy)."""
+    return getattr(module, "weight_bf16", None) if hasattr(module, "weight_bf16") else getattr(module, "weight", None)
 
 
 def load_llmkit(model: str, threads: int | None, options: dict):

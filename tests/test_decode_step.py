@@ -31,7 +31,9 @@ def tiny_gemma_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "options", [{"dtype": "float32"}, {"dtype": "bfloat16"}, {"quantize": "int8"}], ids=["float32", "bfloat16", "int8"]
+    "options",
+    [{"dtype": "float32"}, {"dtype": "bfloat16"}, {"quantize": "int8"}, {"quantize": "bf16"}],
+    ids=["float32", "bfloat16", "int8", "bf16-weights"],
 )
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])

@@ -2,7 +2,7 @@
 
 Tolerances (tiny random model, weights N(0, 0.02)), as docs/performance.md states them:
 - float32 (any path): identical greedy tokens and logits.
-- float16 / bfloat16 / int8: the log-softmax over a whole teacher-forced sequence stays within
+- float16 / bfloat16 / int8 / bf16 weight-only: the log-softmax over a whole teacher-forced sequence stays within
   MAX_LOGPROB_ERROR of float32's; greedy tokens are identical to float32's up to the first step
   where float32's own top-two margin is smaller than twice that error (where a flip is allowed).
 """
@@ -16,12 +16,25 @@ import torch
 
 from llmkit import devices
 from llmkit.engine import LoadOptions, choose_engine, load_engine
-from llmkit.engine.fastpath import GEMV_MAX_ROWS, Int8WeightOnlyLinear, quantize_int8
+from llmkit.engine.fastpath import (
+    BF16_GEMV_MAX_ROWS,
+    GEMV_MAX_ROWS,
+    Bf16WeightEmbedding,
+    Bf16WeightLinear,
+    Int8WeightOnlyLinear,
+    quantize_bf16,
+    quantize_int8,
+)
 from llmkit.errors import InvalidParams, UnsupportedFeature
 from llmkit.params import GenerationParams
 
 PROMPT = "The quick brown fox"
-MAX_LOGPROB_ERROR = {("float16", "none"): 2e-3, ("bfloat16", "none"): 1e-2, ("auto", "int8"): 2e-2}
+MAX_LOGPROB_ERROR = {
+    ("float16", "none"): 2e-3,
+    ("bfloat16", "none"): 1e-2,
+    ("auto", "int8"): 2e-2,
+    ("auto", "bf16"): 1e-2,
+}
 GREEDY = GenerationParams(max_new_tokens=32, temperature=0.0)
 
 
@@ -46,6 +59,30 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, flag, expected):
     assert why.startswith("auto:") and (flag or "no native bfloat16") in why
 
 
+@pytest.mark.parametrize(
+    "name, dtype, device, flag, env, batching, expected",
+    [
+        ("auto", "auto", "cpu", None, None, False, "bf16"),
+        ("auto", "auto", "cpu", "avx512_bf16", None, False, "none"),  # auto computes in bfloat16 already
+        ("auto", "float32", "cpu", None, None, False, "none"),  # a dtype was asked for
+        ("auto", "auto", "cpu", None, "float32", False, "none"),  # ... or set by $LLMKIT_DTYPE
+        ("auto", "auto", "cpu", None, None, True, "none"),  # serve's batched steps
+        ("auto", "auto", "cuda", None, None, False, "none"),
+        ("bf16", "auto", "cpu", "avx512_bf16", None, True, "bf16"),  # asked for: as asked
+        ("none", "auto", "cpu", None, None, False, "none"),
+    ],
+)
+def test_auto_quantize(monkeypatch, name, dtype, device, flag, env, batching, expected):
+    if env is None:
+        monkeypatch.delenv(devices.DTYPE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(devices.DTYPE_ENV, env)
+    monkeypatch.setattr(devices, "native_bf16_flag", lambda: flag)
+    chosen, why = devices.choose_quantize(name, dtype, device, batching=batching)
+    assert chosen == expected
+    assert why == "set by --quantize" if name != "auto" else why.startswith("auto:")
+
+
 def test_dtype_env_sets_auto_but_not_an_explicit_dtype(monkeypatch):
     monkeypatch.setenv(devices.DTYPE_ENV, "float16")
     assert devices.choose_dtype("auto", "cpu") == (torch.float16, "LLMKIT_DTYPE=float16")
@@ -63,14 +100,15 @@ def test_auto_engine_choice(tiny_model_dir, tmp_path):
     gguf.write_bytes(b"GGUF")
     assert choose_engine(str(gguf), LoadOptions(engine="auto", dtype="float32"))[0] == "transformers"
     assert choose_engine(str(gguf), LoadOptions(engine="auto", quantize="int8"))[0] == "transformers"
-    engine, why = choose_engine(str(gguf), LoadOptions(engine="auto", device="cpu"))
+    assert choose_engine(str(gguf), LoadOptions(engine="auto", quantize="bf16"))[0] == "transformers"
+    engine, why = choose_engine(str(gguf), LoadOptions(engine="auto", device="cpu", quantize="none"))
     from llmkit.engine.llamacpp import llamacpp_installed
 
     assert engine == ("llama.cpp" if llamacpp_installed() else "transformers"), why
 
 
 def test_bad_load_options_are_caught_when_the_record_is_made():
-    with pytest.raises(InvalidParams, match="quantize must be one of none, int8"):
+    with pytest.raises(InvalidParams, match="quantize must be one of auto, none, int8, bf16"):
         LoadOptions(device="cpu", quantize="int4")
     with pytest.raises(InvalidParams, match="engine must be one of"):
         LoadOptions(engine="vllm")
@@ -87,6 +125,12 @@ def test_bad_load_options_are_caught_when_the_record_is_made():
 def test_int8_refuses_other_dtypes_and_devices(tiny_model_dir):
     with pytest.raises(InvalidParams, match="computes in bfloat16"):
         load_engine(str(tiny_model_dir), device="cpu", dtype="float32", quantize="int8")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bf16_weight_only_refuses_other_dtypes(tiny_model_dir, dtype):
+    with pytest.raises(InvalidParams, match=f"bfloat16 weights with float32 activations, which --dtype {dtype}"):
+        load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize="bf16")
 
 
 def test_llamacpp_engine_refuses_quantize(tiny_model_dir):
@@ -109,6 +153,74 @@ def test_int8_linear_error_is_within_its_rounding_bound():
     bound = x.float().abs().sum(dim=1, keepdim=True) * quantized.scales.float()[None, :] / 2
     assert torch.all((got - exact).abs() <= bound + exact.abs() * 2**-7 + 1e-3)
     assert quantized.weight_int8.dtype == torch.int8 and quantized.weight_int8.abs().max() == 127
+
+
+# --- bfloat16 weight-only ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, BF16_GEMV_MAX_ROWS, BF16_GEMV_MAX_ROWS + 1, 64])
+def test_bf16_weight_linear_computes_with_the_rounded_weights(rows):
+    """Larger calls are float32 arithmetic on the bfloat16-rounded weights, to the bit; small ones (gemv on
+    bfloat16 rows) are within bfloat16's rounding of the rows; oneDNN's switch is left as it was."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    layer = Bf16WeightLinear(linear)
+    assert layer.weight_bf16.dtype == torch.bfloat16 and layer.bias is linear.bias
+    x = torch.randn(rows, 64)
+    rounded = torch.nn.functional.linear(x, linear.weight.detach().bfloat16().float(), linear.bias.detach())
+    got = layer(x)
+    assert got.dtype == torch.float32
+    if rows > BF16_GEMV_MAX_ROWS:
+        assert torch.equal(got, rounded)
+    else:
+        bound = (x.abs() @ linear.weight.detach().abs().T) * 2**-7 + 1e-5  # rows' rounding plus the result's
+        assert torch.all((got - rounded).abs() <= bound)
+        assert not torch.equal(got, rounded)  # the rows really went through bfloat16
+    assert torch._C._get_mkldnn_enabled()
+
+
+def test_quantize_bf16_keeps_a_tied_head_tied_and_scaled_embeddings_exact(tmp_path):
+    """Tiny Gemma 3 (scaled embeddings, head tied to them): every Linear and the embedding hold bfloat16,
+    the head shares the embedding's bfloat16 tensor, and the lookup returns the original's rows rounded."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "gemma", sliding_window=4)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    original = model.get_input_embeddings()
+    assert model.lm_head.weight is original.weight  # tied in the checkpoint
+    ids = torch.arange(0, original.num_embeddings, 7)
+    with torch.no_grad():
+        expected = torch.nn.functional.embedding(ids, original.weight.bfloat16().float()) * original.embed_scale
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert quantize_bf16(model) == linears > 0
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, Bf16WeightEmbedding) and isinstance(model.lm_head, Bf16WeightLinear)
+    assert model.lm_head.weight_bf16 is embedding.weight_bf16
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(embedding(ids), expected)
+    assert model.dtype == torch.float32
+
+
+def test_quantize_bf16_leaves_an_embedding_it_does_not_know(tiny_model_dir):
+    """An embedding subclass whose forward is not the plain (or scaled) lookup stays as it is, in float32."""
+    from transformers import AutoModelForCausalLM
+
+    class OffsetScaledWordEmbedding(torch.nn.Embedding):  # the name and attribute of a scaled one, another forward
+        embed_scale = torch.tensor(2.0)
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale + 1.0
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    plain = model.get_input_embeddings()
+    odd = OffsetScaledWordEmbedding(plain.num_embeddings, plain.embedding_dim)
+    model.set_input_embeddings(odd)
+    quantize_bf16(model)
+    assert model.get_input_embeddings() is odd and odd.weight.dtype == torch.float32
+    assert isinstance(model.lm_head, Bf16WeightLinear)
 
 
 def test_quantize_int8_replaces_every_linear_including_the_head(tiny_model_dir):
@@ -148,9 +260,9 @@ def test_configuration_matches_float32_within_tolerance(tiny_model_dir, float32_
     tokens, ids, prompt_len, reference, _ = float32_reference
     assert len(tokens) == GREEDY.max_new_tokens  # a long enough sequence to compare
     engine = load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize=quantize)
-    assert engine.info.dtype == ("bfloat16" if quantize == "int8" else dtype)
+    assert engine.info.dtype == {"int8": "bfloat16", "bf16": "float32"}.get(quantize, dtype)
     assert engine.info.quantize == quantize
-    assert engine.info.parameters == float32_reference[4]  # counted before int8 weights become buffers
+    assert engine.info.parameters == float32_reference[4]  # counted before quantized weights become buffers
 
     tolerance = MAX_LOGPROB_ERROR[(dtype, quantize)]
     error = (_logprobs(engine, ids) - reference).abs().max().item()
@@ -217,9 +329,37 @@ def test_choices_reach_json_and_monitor(cli, tiny_model_dir):
     assert bad.exit_code == 2 and "computes in bfloat16" in bad.stderr
 
 
+@pytest.mark.parametrize("flag", [None, "avx512_bf16"])
+def test_default_quantize_reaches_json(cli, tiny_model_dir, monkeypatch, flag):
+    """No --dtype, no --quantize, no $LLMKIT_DTYPE: bfloat16 weights on a CPU without native BF16, else none;
+    --quantize bf16 asks for it anywhere; with --dtype bfloat16 it is refused (exit 2)."""
+    monkeypatch.delenv(devices.DTYPE_ENV)
+    monkeypatch.setattr(devices, "native_bf16_flag", lambda: flag)
+
+    def engine_record(*options: str) -> dict:
+        args = ("generate", "-m", str(tiny_model_dir), "--device", "cpu", *options, "--greedy", "--max-new-tokens")
+        return json.loads(cli(*args, "4", "--json", PROMPT).stdout)["engine"]
+
+    record = engine_record()
+    if flag is None:
+        assert (record["quantize"], record["dtype"]) == ("bf16", "float32")
+        assert record["choices"]["quantize"].startswith("bfloat16 weight-only")
+        assert "no native bfloat16" in record["choices"]["quantize"]
+    else:
+        assert (record["quantize"], record["dtype"]) == ("none", "bfloat16")
+        assert record["choices"]["quantize"] == f"none (auto: this CPU computes bfloat16 natively, flag {flag})"
+    asked = engine_record("--quantize", "bf16")
+    assert (asked["quantize"], asked["dtype"]) == ("bf16", "float32")
+    assert "set by --quantize" in asked["choices"]["quantize"]
+    assert engine_record("--dtype", "float32")["quantize"] == "none"
+    bad = cli("generate", "-m", str(tiny_model_dir), "--quantize", "bf16", "--dtype", "bfloat16", PROMPT)
+    assert bad.exit_code == 2 and "which --dtype bfloat16 contradicts" in bad.stderr
+
+
 def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
-    """The server with --quantize int8 and with the real `auto` (no LLMKIT_DTYPE): /health names the setup, a
-    lone greedy request gives the in-process engine's text for the same setup, and batched rows agree."""
+    """The server with --quantize int8 and with the real `auto` (no LLMKIT_DTYPE; serve's auto keeps unquantized
+    weights): /health names the setup, a lone greedy request gives the in-process engine's text for the same
+    setup, and batched rows agree."""
     import concurrent.futures
 
     from tests.server_helpers import ServerProcess
@@ -242,7 +382,7 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
             "bfloat16" if options else auto_dtype,
             options.get("quantize", "none"),
         )
-        engine = load_engine(str(tiny_model_dir), device="cpu", **options)
+        engine = load_engine(str(tiny_model_dir), LoadOptions(device="cpu", batching=True, **options))
         assert alone == engine.generate(PROMPT, GenerationParams(max_new_tokens=8, temperature=0.0)).text
         assert len({answer["choices"][0]["text"] for answer in batched}) == 1
 

@@ -281,7 +281,7 @@ def load_options(
     declared = {
         "device": (DeviceOpt, "auto"),
         "dtype": (DtypeOpt, "auto"),
-        "quantize": (QuantizeOpt, "none"),
+        "quantize": (QuantizeOpt, "auto"),
         "engine": (EngineOpt, DEFAULT_ENGINE),
         "threads": (ThreadsOpt, None),
     }
@@ -345,8 +345,9 @@ QuantizeOpt = Annotated[
     typer.Option(
         "--quantize",
         rich_help_panel=MODEL_PANEL,
-        help="none or int8 (transformers engine on the CPU: int8 weights, bfloat16 compute; faster, "
-        "slightly different text).",
+        help="auto, none, int8 or bf16 (transformers engine on the CPU; both faster, slightly different text). "
+        "int8: int8 weights, bfloat16 compute. bf16: bfloat16 weights, float32 compute. auto: bf16 on CPUs "
+        "without native BF16 when --dtype is auto (not for serve), else none.",
     ),
 ]
 

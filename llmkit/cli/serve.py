@@ -185,7 +185,7 @@ def serve(
         ),
     ] = None,
     make_load_options: Callable[
-        [], LoadOptions
+        ..., LoadOptions
     ],  # --device, --dtype, --quantize, --engine, --threads: from the decorator
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat, with continuous batching."""
@@ -210,7 +210,7 @@ def serve(
         max_connections=max_connections,
         forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     ).check()
-    load_options = make_load_options()
+    load_options = make_load_options(batching=True)
     if flash_attn and load_options.engine == "transformers":
         from llmkit.errors import InvalidParams
 

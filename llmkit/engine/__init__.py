@@ -60,11 +60,12 @@ class LoadOptions:
 
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
-    quantize: str = "none"  # none or int8
+    quantize: str = "auto"  # auto, none, int8 or bf16 (devices.choose_quantize says what auto picks)
     engine: str = DEFAULT_ENGINE  # transformers, llama.cpp, auto or remote (a URL's, whatever this says)
     threads: int | None = None  # CPU threads that compute; None: $LLMKIT_THREADS when set, else the engine's default
     remote_model: str | None = None  # for a URL: the server's model to use (URL#name says it too)
     api_key: str | None = field(default=None, repr=False)  # for a URL; None: $LLMKIT_API_KEY, else $OPENAI_API_KEY
+    batching: bool = False  # set by serve, not an option: the engine runs batched steps (quantize auto: none)
 
     def __post_init__(self) -> None:
         from llmkit.devices import check_device, check_dtype, check_quantize, requested_threads
@@ -115,7 +116,7 @@ def choose_engine(model: str | None, options: LoadOptions) -> tuple[str, str]:
     source = resolve(model)
     if source.kind not in ("alias", "gguf"):
         return "transformers", f"auto: {source.name} is a {source.kind} model, not a GGUF file"
-    if options.dtype != "auto" or options.quantize != "none":
+    if options.dtype != "auto" or options.quantize not in ("auto", "none"):
         return "transformers", "auto: --dtype/--quantize ask for transformers"
     from llmkit.engine.llamacpp import llamacpp_installed
 

@@ -199,7 +199,7 @@ class LlamaCppEngine(Engine):
                 "the llama.cpp engine computes in the GGUF file's own quantized types; "
                 "drop --dtype, or use --engine transformers"
             )
-        if quantize != "none":
+        if quantize not in ("auto", "none"):
             raise UnsupportedFeature(
                 "the llama.cpp engine runs the GGUF file's own quantization; drop "
                 "--quantize, or use --engine transformers"

@@ -435,12 +435,12 @@ class RemoteEngine(Engine):
     def load(cls, reference: str | None, options, *, progress=None) -> RemoteEngine:
         if reference is None:
             raise InvalidParams("give the server's URL: -m http://host:port/v1", field="model")
-        for name, value, default in (
-            ("--device", options.device, "auto"),
-            ("--dtype", options.dtype, "auto"),
-            ("--quantize", options.quantize, "none"),
+        for name, value, defaults in (
+            ("--device", options.device, ("auto",)),
+            ("--dtype", options.dtype, ("auto",)),
+            ("--quantize", options.quantize, ("auto", "none")),
         ):
-            if value != default:
+            if value not in defaults:
                 raise UnsupportedFeature(f"{name} is the server's setting, not llmkit's: drop it for a URL model")
         if options.threads is not None:
             raise UnsupportedFeature("--threads is the server's setting, not llmkit's: drop it for a URL model")

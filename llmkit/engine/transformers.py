@@ -72,7 +72,7 @@ class TransformersEngine(BatchingEngine):
     def load(
         cls, reference: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None
     ) -> TransformersEngine:
-        from llmkit.devices import choose_dtype, resolve_device, use_threads
+        from llmkit.devices import choose_dtype, choose_quantize, resolve_device, use_threads
 
         options = options or LoadOptions()
         quantize = options.quantize
@@ -80,6 +80,12 @@ class TransformersEngine(BatchingEngine):
             raise InvalidParams(
                 f"--quantize int8 computes in bfloat16 (its kernel takes bfloat16 activations); "
                 f"drop --dtype {options.dtype} or use --dtype bfloat16",
+                field="dtype",
+            )
+        if quantize == "bf16" and options.dtype not in ("auto", "float32"):
+            raise InvalidParams(
+                f"--quantize bf16 keeps bfloat16 weights with float32 activations, which --dtype {options.dtype} "
+                "contradicts: drop one of them",
                 field="dtype",
             )
         source = resolve(reference)
@@ -91,17 +97,19 @@ class TransformersEngine(BatchingEngine):
         try:
             folder = local_folder(source, progress)
             device_name = resolve_device(options.device)
-            if quantize == "int8" and device_name != "cpu":
+            quantize, quantize_why = choose_quantize(quantize, options.dtype, device_name, batching=options.batching)
+            if quantize != "none" and device_name != "cpu":
                 raise InvalidParams(
-                    f"--quantize int8 runs on the CPU only (device {device_name}); use "
+                    f"--quantize {quantize} runs on the CPU only (device {device_name}); use "
                     "--dtype bfloat16 on a GPU, or --device cpu",
                     field="quantize",
                 )
-            torch_dtype, dtype_why = (
-                (torch.bfloat16, "int8 weight-only computes in bfloat16")
-                if quantize == "int8"
-                else choose_dtype(options.dtype, device_name)
-            )
+            if quantize == "int8":
+                torch_dtype, dtype_why = torch.bfloat16, "int8 weight-only computes in bfloat16"
+            elif quantize == "bf16":
+                torch_dtype, dtype_why = torch.float32, "bfloat16 weight-only keeps float32 activations"
+            else:
+                torch_dtype, dtype_why = choose_dtype(options.dtype, device_name)
             if progress:
                 progress(f"loading {source.name}", 0, None)
             if folder is not None:
@@ -110,11 +118,17 @@ class TransformersEngine(BatchingEngine):
                 model, tokenizer = _load_from_hub(source.location, torch_dtype)
             model.to(device_name).eval()
             parameters = sum(p.numel() for p in model.parameters())  # before int8 turns weights into buffers
-            replaced = 0
+            replaced = ""  # what --quantize replaced, for EngineInfo.choices
             if quantize == "int8":
                 from llmkit.engine.fastpath import quantize_int8
 
-                replaced = quantize_int8(model)
+                replaced = f"{quantize_int8(model)} Linear layers"
+            elif quantize == "bf16":
+                from llmkit.engine.fastpath import Bf16WeightEmbedding, quantize_bf16
+
+                replaced = f"{quantize_bf16(model)} Linear layers" + (
+                    " and the input embedding" if isinstance(model.get_input_embeddings(), Bf16WeightEmbedding) else ""
+                )
             from llmkit.engine.decode_step import lean_decoder_for
 
             lean, step_choices = lean_decoder_for(model)
@@ -136,7 +150,9 @@ class TransformersEngine(BatchingEngine):
             quantize=quantize,
             threads=thread_count,
             choices={
-                **_speed_choices(device_name, torch_dtype, dtype_why, replaced, step_choices),
+                **_speed_choices(
+                    device_name, (torch_dtype, dtype_why), (quantize, quantize_why), replaced, step_choices
+                ),
                 "threads": f"{thread_count} ({threads_why})",
             },
             capabilities=Capabilities(batching=True, decode_logprobs=True),
@@ -397,18 +413,25 @@ class TransformersSession(Session):
 
 
 def _speed_choices(
-    device: str, torch_dtype, dtype_why: str, int8_layers: int, step_choices: dict[str, str]
+    device: str, dtype: tuple[Any, str], quantize: tuple[str, str], replaced: str, step_choices: dict[str, str]
 ) -> dict[str, str]:
-    """How decoding will run and why, for EngineInfo.choices (monitor, --json, /health); `step_choices` are the
-    decode step's (decode_step.lean_decoder_for)."""
-    from llmkit.engine.fastpath import GEMV_MAX_ROWS, uses_gemv_switch
+    """How decoding will run and why, for EngineInfo.choices (monitor, --json, /health); `replaced`: what
+    `quantize` replaced; `step_choices` are the decode step's (decode_step.lean_decoder_for)."""
+    from llmkit.engine.fastpath import BF16_GEMV_MAX_ROWS, GEMV_MAX_ROWS, uses_gemv_switch
 
+    (torch_dtype, dtype_why), (method, quantize_why) = dtype, quantize
     choices = {"dtype": f"{str(torch_dtype).removeprefix('torch.')} ({dtype_why})"}
-    if int8_layers:
-        choices["quantize"] = f"int8 weight-only, one scale per output channel, {int8_layers} Linear layers"
+    if method == "int8":
+        choices["quantize"] = f"int8 weight-only, one scale per output channel, {replaced} ({quantize_why})"
         choices["decode_matmul"] = "torch _weight_int8pack_mm (int8 weights x bfloat16 activations)"
+    elif method == "bf16":
+        choices["quantize"] = f"bfloat16 weight-only, {replaced} ({quantize_why})"
+        choices["decode_matmul"] = (
+            f"torch gemv on bfloat16 rows for calls of <= {BF16_GEMV_MAX_ROWS} rows (oneDNN off), "
+            "float32 with the weights upcast for prefill and larger batches"
+        )
     else:
-        choices["quantize"] = "none"
+        choices["quantize"] = f"none ({quantize_why})"
         choices["decode_matmul"] = (
             f"torch gemv for steps of <= {GEMV_MAX_ROWS} token rows (oneDNN off), oneDNN for prefill and larger batches"
             if uses_gemv_switch(device, torch_dtype)
