@@ -13,7 +13,8 @@ Sides, interleaved round by round so machine noise hits them alike:
 - llmkit: `llmkit generate -m MODEL --greedy --max-new-tokens N --json PROMPT` (--dtype and --quantize auto,
   or as given: --quantize none shows the default before it kept bfloat16 weights on CPUs without native BF16);
 - llmkit, transformers' forward: the same with LLMKIT_DECODE_STEP=forward (every decode step through
-  transformers' forward instead of llmkit's lean step), to show what the step itself is worth.
+  transformers' forward instead of llmkit's lean step), to show what the step itself is worth;
+- with --quantize auto, llmkit --quantize none too: what auto's choice of weights is worth.
 
 llmkit may stop early at an end-of-sequence token; the token counts come from its --json and are printed.
 Medians over --runs rounds; ratios read "> 1: faster than the pipeline".
@@ -48,12 +49,17 @@ pipe(sys.argv[3], max_new_tokens=n, min_new_tokens=n, do_sample=False)
 def sides(args, folder: str, env: dict[str, str]) -> dict[str, tuple[list[str], dict[str, str]]]:
     """name -> (command without the token count and prompt, environment)."""
     llmkit = [sys.executable, "-m", "llmkit", "generate", "-m", args.model, "--greedy", "--json", "--dtype", args.dtype]
-    llmkit += ["--quantize", args.quantize]
-    return {
+    chosen = {
         "pipeline (float32)": ([sys.executable, "-c", PIPELINE, folder], env),
-        "llmkit generate": (llmkit, {**env, DECODE_STEP_ENV: "auto"}),
-        "llmkit generate, transformers' forward": (llmkit, {**env, DECODE_STEP_ENV: "forward"}),
+        "llmkit generate": ([*llmkit, "--quantize", args.quantize], {**env, DECODE_STEP_ENV: "auto"}),
+        "llmkit generate, transformers' forward": (
+            [*llmkit, "--quantize", args.quantize],
+            {**env, DECODE_STEP_ENV: "forward"},
+        ),
     }
+    if args.quantize == "auto":  # what auto's choice of weights is worth
+        chosen["llmkit generate --quantize none"] = ([*llmkit, "--quantize", "none"], {**env, DECODE_STEP_ENV: "auto"})
+    return chosen
 
 
 def run_once(name: str, command: list[str], env: dict[str, str], tokens: int) -> tuple[float, int]:

@@ -187,7 +187,7 @@ CONFIGS = {  # --configs name -> (label, load_engine keyword arguments)
     "float16": ("llmkit float16", {"dtype": "float16"}),
     "int8": ("llmkit int8", {"quantize": "int8"}),
     "bf16-weights": ("llmkit bf16 weights", {"quantize": "bf16"}),
-    "unquantized": ("llmkit default, --quantize none", {"quantize": "none"}),
+    "unquantized": ("llmkit quantize none", {"quantize": "none"}),
 }
 
 
@@ -205,6 +205,15 @@ def bytes_per_token(model) -> int:
 def _weight(module):
     """A layer's weight tensor: `weight`, or --quantize bf16's `weight_bf16` (None for int8's, a separate copy)."""
     return getattr(module, "weight_bf16", None) if hasattr(module, "weight_bf16") else getattr(module, "weight", None)
+
+
+def shown_prompt(report: dict) -> str:
+    """The prompt as the report's header shows it: whole when short, else its start and its length in tokens."""
+    prompt = report["config"]["prompt"]
+    if len(prompt) <= 120:
+        return repr(prompt)
+    counts = [s["prompt_tokens"]["median"] for s in report["summary"].values() if s["prompt_tokens"]]
+    return f"{prompt[:60]!r}... ({len(prompt)} characters, {counts[0]:.0f} tokens)"
 
 
 def load_llmkit(model: str, threads: int | None, options: dict):
@@ -286,6 +295,7 @@ def benchmark(args) -> dict:
     folder = str(local_folder(source) or source.location)  # a Hub id loads from the HF cache on both sides
     sides = sides_for(args, folder)
     samples = {side: {m: [] for m in (*METRICS, "prompt_tokens")} for side in sides}
+    prompt = " ".join([args.prompt] * args.prompt_repeat)
     loaded = {}
     total = args.warmup + args.runs
     for i in range(total):
@@ -301,7 +311,7 @@ def benchmark(args) -> dict:
         print(f"generate {i + 1}/{total}", file=sys.stderr)
         for side, (_, run, _) in sides.items():
             gc.collect()
-            result = run(loaded[side], args.prompt, args.max_new_tokens)
+            result = run(loaded[side], prompt, args.max_new_tokens)
             outputs[side] = result.pop("token_ids")
             if i >= args.warmup:
                 for metric, value in result.items():
@@ -317,7 +327,7 @@ def benchmark(args) -> dict:
         "config": {
             "model": args.model,
             "folder": folder,
-            "prompt": args.prompt,
+            "prompt": prompt,
             "runs": args.runs,
             "warmup": args.warmup,
             "max_new_tokens": args.max_new_tokens,
@@ -360,7 +370,7 @@ def print_report(report: dict) -> None:
     )
     console.print(
         f"model: {c['model']} ({c['folder']}); greedy, max_new_tokens {c['max_new_tokens']}, "
-        f"{c['runs']} runs after {c['warmup']} warm-up, interleaved; prompt {c['prompt']!r}"
+        f"{c['runs']} runs after {c['warmup']} warm-up, interleaved; prompt {shown_prompt(report)}"
     )
     console.print(
         f"memory bandwidth (torch, 1 GiB sum): {report['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
@@ -407,6 +417,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument(
+        "--prompt-repeat", type=int, default=1, help="the prompt N times, space-separated: a long prompt for prefill"
+    )
     parser.add_argument(
         "--configs",
         default="default,float32,bfloat16,int8",
