@@ -92,12 +92,15 @@ def resolve_device(name: str) -> str:
     return name
 
 
+BF16_GEMV_MAX_ROWS = 4  # rows per call at or below which bf16 weight-only takes the gemv (engine/fastpath.py)
+
+
 def choose_quantize(name: str, dtype: str, device: str, *, batching: bool = False) -> tuple[str, str]:
     """(quantize, why) for a --quantize name, the --dtype name and a resolved device. `auto` keeps the weights in
     bfloat16 where `auto` would otherwise compute in float32 for want of native bfloat16 (a CPU without
     avx512_bf16/amx_bf16): each token then reads half the bytes (1.7x the decode speed of float32 on SmolLM2 on
-    a 2-core AMD EPYC) while activations stay float32. Not for `batching` (serve): a step of more than a few
-    rows upcasts the weights, slower than float32's own."""
+    a 2-core AMD EPYC) while activations stay float32. Not for `batching` (serve with batches of more than
+    BF16_GEMV_MAX_ROWS): a step of more rows upcasts the weights, slower than float32's own."""
     check_quantize(name)
     if name != "auto":
         return name, "set by --quantize"
@@ -109,7 +112,7 @@ def choose_quantize(name: str, dtype: str, device: str, *, batching: bool = Fals
     if flag:
         return "none", f"auto: this CPU computes bfloat16 natively, flag {flag}"
     if batching:
-        return "none", "auto: serve's batched steps run faster on float32 weights"
+        return "none", f"auto: serve's batches of more than {BF16_GEMV_MAX_ROWS} rows run faster on float32 weights"
     return "bf16", "auto: this CPU has no native bfloat16; bfloat16 weights halve what each token reads"
 
 

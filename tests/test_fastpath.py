@@ -414,7 +414,24 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
         assert len({answer["choices"][0]["text"] for answer in batched}) == 1
 
 
-@pytest.mark.parametrize("dtype, quantize", [("bfloat16", "none"), ("float16", "none"), ("auto", "int8")])
+@pytest.mark.parametrize("max_batch_size", [devices.BF16_GEMV_MAX_ROWS, devices.BF16_GEMV_MAX_ROWS + 1])
+def test_serve_auto_quantize_follows_the_batch_size(tiny_model_dir, tmp_path, monkeypatch, max_batch_size):
+    """serve's --quantize auto is what generate's is while every step has at most BF16_GEMV_MAX_ROWS rows, and
+    unquantized weights for larger batches (on a CPU with native BF16 both are none)."""
+    from tests.server_helpers import ServerProcess
+
+    monkeypatch.delenv(devices.DTYPE_ENV)
+    single_stream = devices.choose_quantize("auto", "auto", "cpu")[0]
+    process = ServerProcess(tiny_model_dir, tmp_path / "server.log", f"--max-batch-size={max_batch_size}")
+    process.env.pop(devices.DTYPE_ENV, None)
+    with process, process.client() as client:
+        health = client.get("/health").json()
+    assert health["quantize"] == (single_stream if max_batch_size <= devices.BF16_GEMV_MAX_ROWS else "none")
+
+
+@pytest.mark.parametrize(
+    "dtype, quantize", [("bfloat16", "none"), ("float16", "none"), ("auto", "int8"), ("auto", "bf16")]
+)
 def test_extreme_sampling_settings_run_batched_on_each_configuration(tiny_model_dir, dtype, quantize):
     """The NaN class of bug on the faster paths: every extreme setting the schema accepts, batched together
     with an ordinary request, samples real tokens and finishes; the ordinary request is unaffected."""

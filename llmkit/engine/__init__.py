@@ -65,7 +65,7 @@ class LoadOptions:
     threads: int | None = None  # CPU threads that compute; None: $LLMKIT_THREADS when set, else the engine's default
     remote_model: str | None = None  # for a URL: the server's model to use (URL#name says it too)
     api_key: str | None = field(default=None, repr=False)  # for a URL; None: $LLMKIT_API_KEY, else $OPENAI_API_KEY
-    batching: bool = False  # set by serve, not an option: the engine runs batched steps (quantize auto: none)
+    batching: bool = False  # set by serve, not an option: steps of more than a few rows (quantize auto: none)
 
     def __post_init__(self) -> None:
         from llmkit.devices import check_device, check_dtype, check_quantize, requested_threads

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from llmkit.devices import BF16_GEMV_MAX_ROWS  # rows per call at or below which bf16 weight-only takes the gemv
+
 GEMV_MAX_ROWS = 2  # token rows per step at or below which torch's gemv beats oneDNN (measured above)
 
 
@@ -110,9 +112,6 @@ def quantize_int8(model: torch.nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8WeightOnlyLinear(linear))
     return len(targets)
-
-
-BF16_GEMV_MAX_ROWS = 4  # rows per call at or below which bf16 weight-only takes the gemv (measured above)
 
 
 class Bf16WeightLinear(torch.nn.Module):
