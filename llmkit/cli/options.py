@@ -347,7 +347,7 @@ QuantizeOpt = Annotated[
         rich_help_panel=MODEL_PANEL,
         help="auto, none, int8 or bf16 (transformers engine on the CPU; both faster, slightly different text). "
         "int8: int8 weights, bfloat16 compute. bf16: bfloat16 weights, float32 compute. auto: bf16 on CPUs "
-        "without native BF16 when --dtype is auto (serve: only with --max-batch-size 4 or less), else none.",
+        "without native BF16 when --dtype is auto (in serve only for batches of at most 4 rows), else none.",
     ),
 ]
 
