@@ -95,12 +95,17 @@ def resolve_device(name: str) -> str:
 BF16_GEMV_MAX_ROWS = 4  # rows per call at or below which bf16 weight-only takes the gemv (engine/fastpath.py)
 
 
-def choose_quantize(name: str, dtype: str, device: str, *, batching: bool = False) -> tuple[str, str]:
+def quantize_asked(name: str) -> bool:
+    """Whether --quantize asks for a quantization (int8, bf16), rather than leaving the weights to the engine."""
+    return name not in ("auto", "none")
+
+
+def choose_quantize(name: str, dtype: str, device: str, *, batch_rows: int = 1) -> tuple[str, str]:
     """(quantize, why) for a --quantize name, the --dtype name and a resolved device. `auto` keeps the weights in
     bfloat16 where `auto` would otherwise compute in float32 for want of native bfloat16 (a CPU without
     avx512_bf16/amx_bf16): each token then reads half the bytes (1.7x the decode speed of float32 on SmolLM2 on
-    a 2-core AMD EPYC) while activations stay float32. Not for `batching` (serve with batches of more than
-    BF16_GEMV_MAX_ROWS): a step of more rows upcasts the weights, slower than float32's own."""
+    a 2-core AMD EPYC) while activations stay float32. Not when a step may carry more than BF16_GEMV_MAX_ROWS
+    sequences (`batch_rows`: serve's --max-batch-size): such a step upcasts the weights, slower than float32's."""
     check_quantize(name)
     if name != "auto":
         return name, "set by --quantize"
@@ -111,8 +116,8 @@ def choose_quantize(name: str, dtype: str, device: str, *, batching: bool = Fals
     flag = native_bf16_flag()
     if flag:
         return "none", f"auto: this CPU computes bfloat16 natively, flag {flag}"
-    if batching:
-        return "none", f"auto: serve's batches of more than {BF16_GEMV_MAX_ROWS} rows run faster on float32 weights"
+    if batch_rows > BF16_GEMV_MAX_ROWS:
+        return "none", f"auto: batches of more than {BF16_GEMV_MAX_ROWS} rows run faster on float32 weights"
     return "bf16", "auto: this CPU has no native bfloat16; bfloat16 weights halve what each token reads"
 
 

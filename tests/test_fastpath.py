@@ -62,25 +62,26 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, flag, expected):
 
 
 @pytest.mark.parametrize(
-    "name, dtype, device, flag, env, batching, expected",
+    "name, dtype, device, flag, env, batch_rows, expected",
     [
-        ("auto", "auto", "cpu", None, None, False, "bf16"),
-        ("auto", "auto", "cpu", "avx512_bf16", None, False, "none"),  # auto computes in bfloat16 already
-        ("auto", "float32", "cpu", None, None, False, "none"),  # a dtype was asked for
-        ("auto", "auto", "cpu", None, "float32", False, "none"),  # ... or set by $LLMKIT_DTYPE
-        ("auto", "auto", "cpu", None, None, True, "none"),  # serve's batched steps
-        ("auto", "auto", "cuda", None, None, False, "none"),
-        ("bf16", "auto", "cpu", "avx512_bf16", None, True, "bf16"),  # asked for: as asked
-        ("none", "auto", "cpu", None, None, False, "none"),
+        ("auto", "auto", "cpu", None, None, 1, "bf16"),
+        ("auto", "auto", "cpu", None, None, 4, "bf16"),  # every step on the gemv path
+        ("auto", "auto", "cpu", "avx512_bf16", None, 1, "none"),  # auto computes in bfloat16 already
+        ("auto", "float32", "cpu", None, None, 1, "none"),  # a dtype was asked for
+        ("auto", "auto", "cpu", None, "float32", 1, "none"),  # ... or set by $LLMKIT_DTYPE
+        ("auto", "auto", "cpu", None, None, 5, "none"),  # serve's larger batches
+        ("auto", "auto", "cuda", None, None, 1, "none"),
+        ("bf16", "auto", "cpu", "avx512_bf16", None, 16, "bf16"),  # asked for: as asked
+        ("none", "auto", "cpu", None, None, 1, "none"),
     ],
 )
-def test_auto_quantize(monkeypatch, name, dtype, device, flag, env, batching, expected):
+def test_auto_quantize(monkeypatch, name, dtype, device, flag, env, batch_rows, expected):
     if env is None:
         monkeypatch.delenv(devices.DTYPE_ENV, raising=False)
     else:
         monkeypatch.setenv(devices.DTYPE_ENV, env)
     monkeypatch.setattr(devices, "native_bf16_flag", lambda: flag)
-    chosen, why = devices.choose_quantize(name, dtype, device, batching=batching)
+    chosen, why = devices.choose_quantize(name, dtype, device, batch_rows=batch_rows)
     assert chosen == expected
     assert why == "set by --quantize" if name != "auto" else why.startswith("auto:")
 
@@ -409,7 +410,7 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
             "bfloat16" if options else auto_dtype,
             options.get("quantize", "none"),
         )
-        engine = load_engine(str(tiny_model_dir), LoadOptions(device="cpu", batching=True, **options))
+        engine = load_engine(str(tiny_model_dir), LoadOptions(device="cpu", batch_rows=16, **options))
         assert alone == engine.generate(PROMPT, GenerationParams(max_new_tokens=8, temperature=0.0)).text
         assert len({answer["choices"][0]["text"] for answer in batched}) == 1
 

@@ -210,10 +210,7 @@ def serve(
         max_connections=max_connections,
         forwarded_allow_ips=parse_forwarded_allow_ips(forwarded_allow_ips),
     ).check()
-    from llmkit.devices import BF16_GEMV_MAX_ROWS
-
-    # batches of more rows than bfloat16 weights serve well: --quantize auto keeps unquantized weights then
-    load_options = make_load_options(batching=settings.max_batch_size > BF16_GEMV_MAX_ROWS)
+    load_options = make_load_options(batch_rows=settings.max_batch_size)  # --quantize auto depends on it
     if flash_attn and load_options.engine == "transformers":
         from llmkit.errors import InvalidParams
 

@@ -65,7 +65,7 @@ class LoadOptions:
     threads: int | None = None  # CPU threads that compute; None: $LLMKIT_THREADS when set, else the engine's default
     remote_model: str | None = None  # for a URL: the server's model to use (URL#name says it too)
     api_key: str | None = field(default=None, repr=False)  # for a URL; None: $LLMKIT_API_KEY, else $OPENAI_API_KEY
-    batching: bool = False  # set by serve, not an option: steps of more than a few rows (quantize auto: none)
+    batch_rows: int = 1  # the most sequences one step carries: serve's --max-batch-size (devices.choose_quantize)
 
     def __post_init__(self) -> None:
         from llmkit.devices import check_device, check_dtype, check_quantize, requested_threads
@@ -116,7 +116,9 @@ def choose_engine(model: str | None, options: LoadOptions) -> tuple[str, str]:
     source = resolve(model)
     if source.kind not in ("alias", "gguf"):
         return "transformers", f"auto: {source.name} is a {source.kind} model, not a GGUF file"
-    if options.dtype != "auto" or options.quantize not in ("auto", "none"):
+    from llmkit.devices import quantize_asked
+
+    if options.dtype != "auto" or quantize_asked(options.quantize):
         return "transformers", "auto: --dtype/--quantize ask for transformers"
     from llmkit.engine.llamacpp import llamacpp_installed
 

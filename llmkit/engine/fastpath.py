@@ -128,12 +128,8 @@ class Bf16WeightLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= BF16_GEMV_MAX_ROWS * self.in_features:
-            previous = torch._C._get_mkldnn_enabled()
-            torch._C._set_mkldnn_enabled(False)  # torch's gemv, not oneDNN (see the module docstring)
-            try:
+            with onednn_off():  # torch's gemv, not oneDNN (see the module docstring)
                 out = F.linear(x.to(torch.bfloat16), self.weight_bf16).to(x.dtype)
-            finally:
-                torch._C._set_mkldnn_enabled(previous)
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight_bf16.to(x.dtype), self.bias)
 

@@ -185,7 +185,7 @@ class LlamaCppEngine(Engine):
     def load(
         cls, reference: str | None = None, options: LoadOptions | None = None, *, progress: Progress | None = None
     ) -> LlamaCppEngine:
-        from llmkit.devices import requested_threads, use_threads
+        from llmkit.devices import quantize_asked, requested_threads, use_threads
 
         options = options or LoadOptions(engine=ENGINE_NAME)
         device, dtype, quantize, threads = options.device, options.dtype, options.quantize, options.threads
@@ -199,7 +199,7 @@ class LlamaCppEngine(Engine):
                 "the llama.cpp engine computes in the GGUF file's own quantized types; "
                 "drop --dtype, or use --engine transformers"
             )
-        if quantize not in ("auto", "none"):
+        if quantize_asked(quantize):
             raise UnsupportedFeature(
                 "the llama.cpp engine runs the GGUF file's own quantization; drop "
                 "--quantize, or use --engine transformers"

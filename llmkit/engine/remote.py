@@ -435,12 +435,14 @@ class RemoteEngine(Engine):
     def load(cls, reference: str | None, options, *, progress=None) -> RemoteEngine:
         if reference is None:
             raise InvalidParams("give the server's URL: -m http://host:port/v1", field="model")
-        for name, value, defaults in (
-            ("--device", options.device, ("auto",)),
-            ("--dtype", options.dtype, ("auto",)),
-            ("--quantize", options.quantize, ("auto", "none")),
+        from llmkit.devices import quantize_asked
+
+        for name, asked in (
+            ("--device", options.device != "auto"),
+            ("--dtype", options.dtype != "auto"),
+            ("--quantize", quantize_asked(options.quantize)),
         ):
-            if value not in defaults:
+            if asked:
                 raise UnsupportedFeature(f"{name} is the server's setting, not llmkit's: drop it for a URL model")
         if options.threads is not None:
             raise UnsupportedFeature("--threads is the server's setting, not llmkit's: drop it for a URL model")

@@ -97,7 +97,9 @@ class TransformersEngine(BatchingEngine):
         try:
             folder = local_folder(source, progress)
             device_name = resolve_device(options.device)
-            quantize, quantize_why = choose_quantize(quantize, options.dtype, device_name, batching=options.batching)
+            quantize, quantize_why = choose_quantize(
+                quantize, options.dtype, device_name, batch_rows=options.batch_rows
+            )
             if quantize != "none" and device_name != "cpu":
                 raise InvalidParams(
                     f"--quantize {quantize} runs on the CPU only (device {device_name}); use "
