@@ -22,10 +22,10 @@ read "> 1 means llmkit is better": reference/llmkit for times, llmkit/reference 
 Configurations (--configs): default (what `llmkit generate` uses: dtype and quantize auto), forward (the
 default with every decode step through transformers' forward instead of llmkit's lean step:
 LLMKIT_DECODE_STEP=forward), float32, bfloat16, float16, int8 (--quantize int8), bf16-weights (--quantize bf16),
-unquantized (the default with --quantize none: what it was before `auto` kept bfloat16 weights on CPUs without
-native BF16); plus the llama.cpp engine and raw llama-cpp-python for GGUF models when llama-cpp-python is
-installed (raw gets the engine's thread count, so both run alike). Each row also shows what the engine chose
-(EngineInfo.choices) and how many greedy tokens equal the reference's.
+fp16-weights (--quantize fp16), unquantized (the default with --quantize none: what it was before `auto` kept
+16-bit weights on CPUs without native BF16); plus the llama.cpp engine and raw llama-cpp-python for GGUF models
+when llama-cpp-python is installed (raw gets the engine's thread count, so both run alike). Each row also shows
+what the engine chose (EngineInfo.choices) and how many greedy tokens equal the reference's.
 
 Threads: --threads N (or $LLMKIT_THREADS) sets torch's threads for the whole process before anything loads,
 so the reference and every llmkit side compute with the same count (llama.cpp's n_threads and
@@ -53,6 +53,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from llmkit.devices import requested_threads, use_threads
 from llmkit.engine import load_engine
+from llmkit.engine.fastpath import Fp16WeightLinear
 from llmkit.engine.llamacpp import default_threads, gguf_path_for, llamacpp_installed
 from llmkit.errors import InvalidParams
 from llmkit.measure import LoadWatch, MachineLoad, cpu_model
@@ -187,15 +188,18 @@ CONFIGS = {  # --configs name -> (label, load_engine keyword arguments)
     "float16": ("llmkit float16", {"dtype": "float16"}),
     "int8": ("llmkit int8", {"quantize": "int8"}),
     "bf16-weights": ("llmkit bf16 weights", {"quantize": "bf16"}),
+    "fp16-weights": ("llmkit fp16 weights", {"quantize": "fp16"}),
     "unquantized": ("llmkit quantize none", {"quantize": "none"}),
 }
 
 
 def bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: parameters and buffers (quantized weights are buffers), minus the
-    input embedding when the output head does not share it (only one row of it is read per token)."""
+    """Bytes of weights one decode step reads: parameters and buffers (quantized weights are buffers), fbgemm's
+    packed float16 weights (neither), minus the input embedding when the output head does not share it (only one
+    row of it is read per token)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for name, b in model.named_buffers() if "inv_freq" not in name)
+    total += sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, Fp16WeightLinear))
     embedding, head = _weight(model.get_input_embeddings()), _weight(model.get_output_embeddings())
     if head is None or head.data_ptr() != embedding.data_ptr():
         total -= embedding.numel() * embedding.element_size()
@@ -203,8 +207,12 @@ def bytes_per_token(model) -> int:
 
 
 def _weight(module):
-    """A layer's weight tensor: `weight`, or --quantize bf16's `weight_bf16` (None for int8's, a separate copy)."""
-    return getattr(module, "weight_bf16", None) if hasattr(module, "weight_bf16") else getattr(module, "weight", None)
+    """A layer's weight tensor: `weight`, --quantize bf16's `weight_bf16`, a 16-bit embedding's `table` (None for
+    int8's and fp16's, separate copies)."""
+    for name in ("table", "weight_bf16", "weight"):
+        if hasattr(module, name):
+            return getattr(module, name)
+    return None
 
 
 def shown_prompt(report: dict) -> str:

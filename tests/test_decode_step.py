@@ -9,6 +9,7 @@ import torch
 
 from llmkit.engine import load_engine
 from llmkit.engine.decode_step import DECODE_STEP_ENV
+from llmkit.engine.fastpath import fp16_weights_supported
 from llmkit.params import GenerationParams
 from tests.conftest import build_tiny_model
 
@@ -32,8 +33,17 @@ def tiny_gemma_dir(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "options",
-    [{"dtype": "float32"}, {"dtype": "bfloat16"}, {"quantize": "int8"}, {"quantize": "bf16"}],
-    ids=["float32", "bfloat16", "int8", "bf16-weights"],
+    [
+        pytest.param({"dtype": "float32"}, id="float32"),
+        pytest.param({"dtype": "bfloat16"}, id="bfloat16"),
+        pytest.param({"quantize": "int8"}, id="int8"),
+        pytest.param({"quantize": "bf16"}, id="bf16-weights"),
+        pytest.param(
+            {"quantize": "fp16"},
+            id="fp16-weights",
+            marks=pytest.mark.skipif(not fp16_weights_supported(), reason="fbgemm's float16 kernel"),
+        ),
+    ],
 )
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])

@@ -2,7 +2,7 @@
 
 Tolerances (tiny random model, weights N(0, 0.02)), as docs/performance.md states them:
 - float32 (any path): identical greedy tokens and logits.
-- float16 / bfloat16 / int8 / bf16 weight-only: the log-softmax over a whole teacher-forced sequence stays within
+- float16 / bfloat16 / int8 / bf16 / fp16 weight-only: the log-softmax over a whole teacher-forced sequence stays within
   MAX_LOGPROB_ERROR of float32's; greedy tokens are identical to float32's up to the first step
   where float32's own top-two margin is smaller than twice that error (where a flip is allowed).
 """
@@ -20,11 +20,15 @@ from llmkit import devices
 from llmkit.engine import LoadOptions, choose_engine, load_engine
 from llmkit.engine.fastpath import (
     BF16_GEMV_MAX_ROWS,
+    FLOAT16_MAX,
     GEMV_MAX_ROWS,
-    Bf16WeightEmbedding,
     Bf16WeightLinear,
+    CompactEmbedding,
+    Fp16WeightLinear,
     Int8WeightOnlyLinear,
+    fp16_weights_supported,
     quantize_bf16,
+    quantize_fp16,
     quantize_int8,
 )
 from llmkit.errors import InvalidParams, UnsupportedFeature
@@ -36,7 +40,9 @@ MAX_LOGPROB_ERROR = {
     ("bfloat16", "none"): 1e-2,
     ("auto", "int8"): 2e-2,
     ("auto", "bf16"): 1e-2,
+    ("auto", "fp16"): 5e-4,  # float16 keeps 3 more bits of each weight than bfloat16 (1.4e-4 measured)
 }
+needs_fbgemm = pytest.mark.skipif(not fp16_weights_supported(), reason="fbgemm's float16 kernel (x86 with AVX2)")
 GREEDY = GenerationParams(max_new_tokens=32, temperature=0.0)
 
 
@@ -62,25 +68,31 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, flag, expected):
 
 
 @pytest.mark.parametrize(
-    "name, dtype, device, flag, env, batch_rows, expected",
+    "name, dtype, device, flag, env, fbgemm, batch_rows, expected",
     [
-        ("auto", "auto", "cpu", None, None, 1, "bf16"),
-        ("auto", "auto", "cpu", None, None, 4, "bf16"),  # every step on the gemv path
-        ("auto", "auto", "cpu", "avx512_bf16", None, 1, "none"),  # auto computes in bfloat16 already
-        ("auto", "float32", "cpu", None, None, 1, "none"),  # a dtype was asked for
-        ("auto", "auto", "cpu", None, "float32", 1, "none"),  # ... or set by $LLMKIT_DTYPE
-        ("auto", "auto", "cpu", None, None, 5, "none"),  # serve's larger batches
-        ("auto", "auto", "cuda", None, None, 1, "none"),
-        ("bf16", "auto", "cpu", "avx512_bf16", None, 16, "bf16"),  # asked for: as asked
-        ("none", "auto", "cpu", None, None, 1, "none"),
+        ("auto", "auto", "cpu", None, None, True, 1, "fp16"),
+        ("auto", "auto", "cpu", None, None, True, 64, "fp16"),  # faster than float32 at every batch size
+        ("auto", "auto", "cpu", None, None, False, 1, "bf16"),  # no fbgemm (ARM): bfloat16 weights
+        ("auto", "auto", "cpu", None, None, False, 4, "bf16"),  # every step on the gemv path
+        ("auto", "auto", "cpu", None, None, False, 5, "none"),  # serve's larger batches
+        ("auto", "auto", "cpu", "avx512_bf16", None, True, 1, "none"),  # auto computes in bfloat16 already
+        ("auto", "float32", "cpu", None, None, True, 1, "none"),  # a dtype was asked for
+        ("auto", "auto", "cpu", None, "float32", True, 1, "none"),  # ... or set by $LLMKIT_DTYPE
+        ("auto", "auto", "cuda", None, None, True, 1, "none"),
+        ("bf16", "auto", "cpu", "avx512_bf16", None, True, 16, "bf16"),  # asked for: as asked
+        ("fp16", "auto", "cpu", "avx512_bf16", None, True, 16, "fp16"),
+        ("none", "auto", "cpu", None, None, True, 1, "none"),
     ],
 )
-def test_auto_quantize(monkeypatch, name, dtype, device, flag, env, batch_rows, expected):
+def test_auto_quantize(monkeypatch, name, dtype, device, flag, env, fbgemm, batch_rows, expected):
+    from llmkit.engine import fastpath
+
     if env is None:
         monkeypatch.delenv(devices.DTYPE_ENV, raising=False)
     else:
         monkeypatch.setenv(devices.DTYPE_ENV, env)
     monkeypatch.setattr(devices, "native_bf16_flag", lambda: flag)
+    monkeypatch.setattr(fastpath, "fp16_weights_supported", lambda: fbgemm)
     chosen, why = devices.choose_quantize(name, dtype, device, batch_rows=batch_rows)
     assert chosen == expected
     assert why == "set by --quantize" if name != "auto" else why.startswith("auto:")
@@ -104,6 +116,7 @@ def test_auto_engine_choice(tiny_model_dir, tmp_path):
     assert choose_engine(str(gguf), LoadOptions(engine="auto", dtype="float32"))[0] == "transformers"
     assert choose_engine(str(gguf), LoadOptions(engine="auto", quantize="int8"))[0] == "transformers"
     assert choose_engine(str(gguf), LoadOptions(engine="auto", quantize="bf16"))[0] == "transformers"
+    assert choose_engine(str(gguf), LoadOptions(engine="auto", quantize="fp16"))[0] == "transformers"
     engine, why = choose_engine(str(gguf), LoadOptions(engine="auto", device="cpu", quantize="none"))
     from llmkit.engine.llamacpp import llamacpp_installed
 
@@ -131,9 +144,18 @@ def test_int8_refuses_other_dtypes_and_devices(tiny_model_dir):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_bf16_weight_only_refuses_other_dtypes(tiny_model_dir, dtype):
-    with pytest.raises(InvalidParams, match=f"bfloat16 weights with float32 activations, which --dtype {dtype}"):
-        load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize="bf16")
+@pytest.mark.parametrize("quantize, weights", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_16_bit_weight_only_refuses_other_dtypes(tiny_model_dir, dtype, quantize, weights):
+    with pytest.raises(InvalidParams, match=f"{weights} weights with float32 activations, which --dtype {dtype}"):
+        load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize=quantize)
+
+
+def test_fp16_weight_only_without_its_kernel_says_what_to_use(tiny_model_dir, monkeypatch):
+    from llmkit.engine import fastpath
+
+    monkeypatch.setattr(fastpath, "fp16_weights_supported", lambda: False)
+    with pytest.raises(InvalidParams, match="needs torch's fbgemm kernel .* use --quantize bf16"):
+        load_engine(str(tiny_model_dir), device="cpu", quantize="fp16")
 
 
 def test_llamacpp_engine_refuses_quantize(tiny_model_dir):
@@ -199,8 +221,8 @@ def test_quantize_bf16_keeps_a_tied_head_tied_and_scaled_embeddings_exact(tmp_pa
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert quantize_bf16(model) == linears > 0
     embedding = model.get_input_embeddings()
-    assert isinstance(embedding, Bf16WeightEmbedding) and isinstance(model.lm_head, Bf16WeightLinear)
-    assert model.lm_head.weight_bf16 is embedding.weight_bf16
+    assert isinstance(embedding, CompactEmbedding) and isinstance(model.lm_head, Bf16WeightLinear)
+    assert model.lm_head.weight_bf16 is embedding.table
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     with torch.no_grad():
         assert torch.equal(embedding(ids), expected)
@@ -208,7 +230,8 @@ def test_quantize_bf16_keeps_a_tied_head_tied_and_scaled_embeddings_exact(tmp_pa
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
-def test_bf16_weight_only_keeps_nothing_in_the_mapped_checkpoint(tiny_model_dir):
+@pytest.mark.parametrize("quantize", ["bf16", pytest.param("fp16", marks=needs_fbgemm)])
+def test_16_bit_weight_only_keeps_nothing_in_the_mapped_checkpoint(tiny_model_dir, quantize):
     """No tensor of the loaded model points into the memory-mapped safetensors file: one that did would keep the
     whole file mapped, and every page the conversion read resident (Gemma 3: 2.1 GiB after load, not 1.1)."""
 
@@ -229,10 +252,14 @@ def test_bf16_weight_only_keeps_nothing_in_the_mapped_checkpoint(tiny_model_dir)
     assert mapped(plain)  # float32 weights are read from the mapping: what this test would see
     del plain
     gc.collect()
-    assert mapped(load_engine(str(tiny_model_dir), device="cpu", quantize="bf16")) == []
+    assert mapped(load_engine(str(tiny_model_dir), device="cpu", quantize=quantize)) == []
 
 
-def test_quantize_bf16_leaves_an_embedding_it_does_not_know(tiny_model_dir):
+@pytest.mark.parametrize(
+    "quantize, linear_class",
+    [(quantize_bf16, Bf16WeightLinear), pytest.param(quantize_fp16, Fp16WeightLinear, marks=needs_fbgemm)],
+)
+def test_16_bit_weight_only_leaves_an_embedding_it_does_not_know(tiny_model_dir, quantize, linear_class):
     """An embedding subclass whose forward is not the plain (or scaled) lookup stays as it is, in float32."""
     from transformers import AutoModelForCausalLM
 
@@ -246,9 +273,80 @@ def test_quantize_bf16_leaves_an_embedding_it_does_not_know(tiny_model_dir):
     plain = model.get_input_embeddings()
     odd = OffsetScaledWordEmbedding(plain.num_embeddings, plain.embedding_dim)
     model.set_input_embeddings(odd)
-    quantize_bf16(model)
+    quantize(model)
     assert model.get_input_embeddings() is odd and odd.weight.dtype == torch.float32
-    assert isinstance(model.lm_head, Bf16WeightLinear)
+    assert isinstance(model.lm_head, linear_class)
+
+
+# --- float16 weight-only (fbgemm) ------------------------------------------------------------
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("rows", [1, 3, 16, 100])
+def test_fp16_weight_linear_computes_with_the_rounded_weights(rows, monkeypatch):
+    """float32 arithmetic on the float16-rounded weights (against float64 on the same weights: only float32's
+    accumulation error is left, far below float16's rounding of the weights); a head packed in several blocks
+    gives the bits of one block; the shape of a (batch, sequence, features) input is kept."""
+    from llmkit.engine import fastpath
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 300, bias=True)
+    whole = Fp16WeightLinear(linear)
+    monkeypatch.setattr(fastpath, "FP16_PACK_ROWS", 128)
+    blocks = Fp16WeightLinear(linear)
+    assert (len(whole.blocks), len(blocks.blocks)) == (1, 3)
+    x = torch.randn(2, rows, 64)
+    got = whole(x)
+    assert got.shape == (2, rows, 300) and got.dtype == torch.float32
+    assert torch.equal(blocks(x), got)
+    weights = linear.weight.detach()
+    exact = torch.nn.functional.linear(x.double(), weights.half().double(), linear.bias.detach().double())
+    accumulation = (x.abs().double() @ weights.abs().double().T) * 2**-20 + 1e-6
+    assert torch.all((got.double() - exact).abs() <= accumulation)
+    unrounded = torch.nn.functional.linear(x.double(), weights.double(), linear.bias.detach().double())
+    assert (got.double() - unrounded).abs().max() > accumulation.max()  # the weights really are float16
+
+
+@needs_fbgemm
+def test_quantize_fp16_leaves_a_layer_beyond_float16_in_float32(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    big = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        big.weight[0, 0] = -2 * FLOAT16_MAX
+    assert quantize_fp16(model) == linears - 1
+    assert model.model.layers[0].mlp.down_proj is big and big.weight.dtype == torch.float32
+    assert isinstance(model.model.layers[0].mlp.up_proj, Fp16WeightLinear)
+
+
+@needs_fbgemm
+def test_quantize_fp16_gives_a_tied_head_its_own_copy_and_scaled_embeddings_exact(tmp_path):
+    """Tiny Gemma 3 (scaled embeddings, head tied to them): the embedding holds float16 and returns the original's
+    rows rounded to float16, times the scale; the head is packed for fbgemm and gives the rounded weights' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "gemma", sliding_window=4)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    original = model.get_input_embeddings()
+    weight = original.weight.detach().clone()
+    ids = torch.arange(0, original.num_embeddings, 7)
+    expected_rows = torch.nn.functional.embedding(ids, weight.half().float()) * original.embed_scale
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert quantize_fp16(model) == linears > 0
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, CompactEmbedding) and embedding.table.dtype == torch.float16
+    assert isinstance(model.lm_head, Fp16WeightLinear)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    hidden = torch.randn(3, weight.shape[1])
+    with torch.no_grad():
+        assert torch.equal(embedding(ids), expected_rows)
+        logits = model.lm_head(hidden).double()
+    exact = hidden.double() @ weight.half().double().T
+    assert torch.allclose(logits, exact, atol=1e-5, rtol=0)
 
 
 def test_quantize_int8_replaces_every_linear_including_the_head(tiny_model_dir):
@@ -283,12 +381,15 @@ def _logprobs(engine, ids):
         return engine.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
 
 
-@pytest.mark.parametrize("dtype, quantize", list(MAX_LOGPROB_ERROR))
+@pytest.mark.parametrize(
+    "dtype, quantize",
+    [pytest.param(*key, marks=needs_fbgemm) if key[1] == "fp16" else key for key in MAX_LOGPROB_ERROR],
+)
 def test_configuration_matches_float32_within_tolerance(tiny_model_dir, float32_reference, dtype, quantize):
     tokens, ids, prompt_len, reference, _ = float32_reference
     assert len(tokens) == GREEDY.max_new_tokens  # a long enough sequence to compare
     engine = load_engine(str(tiny_model_dir), device="cpu", dtype=dtype, quantize=quantize)
-    assert engine.info.dtype == {"int8": "bfloat16", "bf16": "float32"}.get(quantize, dtype)
+    assert engine.info.dtype == {"int8": "bfloat16", "bf16": "float32", "fp16": "float32"}.get(quantize, dtype)
     assert engine.info.quantize == quantize
     assert engine.info.parameters == float32_reference[4]  # counted before quantized weights become buffers
 
@@ -357,12 +458,18 @@ def test_choices_reach_json_and_monitor(cli, tiny_model_dir):
     assert bad.exit_code == 2 and "computes in bfloat16" in bad.stderr
 
 
-@pytest.mark.parametrize("flag", [None, "avx512_bf16"])
-def test_default_quantize_reaches_json(cli, tiny_model_dir, monkeypatch, flag):
-    """No --dtype, no --quantize, no $LLMKIT_DTYPE: bfloat16 weights on a CPU without native BF16, else none;
-    --quantize bf16 asks for it anywhere; with --dtype bfloat16 it is refused (exit 2)."""
+@pytest.mark.parametrize("flag, fbgemm", [(None, True), (None, False), ("avx512_bf16", True)])
+def test_default_quantize_reaches_json(cli, tiny_model_dir, monkeypatch, flag, fbgemm):
+    """No --dtype, no --quantize, no $LLMKIT_DTYPE: on a CPU without native BF16, float16 weights where fbgemm
+    runs, else bfloat16; on one with native BF16, none. --quantize bf16 asks for it anywhere; with --dtype
+    bfloat16 it is refused (exit 2)."""
+    from llmkit.engine import fastpath
+
+    if fbgemm and not fastpath.fp16_weights_supported():
+        pytest.skip("fbgemm's float16 kernel (x86 with AVX2)")
     monkeypatch.delenv(devices.DTYPE_ENV)
     monkeypatch.setattr(devices, "native_bf16_flag", lambda: flag)
+    monkeypatch.setattr(fastpath, "fp16_weights_supported", lambda: fbgemm)
 
     def engine_record(*options: str) -> dict:
         args = ("generate", "-m", str(tiny_model_dir), "--device", "cpu", *options, "--greedy", "--max-new-tokens")
@@ -370,8 +477,9 @@ def test_default_quantize_reaches_json(cli, tiny_model_dir, monkeypatch, flag):
 
     record = engine_record()
     if flag is None:
-        assert (record["quantize"], record["dtype"]) == ("bf16", "float32")
-        assert record["choices"]["quantize"].startswith("bfloat16 weight-only")
+        quantize, weights = ("fp16", "float16") if fbgemm else ("bf16", "bfloat16")
+        assert (record["quantize"], record["dtype"]) == (quantize, "float32")
+        assert record["choices"]["quantize"].startswith(f"{weights} weight-only")
         assert "no native bfloat16" in record["choices"]["quantize"]
     else:
         assert (record["quantize"], record["dtype"]) == ("none", "bfloat16")
@@ -385,15 +493,16 @@ def test_default_quantize_reaches_json(cli, tiny_model_dir, monkeypatch, flag):
 
 
 def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
-    """The server with --quantize int8 and with the real `auto` (no LLMKIT_DTYPE; serve's auto keeps unquantized
-    weights): /health names the setup, a lone greedy request gives the in-process engine's text for the same
-    setup, and batched rows agree."""
+    """The server with --quantize int8 and with the real `auto` (no LLMKIT_DTYPE; float16 weights on a CPU
+    without native BF16 where fbgemm runs): /health names the setup, a lone greedy request gives the in-process
+    engine's text for the same setup, and batched rows agree."""
     import concurrent.futures
 
     from tests.server_helpers import ServerProcess
 
     monkeypatch.delenv(devices.DTYPE_ENV)
     auto_dtype = str(devices.choose_dtype("auto", "cpu")[0]).removeprefix("torch.")
+    auto_quantize = devices.choose_quantize("auto", "auto", "cpu", batch_rows=16)[0]
     for options in ({"quantize": "int8"}, {}):
         args = [f"--{name}={value}" for name, value in options.items()]
         process = ServerProcess(tiny_model_dir, tmp_path / "server.log", *args)
@@ -408,7 +517,7 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
                 )
         assert (health["dtype"], health["quantize"]) == (
             "bfloat16" if options else auto_dtype,
-            options.get("quantize", "none"),
+            options.get("quantize", auto_quantize),
         )
         engine = load_engine(str(tiny_model_dir), LoadOptions(device="cpu", batch_rows=16, **options))
         assert alone == engine.generate(PROMPT, GenerationParams(max_new_tokens=8, temperature=0.0)).text
@@ -417,21 +526,29 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("max_batch_size", [devices.BF16_GEMV_MAX_ROWS, devices.BF16_GEMV_MAX_ROWS + 1])
 def test_serve_auto_quantize_follows_the_batch_size(tiny_model_dir, tmp_path, monkeypatch, max_batch_size):
-    """serve's --quantize auto is what generate's is while every step has at most BF16_GEMV_MAX_ROWS rows, and
-    unquantized weights for larger batches (on a CPU with native BF16 both are none)."""
+    """serve passes its --max-batch-size to --quantize auto: float16 weights at any batch size where fbgemm runs,
+    else bfloat16 weights while every step has at most BF16_GEMV_MAX_ROWS rows and none above (on a CPU with
+    native BF16, none)."""
     from tests.server_helpers import ServerProcess
 
     monkeypatch.delenv(devices.DTYPE_ENV)
-    single_stream = devices.choose_quantize("auto", "auto", "cpu")[0]
+    expected = devices.choose_quantize("auto", "auto", "cpu", batch_rows=max_batch_size)[0]
     process = ServerProcess(tiny_model_dir, tmp_path / "server.log", f"--max-batch-size={max_batch_size}")
     process.env.pop(devices.DTYPE_ENV, None)
     with process, process.client() as client:
         health = client.get("/health").json()
-    assert health["quantize"] == (single_stream if max_batch_size <= devices.BF16_GEMV_MAX_ROWS else "none")
+    assert health["quantize"] == expected
 
 
 @pytest.mark.parametrize(
-    "dtype, quantize", [("bfloat16", "none"), ("float16", "none"), ("auto", "int8"), ("auto", "bf16")]
+    "dtype, quantize",
+    [
+        ("bfloat16", "none"),
+        ("float16", "none"),
+        ("auto", "int8"),
+        ("auto", "bf16"),
+        pytest.param("auto", "fp16", marks=needs_fbgemm),
+    ],
 )
 def test_extreme_sampling_settings_run_batched_on_each_configuration(tiny_model_dir, dtype, quantize):
     """The NaN class of bug on the faster paths: every extreme setting the schema accepts, batched together

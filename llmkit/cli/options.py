@@ -345,9 +345,10 @@ QuantizeOpt = Annotated[
     typer.Option(
         "--quantize",
         rich_help_panel=MODEL_PANEL,
-        help="auto, none, int8 or bf16 (transformers engine on the CPU; both faster, slightly different text). "
-        "int8: int8 weights, bfloat16 compute. bf16: bfloat16 weights, float32 compute. auto: bf16 on CPUs "
-        "without native BF16 when --dtype is auto (in serve only for batches of at most 4 rows), else none.",
+        help="auto, none, int8, bf16 or fp16 (transformers engine on the CPU; faster, slightly different text). "
+        "int8: int8 weights, bfloat16 compute. bf16 / fp16: bfloat16 / float16 weights, float32 compute. "
+        "auto: fp16 on x86 CPUs without native BF16 when --dtype is auto (bf16 where fbgemm is missing), "
+        "else none.",
     ),
 ]
 

@@ -60,7 +60,7 @@ class LoadOptions:
 
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
-    quantize: str = "auto"  # auto, none, int8 or bf16 (devices.choose_quantize says what auto picks)
+    quantize: str = "auto"  # auto, none, int8, bf16 or fp16 (devices.choose_quantize says what auto picks)
     engine: str = DEFAULT_ENGINE  # transformers, llama.cpp, auto or remote (a URL's, whatever this says)
     threads: int | None = None  # CPU threads that compute; None: $LLMKIT_THREADS when set, else the engine's default
     remote_model: str | None = None  # for a URL: the server's model to use (URL#name says it too)

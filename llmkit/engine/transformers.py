@@ -82,10 +82,11 @@ class TransformersEngine(BatchingEngine):
                 f"drop --dtype {options.dtype} or use --dtype bfloat16",
                 field="dtype",
             )
-        if quantize == "bf16" and options.dtype not in ("auto", "float32"):
+        if quantize in ("bf16", "fp16") and options.dtype not in ("auto", "float32"):
+            weights = {"bf16": "bfloat16", "fp16": "float16"}[quantize]
             raise InvalidParams(
-                f"--quantize bf16 keeps bfloat16 weights with float32 activations, which --dtype {options.dtype} "
-                "contradicts: drop one of them",
+                f"--quantize {quantize} keeps {weights} weights with float32 activations, which --dtype "
+                f"{options.dtype} contradicts: drop one of them",
                 field="dtype",
             )
         source = resolve(reference)
@@ -106,10 +107,19 @@ class TransformersEngine(BatchingEngine):
                     "--dtype bfloat16 on a GPU, or --device cpu",
                     field="quantize",
                 )
+            if quantize == "fp16":
+                from llmkit.engine.fastpath import fp16_weights_supported
+
+                if not fp16_weights_supported():
+                    raise InvalidParams(
+                        "--quantize fp16 needs torch's fbgemm kernel (x86 with AVX2), which this machine lacks; "
+                        "use --quantize bf16",
+                        field="quantize",
+                    )
             if quantize == "int8":
                 torch_dtype, dtype_why = torch.bfloat16, "int8 weight-only computes in bfloat16"
-            elif quantize == "bf16":
-                torch_dtype, dtype_why = torch.float32, "bfloat16 weight-only keeps float32 activations"
+            elif quantize in ("bf16", "fp16"):
+                torch_dtype, dtype_why = torch.float32, "16-bit weight-only keeps float32 activations"
             else:
                 torch_dtype, dtype_why = choose_dtype(options.dtype, device_name)
             if progress:
@@ -125,11 +135,12 @@ class TransformersEngine(BatchingEngine):
                 from llmkit.engine.fastpath import quantize_int8
 
                 replaced = f"{quantize_int8(model)} Linear layers"
-            elif quantize == "bf16":
-                from llmkit.engine.fastpath import Bf16WeightEmbedding, quantize_bf16
+            elif quantize in ("bf16", "fp16"):
+                from llmkit.engine.fastpath import CompactEmbedding, quantize_bf16, quantize_fp16
 
-                replaced = f"{quantize_bf16(model)} Linear layers" + (
-                    " and the input embedding" if isinstance(model.get_input_embeddings(), Bf16WeightEmbedding) else ""
+                count = (quantize_fp16 if quantize == "fp16" else quantize_bf16)(model)
+                replaced = f"{count} Linear layers" + (
+                    " and the input embedding" if isinstance(model.get_input_embeddings(), CompactEmbedding) else ""
                 )
             from llmkit.engine.decode_step import lean_decoder_for
 
@@ -426,6 +437,9 @@ def _speed_choices(
     if method == "int8":
         choices["quantize"] = f"int8 weight-only, one scale per output channel, {replaced} ({quantize_why})"
         choices["decode_matmul"] = "torch _weight_int8pack_mm (int8 weights x bfloat16 activations)"
+    elif method == "fp16":
+        choices["quantize"] = f"float16 weight-only, {replaced} ({quantize_why})"
+        choices["decode_matmul"] = "fbgemm float16-weight GEMM, float32 activations and accumulation"
     elif method == "bf16":
         choices["quantize"] = f"bfloat16 weight-only, {replaced} ({quantize_why})"
         choices["decode_matmul"] = (
