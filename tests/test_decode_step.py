@@ -58,6 +58,62 @@ def test_every_step_equals_transformers_forward_bit_for_bit(
     assert_steps_equal_forward(engine, engine.prompt_ids(PROMPT), rows=rows, steps=40, session_cache=session_cache)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"dtype": "float32"}, id="float32"),
+        pytest.param({"dtype": "bfloat16"}, id="bfloat16"),
+        pytest.param({"quantize": "int8"}, id="int8"),
+        pytest.param({"quantize": "bf16"}, id="bf16-weights"),
+        pytest.param(
+            {"quantize": "fp16"},
+            id="fp16-weights",
+            marks=pytest.mark.skipif(not fp16_weights_supported(), reason="fbgemm's float16 kernel"),
+        ),
+    ],
+)
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+@pytest.mark.parametrize("lengths", [(3, 7, 12), (6, 6)], ids=["padded", "unpadded"])
+def test_batched_steps_equal_transformers_forward_bit_for_bit(
+    tiny_model_dir, tiny_gemma_dir, monkeypatch, options, architecture, lengths
+):
+    """The server's decode steps (rows of their own lengths, left-padded, as the batcher prefills them): every
+    step's logits and the final KV through the lean batched step are the bits of transformers' forward, with and
+    without padding, far past Gemma 3's 4-token sliding window."""
+    folder = tiny_model_dir if architecture == "llama" else tiny_gemma_dir
+    engine = _engine(folder, monkeypatch, **options)
+    lean = engine._lean
+    assert lean is not None
+    taken = []
+    real_step_batch = lean.step_batch
+    monkeypatch.setattr(lean, "step_batch", lambda *args: taken.append(1) or real_step_batch(*args))
+    prompt = engine.prompt_ids(PROMPT * 4)
+    width = max(lengths)
+    input_ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.tensor(prompt[row : row + length])
+        mask[row, width - length :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        logits, cache = engine.forward_step(input_ids, engine.new_cache(), attention_mask=mask, position_ids=positions)
+        reference_cache = copy.deepcopy(cache)
+        for step in range(12):
+            tokens = logits.argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones((len(lengths), 1), dtype=torch.long)], dim=1)
+            positions = mask.sum(-1, keepdim=True) - 1
+            logits, cache = engine.forward_step(tokens, cache, attention_mask=mask, position_ids=positions)
+            engine._lean = None  # the reference: transformers' forward
+            expected, reference_cache = engine.forward_step(
+                tokens, reference_cache, attention_mask=mask, position_ids=positions
+            )
+            engine._lean = lean
+            assert torch.equal(logits, expected), f"step {step}"
+    assert len(taken) == 12
+    for layer, reference in zip(cache.layers, reference_cache.layers):
+        assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+
+
 def assert_steps_equal_forward(engine, ids: list[int], *, rows: int = 1, steps: int, session_cache: bool = False):
     """Prefill `ids` (in `rows` rows), then feed `steps` tokens through the lean step and through transformers'
     forward side by side: every step's logits and the final KV must be the same bits. The cache starts as the

@@ -13,8 +13,10 @@ too: about 3% more here, but the fused copy of weights that transformers maps fr
 resident memory on SmolLM2, and this machine's float32 kernel gives other bits for differently aligned weights.)
 
 Used by the engine's own decode loop (generate, explore, monitor, compare, chat turns) for the steps after the
-prompt; the server's batcher, whose rows have their own lengths, keeps transformers' forward.
-LLMKIT_DECODE_STEP=forward turns it off (every step through transformers' forward).
+prompt, and by the server's batcher for its decode steps (`step_batch`: rows of their own lengths, left-padded,
+with transformers' padding and sliding-window masks; the cache grows by concatenation as transformers grows it,
+since the batcher pads, merges and trims it between steps). LLMKIT_DECODE_STEP=forward turns both off (every
+step through transformers' forward).
 """
 
 from __future__ import annotations
@@ -87,6 +89,88 @@ class LeanDecoder:
             tables[layer_type] = (cos.unsqueeze(1), sin.unsqueeze(1))
         return tables
 
+    def run_layers(self, tokens: torch.Tensor, position_ids: torch.Tensor, attend: Any) -> torch.Tensor:
+        """Logits (rows, vocab) for one token per row at `position_ids` ((1, 1) or (rows, 1)); `attend(index,
+        attention module, q, k, v)` stores the layer's new key and value and returns sdpa's output for q."""
+        model = self.model
+        hidden = model.model.embed_tokens(tokens)
+        tables = self.rotary(hidden, position_ids)
+        rows = tokens.shape[0]
+        head_dim = self.head_dim
+        half = head_dim // 2
+        for index, block in enumerate(self.layers):
+            attention = block.self_attn
+            cos, sin = tables[self.layer_types[index]]
+            residual = hidden
+            hidden = block.input_layernorm(hidden)
+            q = attention.q_proj(hidden).view(rows, 1, -1, head_dim).transpose(1, 2)
+            k = attention.k_proj(hidden).view(rows, 1, -1, head_dim).transpose(1, 2)
+            v = attention.v_proj(hidden).view(rows, 1, -1, head_dim).transpose(1, 2)
+            if self.qk_norm:
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q = (q * cos) + (torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin)
+            k = (k * cos) + (torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin)
+            out = attend(index, attention, q, k, v)
+            hidden = attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+            if self.sandwich:
+                hidden = block.post_attention_layernorm(hidden)
+                hidden = residual + hidden
+                residual = hidden
+                hidden = block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(hidden)))
+            else:
+                hidden = residual + hidden
+                residual = hidden
+                hidden = block.mlp(block.post_attention_layernorm(hidden))
+            hidden = residual + hidden
+        logits = model.lm_head(model.model.norm(hidden))[:, -1, :]
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def takes_batch(self, cache: Any, attention_mask: torch.Tensor) -> bool:
+        """Whether `cache` is the server's kind (a full-length layer for every layer: no sliding-window layer
+        keeping only its window) and `attention_mask` covers it plus one new column."""
+        layers = getattr(cache, "layers", None)
+        return (
+            layers is not None
+            and len(layers) == len(self.layers)
+            and not any(getattr(layer, "is_sliding", False) for layer in layers)
+            and cache.get_seq_length() + 1 == attention_mask.shape[1]
+        )
+
+    def step_batch(
+        self, tokens: torch.Tensor, cache: Any, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The server's batched step: logits (rows, vocab) for `tokens` (rows, 1) at `position_ids` (rows, 1), rows
+        left-padded to one length in a config-less DynamicCache (every layer full length) that grows by
+        concatenation as transformers grows it, `attention_mask` (rows, cached + 1) marking the real tokens. The
+        masks are transformers' own for one query token: none while no row is padded (and a sliding window still
+        holds every key), else the padding, and for sliding-window layers the window, by cache column."""
+        length = attention_mask.shape[1]
+        padding = attention_mask.bool()
+        unpadded = bool(padding.all())
+        columns = torch.arange(length, device=tokens.device)
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for window in set(self.windows):
+            if unpadded and (window is None or length < window):
+                masks[window] = None
+            else:
+                keep = padding if window is None else padding & (columns > length - 1 - window)
+                masks[window] = keep[:, None, None, :]
+
+        def attend(index: int, attention: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            layer = cache.layers[index]
+            layer.keys = torch.cat([layer.keys, k], dim=-2)
+            layer.values = torch.cat([layer.values, v], dim=-2)
+            mask = masks[self.windows[index]]
+            if mask is None:
+                return F.scaled_dot_product_attention(
+                    q, layer.keys, layer.values, scale=attention.scaling, enable_gqa=q.shape[1] != k.shape[1]
+                )
+            return _packed_attention(attention, q, layer.keys, layer.values, mask)
+
+        return self.run_layers(tokens, position_ids, attend)
+
 
 class LeanRun:
     """One generation's KV buffers; `step` feeds one token per row, `end` hands the KV back to the transformers
@@ -123,64 +207,46 @@ class LeanRun:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocab) for `tokens` (rows, 1), each at the next position; writes their KV."""
         decoder = self.decoder
-        model = decoder.model
         position = self.length
         if position >= self.keys[0].shape[2]:
             raise RuntimeError(f"the KV buffers hold {position} tokens, all they were sized for")
-        hidden = model.model.embed_tokens(tokens)
         position_ids = torch.full((1, 1), position, dtype=torch.long, device=tokens.device)
-        tables = decoder.rotary(hidden, position_ids)
         rows = tokens.shape[0]
-        head_dim = decoder.head_dim
-        half = head_dim // 2
-        for index, block in enumerate(decoder.layers):
-            attention = block.self_attn
-            cos, sin = tables[decoder.layer_types[index]]
-            residual = hidden
-            hidden = block.input_layernorm(hidden)
-            q = attention.q_proj(hidden).view(rows, 1, -1, head_dim).transpose(1, 2)
-            k = attention.k_proj(hidden).view(rows, 1, -1, head_dim).transpose(1, 2)
-            v = attention.v_proj(hidden).view(rows, 1, -1, head_dim).transpose(1, 2)
-            if decoder.qk_norm:
-                q, k = attention.q_norm(q), attention.k_norm(k)
-            q = (q * cos) + (torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin)
-            k = (k * cos) + (torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin)
+
+        def attend(index: int, attention: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = self.keys[index], self.values[index]
             keys[:, :, position : position + 1] = k
             values[:, :, position : position + 1] = v
             window = decoder.windows[index]
             if window is None or position + 1 < window:  # transformers skips the mask while the window holds all
-                out = F.scaled_dot_product_attention(
+                return F.scaled_dot_product_attention(
                     q,
                     keys[:, :, : position + 1],
                     values[:, :, : position + 1],
                     scale=attention.scaling,
                     enable_gqa=q.shape[1] != k.shape[1],
                 )
-            else:  # as transformers runs it then: q packed per KV head, a mask that keeps the window's keys
-                start = max(0, position + 1 - window)
-                first = start if self.window_held[index] else 0  # a full-length cache layer is masked instead
-                mask = torch.arange(first, position + 1, device=q.device) >= start
-                out = F.scaled_dot_product_attention(
-                    q.reshape(rows, k.shape[1], -1, head_dim),
-                    keys[:, :, first : position + 1],
-                    values[:, :, first : position + 1],
-                    attn_mask=mask.expand(rows, 1, 1, -1),
-                    scale=attention.scaling,
-                ).reshape(rows, -1, 1, head_dim)
-            hidden = attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
-            if decoder.sandwich:
-                hidden = block.post_attention_layernorm(hidden)
-                hidden = residual + hidden
-                residual = hidden
-                hidden = block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(hidden)))
-            else:
-                hidden = residual + hidden
-                residual = hidden
-                hidden = block.mlp(block.post_attention_layernorm(hidden))
-            hidden = residual + hidden
+            # as transformers runs it then: q packed per KV head, a mask that keeps the window's keys
+            start = max(0, position + 1 - window)
+            first = start if self.window_held[index] else 0  # a full-length cache layer is masked instead
+            mask = torch.arange(first, position + 1, device=q.device) >= start
+            return _packed_attention(
+                attention,
+                q,
+                keys[:, :, first : position + 1],
+                values[:, :, first : position + 1],
+                mask.expand(rows, 1, 1, -1),
+            )
+
+        logits = decoder.run_layers(tokens, position_ids, attend)
         self.length = position + 1
-        logits = model.lm_head(model.model.norm(hidden))[:, -1, :]
-        if decoder.softcap is not None:
-            logits = torch.tanh(logits / decoder.softcap) * decoder.softcap
         return logits
+
+
+def _packed_attention(attention: Any, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+    """sdpa with a mask, as transformers runs it for one query token: q packed per KV head (no repeated keys)."""
+    rows, heads, _, head_dim = q.shape
+    out = F.scaled_dot_product_attention(
+        q.reshape(rows, keys.shape[1], -1, head_dim), keys, values, attn_mask=mask, scale=attention.scaling
+    )
+    return out.reshape(rows, heads, 1, head_dim)

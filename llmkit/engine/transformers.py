@@ -203,6 +203,15 @@ class TransformersEngine(BatchingEngine):
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         with self.step_context(input_ids.numel()):
+            lean = self._lean
+            if (
+                lean is not None
+                and input_ids.shape[1] == 1
+                and attention_mask is not None
+                and position_ids is not None
+                and lean.takes_batch(cache, attention_mask)
+            ):  # the server's decode step: transformers' arithmetic without its per-step overhead (decode_step.py)
+                return lean.step_batch(input_ids, cache, attention_mask, position_ids), cache
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
