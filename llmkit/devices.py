@@ -103,11 +103,11 @@ def quantize_asked(name: str) -> bool:
 def choose_quantize(name: str, dtype: str, device: str, *, batch_rows: int = 1) -> tuple[str, str]:
     """(quantize, why) for a --quantize name, the --dtype name and a resolved device. `auto` keeps 16-bit weights
     where `auto` would otherwise compute in float32 for want of native bfloat16 (a CPU without
-    avx512_bf16/amx_bf16): each token then reads half the bytes while activations stay float32. float16 weights
-    where torch's fbgemm kernel for them runs (x86 with AVX2): faster than float32 at every batch size (1.4x the
-    decode speed of the bfloat16 gemv on SmolLM2 on a 2-core AMD EPYC, 2.5x float32 at 16 rows). Elsewhere
-    bfloat16 weights, but not when a step may carry more than BF16_GEMV_MAX_ROWS sequences (`batch_rows`:
-    serve's --max-batch-size): such a step upcasts the weights, slower than float32's."""
+    avx512_bf16/amx_bf16), activations staying float32. One sequence at a time (`batch_rows` up to
+    BF16_GEMV_MAX_ROWS): bfloat16 weights, half float32's memory, each token reading half the bytes (1.7x the
+    decode speed of float32 on SmolLM2 on a 2-core AMD EPYC). Batches of more rows (`batch_rows`: serve's
+    --max-batch-size): float16 weights through fbgemm where it runs (x86 with AVX2), 2.5x float32's speed at 16
+    rows where bfloat16 weights would be upcast, slower than float32; without fbgemm, float32 weights."""
     check_quantize(name)
     if name != "auto":
         return name, "set by --quantize"
@@ -118,13 +118,13 @@ def choose_quantize(name: str, dtype: str, device: str, *, batch_rows: int = 1) 
     flag = native_bf16_flag()
     if flag:
         return "none", f"auto: this CPU computes bfloat16 natively, flag {flag}"
+    if batch_rows <= BF16_GEMV_MAX_ROWS:
+        return "bf16", "auto: this CPU has no native bfloat16; bfloat16 weights halve what each token reads"
     from llmkit.engine.fastpath import fp16_weights_supported
 
     if fp16_weights_supported():
-        return "fp16", "auto: this CPU has no native bfloat16; float16 weights (fbgemm) halve what each token reads"
-    if batch_rows > BF16_GEMV_MAX_ROWS:
-        return "none", f"auto: batches of more than {BF16_GEMV_MAX_ROWS} rows run faster on float32 weights"
-    return "bf16", "auto: this CPU has no native bfloat16; bfloat16 weights halve what each token reads"
+        return "fp16", f"auto: batches of up to {batch_rows} rows and no native bfloat16; fbgemm's float16 weights"
+    return "none", f"auto: batches of more than {BF16_GEMV_MAX_ROWS} rows run faster on float32 weights"
 
 
 def choose_dtype(name: str, device: str):

@@ -70,11 +70,12 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, flag, expected):
 @pytest.mark.parametrize(
     "name, dtype, device, flag, env, fbgemm, batch_rows, expected",
     [
-        ("auto", "auto", "cpu", None, None, True, 1, "fp16"),
-        ("auto", "auto", "cpu", None, None, True, 64, "fp16"),  # faster than float32 at every batch size
-        ("auto", "auto", "cpu", None, None, False, 1, "bf16"),  # no fbgemm (ARM): bfloat16 weights
-        ("auto", "auto", "cpu", None, None, False, 4, "bf16"),  # every step on the gemv path
-        ("auto", "auto", "cpu", None, None, False, 5, "none"),  # serve's larger batches
+        ("auto", "auto", "cpu", None, None, True, 1, "bf16"),  # one sequence: half float32's memory
+        ("auto", "auto", "cpu", None, None, True, 4, "bf16"),  # every step on the gemv path
+        ("auto", "auto", "cpu", None, None, True, 5, "fp16"),  # serve's larger batches, where fbgemm runs
+        ("auto", "auto", "cpu", None, None, True, 64, "fp16"),
+        ("auto", "auto", "cpu", None, None, False, 1, "bf16"),  # no fbgemm (ARM)
+        ("auto", "auto", "cpu", None, None, False, 5, "none"),  # ... and larger batches: float32 weights
         ("auto", "auto", "cpu", "avx512_bf16", None, True, 1, "none"),  # auto computes in bfloat16 already
         ("auto", "float32", "cpu", None, None, True, 1, "none"),  # a dtype was asked for
         ("auto", "auto", "cpu", None, "float32", True, 1, "none"),  # ... or set by $LLMKIT_DTYPE
@@ -458,18 +459,12 @@ def test_choices_reach_json_and_monitor(cli, tiny_model_dir):
     assert bad.exit_code == 2 and "computes in bfloat16" in bad.stderr
 
 
-@pytest.mark.parametrize("flag, fbgemm", [(None, True), (None, False), ("avx512_bf16", True)])
-def test_default_quantize_reaches_json(cli, tiny_model_dir, monkeypatch, flag, fbgemm):
-    """No --dtype, no --quantize, no $LLMKIT_DTYPE: on a CPU without native BF16, float16 weights where fbgemm
-    runs, else bfloat16; on one with native BF16, none. --quantize bf16 asks for it anywhere; with --dtype
-    bfloat16 it is refused (exit 2)."""
-    from llmkit.engine import fastpath
-
-    if fbgemm and not fastpath.fp16_weights_supported():
-        pytest.skip("fbgemm's float16 kernel (x86 with AVX2)")
+@pytest.mark.parametrize("flag", [None, "avx512_bf16"])
+def test_default_quantize_reaches_json(cli, tiny_model_dir, monkeypatch, flag):
+    """No --dtype, no --quantize, no $LLMKIT_DTYPE: bfloat16 weights on a CPU without native BF16, else none;
+    --quantize bf16 asks for it anywhere; with --dtype bfloat16 it is refused (exit 2)."""
     monkeypatch.delenv(devices.DTYPE_ENV)
     monkeypatch.setattr(devices, "native_bf16_flag", lambda: flag)
-    monkeypatch.setattr(fastpath, "fp16_weights_supported", lambda: fbgemm)
 
     def engine_record(*options: str) -> dict:
         args = ("generate", "-m", str(tiny_model_dir), "--device", "cpu", *options, "--greedy", "--max-new-tokens")
@@ -477,9 +472,8 @@ def test_default_quantize_reaches_json(cli, tiny_model_dir, monkeypatch, flag, f
 
     record = engine_record()
     if flag is None:
-        quantize, weights = ("fp16", "float16") if fbgemm else ("bf16", "bfloat16")
-        assert (record["quantize"], record["dtype"]) == (quantize, "float32")
-        assert record["choices"]["quantize"].startswith(f"{weights} weight-only")
+        assert (record["quantize"], record["dtype"]) == ("bf16", "float32")
+        assert record["choices"]["quantize"].startswith("bfloat16 weight-only")
         assert "no native bfloat16" in record["choices"]["quantize"]
     else:
         assert (record["quantize"], record["dtype"]) == ("none", "bfloat16")
@@ -493,9 +487,9 @@ def test_default_quantize_reaches_json(cli, tiny_model_dir, monkeypatch, flag, f
 
 
 def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
-    """The server with --quantize int8 and with the real `auto` (no LLMKIT_DTYPE; float16 weights on a CPU
-    without native BF16 where fbgemm runs): /health names the setup, a lone greedy request gives the in-process
-    engine's text for the same setup, and batched rows agree."""
+    """The server with --quantize int8 and with the real `auto` (no LLMKIT_DTYPE; at the default batch size,
+    float16 weights on a CPU without native BF16 where fbgemm runs): /health names the setup, a lone greedy
+    request gives the in-process engine's text for the same setup, and batched rows agree."""
     import concurrent.futures
 
     from tests.server_helpers import ServerProcess
@@ -526,9 +520,9 @@ def test_serve_int8_and_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("max_batch_size", [devices.BF16_GEMV_MAX_ROWS, devices.BF16_GEMV_MAX_ROWS + 1])
 def test_serve_auto_quantize_follows_the_batch_size(tiny_model_dir, tmp_path, monkeypatch, max_batch_size):
-    """serve passes its --max-batch-size to --quantize auto: float16 weights at any batch size where fbgemm runs,
-    else bfloat16 weights while every step has at most BF16_GEMV_MAX_ROWS rows and none above (on a CPU with
-    native BF16, none)."""
+    """serve passes its --max-batch-size to --quantize auto: bfloat16 weights while every step has at most
+    BF16_GEMV_MAX_ROWS rows, float16 weights above where fbgemm runs, else none (on a CPU with native BF16,
+    none)."""
     from tests.server_helpers import ServerProcess
 
     monkeypatch.delenv(devices.DTYPE_ENV)

@@ -347,8 +347,8 @@ QuantizeOpt = Annotated[
         rich_help_panel=MODEL_PANEL,
         help="auto, none, int8, bf16 or fp16 (transformers engine on the CPU; faster, slightly different text). "
         "int8: int8 weights, bfloat16 compute. bf16 / fp16: bfloat16 / float16 weights, float32 compute. "
-        "auto: fp16 on x86 CPUs without native BF16 when --dtype is auto (bf16 where fbgemm is missing), "
-        "else none.",
+        "auto: on CPUs without native BF16 when --dtype is auto, bf16 (fp16 for batches of more than 4 rows "
+        "where fbgemm runs, else none), else none.",
     ),
 ]
 

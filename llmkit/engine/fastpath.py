@@ -26,14 +26,17 @@ for a 512-token prompt on the AMD EPYC without AVX-512 BF16). The 211 Linear lay
 there, in ms: rows 1: float32 87, bf16 gemv 34; rows 4: 192 vs 84; rows 16: float32 216, upcast 219,
 bf16 gemv 360. The input embedding is kept in bfloat16 too (an output head tied to it shares it).
 
-float16 weight-only (`--quantize fp16`, what `auto` picks there when torch's fbgemm runs: x86 with AVX2):
-the weights are packed as float16 for fbgemm's GEMM, which converts them to float32 in registers and
-multiplies float32 activations, accumulating in float32. Faster than both at every row count, and float16
-keeps 3 more bits of each weight than bfloat16 (SmolLM2's and Gemma 3's 64 greedy tokens equal float32's,
-against 6 and 45 of 64 with bf16). The same 211 layers on a quieter day, ms: rows 1: float32 59, bf16 26,
-fp16 21; rows 4: 126 / 67 / 26; rows 16: 113 / 235 / 45; rows 64: 201 / 254 / 138; a 512-row prompt runs
-at float32's speed. The cost is at load: fbgemm packs about 80 M weights/s per thread (SmolLM2 0.5 s on
-two threads, Gemma 3 1.1 s).
+float16 weight-only (`--quantize fp16`, what `auto` picks for serve's batches of more than
+`BF16_GEMV_MAX_ROWS` rows when torch's fbgemm runs: x86 with AVX2): the weights are packed as float16 for
+fbgemm's GEMM, which converts them to float32 in registers and multiplies float32 activations, accumulating
+in float32. Faster than both at every row count, and float16 keeps 3 more bits of each weight than bfloat16
+(SmolLM2's and Gemma 3's 64 greedy tokens equal float32's, against 6 and 45 of 64 with bf16). The same 211
+layers on a quieter day, ms: rows 1: float32 59, bf16 26, fp16 21; rows 4: 126 / 67 / 26; rows 16: 113 /
+235 / 45; rows 64: 201 / 254 / 138; a 512-row prompt runs at float32's speed. What it costs: fbgemm packs
+the inner dimension in blocks of 512, so 576 or 640 inputs (SmolLM2's, Gemma 3's) take the room of 1024,
+and a head tied to the embedding needs its own packed copy: Gemma 3 holds 1.7 GiB after load against 1.1
+with bf16 (float32: 1.6 during inference); and packing takes about 80 M weights/s per thread (SmolLM2 0.5 s
+on two threads, Gemma 3 1.1 s). Hence bf16 for one sequence at a time, fp16 for batches.
 """
 
 from __future__ import annotations
@@ -237,6 +240,7 @@ class Fp16WeightLinear(torch.nn.Module):
         super().__init__()
         # `blocks`: already packed by quantize_fp16's threads, in row order
         self.blocks = blocks if blocks is not None else [_pack_fp16(*job) for job in self.pack_jobs(linear)]
+        self.kernel = torch.ops.quantized.linear_dynamic_fp16.default  # the overload itself: no dispatch on arguments
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     @staticmethod
@@ -255,13 +259,14 @@ class Fp16WeightLinear(torch.nn.Module):
         return bool(-low <= FLOAT16_MAX and high <= FLOAT16_MAX)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.dtype != torch.float32:
-            rows = rows.to(torch.float32)
-        rows = rows.contiguous()
-        parts = [torch.ops.quantized.linear_dynamic_fp16(rows, block) for block in self.blocks]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        # as little as possible around the kernel: at one row per step this wrapper's own time adds up over
+        # 200 layers (the kernel takes any leading dimensions and strides itself)
+        rows = x if x.dtype == torch.float32 else x.to(torch.float32)
+        if len(self.blocks) == 1:
+            out = self.kernel(rows, self.blocks[0])
+        else:
+            out = torch.cat([self.kernel(rows, block) for block in self.blocks], dim=-1)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float16 weight-only (fbgemm)"
@@ -271,8 +276,8 @@ def quantize_fp16(model: torch.nn.Module) -> int:
     """Keep every nn.Linear's weight in float16 for fbgemm (and the input embedding in float16, where
     supported), in place; returns how many Linear layers were replaced. A layer with a weight beyond
     float16's range stays float32. A head tied to the embedding gets its own packed copy (fbgemm's layout
-    cannot serve a lookup), so the two together take what the float32 table took. The blocks pack on
-    torch's thread count (the packing is most of the conversion's time)."""
+    cannot serve a lookup). The blocks pack on torch's thread count (the packing is most of the conversion's
+    time)."""
     from concurrent.futures import ThreadPoolExecutor
 
     _compact_embedding(model, torch.float16)
@@ -292,7 +297,20 @@ def quantize_fp16(model: torch.nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Fp16WeightLinear(linear, blocks[name]))
     _copy_out_of_the_checkpoint(model)
+    _return_freed_memory()
     return len(targets)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap the conversion freed back to the system (glibc keeps it otherwise: the packing's float32
+    scratch left Gemma 3 at 2.2 GiB resident instead of 1.7). Nothing where malloc_trim is missing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _copy_out_of_the_checkpoint(model: torch.nn.Module) -> None:
