@@ -13,7 +13,8 @@ threads llmkit uses (`-t`), an HTTP thread per client and some (`--threads-http`
 `--llmkit-flash-attn`, see docs/serve.md); llmkit serve with `--max-batch-size` = the largest
 level. Point `--llama-server` at the binary (built from the llama.cpp vendored in
 llama-cpp-python's source package: cmake -B build && cmake --build build --target llama-server),
-or set LLAMA_SERVER.
+or set LLAMA_SERVER. `--engine transformers` (llmkit's default engine) serves the same GGUF's weights,
+de-quantized into llmkit's converted folder, with what `--quantize auto` picks for that batch size.
 
 Printed per level: output tok/s (output tokens from usage / the level's wall time), E2E p50/p95 and
 TTFT p50/p95 (ms, client-side), the medians over the repeats, and the ratios: llmkit / llama-server

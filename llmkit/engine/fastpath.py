@@ -34,9 +34,9 @@ in float32. Faster than both at every row count, and float16 keeps 3 more bits o
 layers on a quieter day, ms: rows 1: float32 59, bf16 26, fp16 21; rows 4: 126 / 67 / 26; rows 16: 113 /
 235 / 45; rows 64: 201 / 254 / 138; a 512-row prompt runs at float32's speed. What it costs: fbgemm packs
 the inner dimension in blocks of 512, so 576 or 640 inputs (SmolLM2's, Gemma 3's) take the room of 1024,
-and a head tied to the embedding needs its own packed copy: Gemma 3 holds 1.7 GiB after load against 1.1
-with bf16 (float32: 1.6 during inference); and packing takes about 80 M weights/s per thread (SmolLM2 0.5 s
-on two threads, Gemma 3 1.1 s). Hence bf16 for one sequence at a time, fp16 for batches.
+and a head tied to the embedding needs its own packed copy: Gemma 3 holds 1,700 MiB after load against 1,112
+with bf16 (float32: 1,660 during inference); and packing takes about 80 M weights/s per thread (load 0.6 s
+longer on SmolLM2, 2.0 s on Gemma 3). Hence bf16 for one sequence at a time, fp16 for batches.
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def quantize_fp16(model: torch.nn.Module) -> int:
 
 def _return_freed_memory() -> None:
     """Hand the heap the conversion freed back to the system (glibc keeps it otherwise: the packing's float32
-    scratch left Gemma 3 at 2.2 GiB resident instead of 1.7). Nothing where malloc_trim is missing."""
+    scratch left Gemma 3 at 2,253 MiB resident instead of 1,700). Nothing where malloc_trim is missing."""
     import ctypes
     import ctypes.util
 
