@@ -16,6 +16,19 @@ from tests.conftest import build_tiny_model
 PROMPT = "the quick brown fox"
 
 
+CONFIGURATIONS = [  # every way the engine can compute; the lean step must give transformers' bits in each
+    pytest.param({"dtype": "float32"}, id="float32"),
+    pytest.param({"dtype": "bfloat16"}, id="bfloat16"),
+    pytest.param({"quantize": "int8"}, id="int8"),
+    pytest.param({"quantize": "bf16"}, id="bf16-weights"),
+    pytest.param(
+        {"quantize": "fp16"},
+        id="fp16-weights",
+        marks=pytest.mark.skipif(not fp16_weights_supported(), reason="fbgemm's float16 kernel"),
+    ),
+]
+
+
 def _engine(folder, monkeypatch=None, *, forward: bool = False, **options):
     if monkeypatch is not None:
         if forward:
@@ -31,20 +44,7 @@ def tiny_gemma_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("gemma") / "tiny-gemma", sliding_window=4)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        pytest.param({"dtype": "float32"}, id="float32"),
-        pytest.param({"dtype": "bfloat16"}, id="bfloat16"),
-        pytest.param({"quantize": "int8"}, id="int8"),
-        pytest.param({"quantize": "bf16"}, id="bf16-weights"),
-        pytest.param(
-            {"quantize": "fp16"},
-            id="fp16-weights",
-            marks=pytest.mark.skipif(not fp16_weights_supported(), reason="fbgemm's float16 kernel"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("options", CONFIGURATIONS)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])
 @pytest.mark.parametrize("cache_kind", ["model's", "session's"])
@@ -58,20 +58,7 @@ def test_every_step_equals_transformers_forward_bit_for_bit(
     assert_steps_equal_forward(engine, engine.prompt_ids(PROMPT), rows=rows, steps=40, session_cache=session_cache)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        pytest.param({"dtype": "float32"}, id="float32"),
-        pytest.param({"dtype": "bfloat16"}, id="bfloat16"),
-        pytest.param({"quantize": "int8"}, id="int8"),
-        pytest.param({"quantize": "bf16"}, id="bf16-weights"),
-        pytest.param(
-            {"quantize": "fp16"},
-            id="fp16-weights",
-            marks=pytest.mark.skipif(not fp16_weights_supported(), reason="fbgemm's float16 kernel"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("options", CONFIGURATIONS)
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])
 @pytest.mark.parametrize("lengths", [(3, 7, 12), (6, 6)], ids=["padded", "unpadded"])
 def test_batched_steps_equal_transformers_forward_bit_for_bit(
