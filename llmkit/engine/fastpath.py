@@ -121,9 +121,7 @@ def quantize_int8(model: torch.nn.Module) -> int:
     """
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8WeightOnlyLinear(linear))
+        model.set_submodule(name, Int8WeightOnlyLinear(linear))
     return len(targets)
 
 
@@ -159,7 +157,7 @@ class CompactEmbedding(torch.nn.Module):
 
     table: torch.Tensor
 
-    def __init__(self, embedding: torch.nn.Embedding, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, embedding: torch.nn.Embedding, dtype: torch.dtype):
         super().__init__()
         self.register_buffer("table", embedding.weight.detach().to(dtype))
         self.padding_idx = embedding.padding_idx
@@ -198,15 +196,13 @@ def quantize_bf16(model: torch.nn.Module) -> int:
         shared = replacement.table
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         tied = shared is not None and linear.weight is embedding.weight
-        setattr(parent, child, Bf16WeightLinear(linear, shared if tied else None))
+        model.set_submodule(name, Bf16WeightLinear(linear, shared if tied else None))
     _copy_out_of_the_checkpoint(model)
     return len(targets)
 
 
-FLOAT16_MAX = 65504.0  # the largest finite float16; fbgemm saturates weights beyond it
+FLOAT16_MAX = torch.finfo(torch.float16).max  # 65504; fbgemm saturates weights beyond it
 
 
 @functools.cache
@@ -287,15 +283,13 @@ def quantize_fp16(model: torch.nn.Module) -> int:
         if isinstance(module, torch.nn.Linear) and Fp16WeightLinear.fits(module)
     ]
     jobs = [(name, job) for name, linear in targets for job in Fp16WeightLinear.pack_jobs(linear)]
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
         packed = list(pool.map(lambda named_job: _pack_fp16(*named_job[1]), jobs))
     blocks: dict[str, list[torch.ScriptObject]] = {}
     for (name, _), block in zip(jobs, packed):
         blocks.setdefault(name, []).append(block)
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp16WeightLinear(linear, blocks[name]))
+        model.set_submodule(name, Fp16WeightLinear(linear, blocks[name]))
     _copy_out_of_the_checkpoint(model)
     _return_freed_memory()
     return len(targets)
