@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from llmkit.engine import load_engine
-from llmkit.engine.decode_step import DECODE_STEP_ENV
+from llmkit.engine.base import BatchStep
+from llmkit.engine.decode_step import BATCH_KV_HEADROOM, DECODE_STEP_ENV, _append
 from llmkit.engine.fastpath import fp16_weights_supported
 from llmkit.params import GenerationParams
 from tests.conftest import build_tiny_model
@@ -99,6 +101,141 @@ def test_batched_steps_equal_transformers_forward_bit_for_bit(
     assert len(taken) == 12
     for layer, reference in zip(cache.layers, reference_cache.layers):
         assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+
+
+def _left_padded(ids: list[list[int]], past: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask over `past` cached columns + these, position_ids) as the batcher builds them."""
+    width = max(map(len, ids))
+    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    mask = torch.zeros((len(ids), past + width), dtype=torch.long)
+    for row, row_ids in enumerate(ids):
+        input_ids[row, width - len(row_ids) :] = torch.tensor(row_ids)
+        mask[row, past + width - len(row_ids) :] = 1
+    mask[:, :past] = 1
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+
+
+def _copied(engine, cache):
+    copied = engine.new_cache()
+    for index, layer in enumerate(cache.layers):
+        copied.update(layer.keys.clone(), layer.values.clone(), index)
+    return copied
+
+
+@pytest.mark.parametrize("options", CONFIGURATIONS)
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+@pytest.mark.parametrize("prefix", [0, 5], ids=["whole-prompts", "after-a-cached-prefix"])
+def test_a_mixed_pass_computes_the_decode_step_and_the_prompts(
+    tiny_model_dir, tiny_gemma_dir, monkeypatch, options, architecture, prefix
+):
+    """The server's pass that decodes the running rows and prefills newcomers at once (forward_mixed): the running
+    rows' logits and KV are their own step's, the prompts' last logits and KV transformers' forward's, within float
+    rounding (the products run over more rows at once, which some kernels block differently, and transformers
+    builds the prompts' mask its own way), padded or not, far past Gemma 3's 4-token window, from scratch or after
+    a restored prefix."""
+    folder = tiny_model_dir if architecture == "llama" else tiny_gemma_dir
+    engine = _engine(folder, monkeypatch, **options)
+    lean = engine._lean
+    mixed = []
+    real_step_mixed = lean.step_mixed
+    monkeypatch.setattr(lean, "step_mixed", lambda *args: mixed.append(1) or real_step_mixed(*args))
+    prompt = engine.prompt_ids(PROMPT * 4)
+    with torch.inference_mode():
+        input_ids, mask, positions = _left_padded([prompt[:9], prompt[2:14], prompt[5:8]])
+        logits, running = engine.forward_step(
+            input_ids, engine.new_cache(), attention_mask=mask, position_ids=positions
+        )
+        tokens = logits.argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones((3, 1), dtype=torch.long)], dim=1)
+        step = BatchStep(tokens, _copied(engine, running), mask, mask.sum(-1, keepdim=True) - 1)
+        expected_running, expected_running_cache = engine.forward_step(
+            tokens, _copied(engine, running), attention_mask=mask, position_ids=step.position_ids
+        )
+        prefix_cache = engine.new_cache()
+        if prefix:  # both newcomers start after the same cached tokens, as the prefix cache restores them
+            _, prefix_cache = engine.forward_step(torch.tensor([prompt[20 : 20 + prefix]] * 2), prefix_cache)
+        newcomer_ids, newcomer_mask, newcomer_positions = _left_padded([prompt[3:19], prompt[30:37]], past=prefix)
+        expected_prompts, expected_prompt_cache = engine.forward_step(
+            newcomer_ids,
+            _copied(engine, prefix_cache),
+            attention_mask=newcomer_mask,
+            position_ids=newcomer_positions,
+        )
+        prompts = BatchStep(newcomer_ids, _copied(engine, prefix_cache), newcomer_mask, newcomer_positions)
+        got_running, running_cache, got_prompts, prompt_cache = engine.forward_mixed(step, prompts)
+    assert mixed == [1]
+    bfloat16 = "bfloat16" in (options.get("dtype"), options.get("quantize")) or options.get("quantize") == "bf16"
+    tolerance = 2e-2 if bfloat16 else 1e-5  # bfloat16 products round activations for some row counts
+    torch.testing.assert_close(got_running, expected_running, rtol=tolerance, atol=tolerance)
+    for ours, theirs in zip(running_cache.layers, expected_running_cache.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(ours.values, theirs.values, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got_prompts, expected_prompts, rtol=tolerance, atol=tolerance)
+    real = newcomer_mask.bool()  # padding columns' keys are never read
+    for ours, theirs in zip(prompt_cache.layers, expected_prompt_cache.layers):
+        torch.testing.assert_close(
+            ours.keys.transpose(1, 2)[real], theirs.keys.transpose(1, 2)[real], rtol=tolerance, atol=tolerance
+        )
+        torch.testing.assert_close(
+            ours.values.transpose(1, 2)[real], theirs.values.transpose(1, 2)[real], rtol=tolerance, atol=tolerance
+        )
+
+
+def test_without_the_lean_step_a_mixed_pass_is_two_forward_passes(tiny_model_dir, monkeypatch):
+    """LLMKIT_DECODE_STEP=forward (or a model the lean step does not cover): forward_mixed runs the decode step and
+    the prompts as two of transformers' forward passes, the bits of calling them one after the other."""
+    engine = _engine(tiny_model_dir, monkeypatch, forward=True)
+    assert engine._lean is None
+    prompt = engine.prompt_ids(PROMPT * 2)
+    with torch.inference_mode():
+        input_ids, mask, positions = _left_padded([prompt[:6], prompt[1:4]])
+        logits, running = engine.forward_step(
+            input_ids, engine.new_cache(), attention_mask=mask, position_ids=positions
+        )
+        tokens = logits.argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], dim=1)
+        step = BatchStep(tokens, _copied(engine, running), mask, mask.sum(-1, keepdim=True) - 1)
+        expected_running, _ = engine.forward_step(
+            tokens, _copied(engine, running), attention_mask=mask, position_ids=step.position_ids
+        )
+        newcomer = _left_padded([prompt[2:9]])
+        expected_prompt, _ = engine.forward_step(
+            newcomer[0], engine.new_cache(), attention_mask=newcomer[1], position_ids=newcomer[2]
+        )
+        got_running, _, got_prompt, prompt_cache = engine.forward_mixed(
+            step, BatchStep(newcomer[0], engine.new_cache(), *newcomer[1:])
+        )
+    assert torch.equal(got_running, expected_running) and torch.equal(got_prompt, expected_prompt)
+    assert prompt_cache.get_seq_length() == 7
+
+
+def test_batch_keys_grow_in_place_until_their_buffer_is_full():
+    """The batched step's cache growth (decode_step._append): the same tensors torch.cat would give, written into
+    spare columns of one buffer while there are any, through trims of leading columns, and copied again when
+    full or when the batcher has replaced the tensors (merged or dropped rows)."""
+    layer = SimpleNamespace(keys=torch.randn(2, 3, 4, 5), values=torch.randn(2, 3, 4, 5))
+    reference_keys, reference_values = layer.keys.clone(), layer.values.clone()
+    storages = []
+    for step in range(BATCH_KV_HEADROOM + 3):
+        keys, values = torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1, 5)
+        _append(layer, keys, values)
+        reference_keys = torch.cat([reference_keys, keys], dim=2)
+        reference_values = torch.cat([reference_values, values], dim=2)
+        if step == 10:  # the batcher trims leading columns that became padding in every row
+            layer.keys, layer.values = layer.keys[:, :, 2:], layer.values[:, :, 2:]
+            reference_keys, reference_values = reference_keys[:, :, 2:], reference_values[:, :, 2:]
+        assert torch.equal(layer.keys, reference_keys) and torch.equal(layer.values, reference_values)
+        storages.append(layer.keys.untyped_storage().data_ptr())
+    # one buffer for the first BATCH_KV_HEADROOM + 1 columns, then a new one
+    assert len(set(storages[: BATCH_KV_HEADROOM + 1])) == 1 and storages[-1] != storages[0]
+    layer.keys = layer.keys[[1, 0]]  # rows selected: a new tensor, which is never written into
+    layer.values = layer.values[[1, 0]]
+    selected = layer.keys.clone()
+    old_buffer = layer.llmkit_kv_buffers[0]
+    before = old_buffer.clone()
+    _append(layer, torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1, 5))
+    assert torch.equal(layer.keys[:, :, :-1], selected) and torch.equal(old_buffer, before)
+    assert layer.keys.untyped_storage().data_ptr() not in storages
 
 
 def assert_steps_equal_forward(engine, ids: list[int], *, rows: int = 1, steps: int, session_cache: bool = False):

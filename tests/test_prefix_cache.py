@@ -163,7 +163,7 @@ def test_requests_arriving_together_and_joining_a_running_batch_reuse_a_shared_s
 
 def test_a_burst_sharing_a_system_prompt_computes_it_once(tiny_engine):
     """Requests that arrive together with nothing cached: the first computes the shared prefix, the others reuse it
-    in a second prefill of the same step."""
+    in a second pass of the same step, which also decodes the first ones."""
     jobs = [(chat_prompt(tiny_engine, q), SEEDED) for q in ("hello world", "Tell me about the sea.", "Once upon")]
     jobs.append((chat_prompt(tiny_engine, "hi") + " and more", SEEDED))
     jobs.append(("A prompt that shares nothing with the others, long enough to be cached", SEEDED))
@@ -177,7 +177,8 @@ def test_a_burst_sharing_a_system_prompt_computes_it_once(tiny_engine):
     for result, reference in zip(results, expected):
         assert completions(result) == completions(reference)
     assert [r.usage.cached_tokens > 0 for r in results] == [False, True, True, True, False]
-    assert steps[:2] == [("prefill", 2), ("prefill", 3)]  # the leaders, then the followers
+    # the leaders, then the followers in one pass with the leaders' first decode step (2 + 3 rows)
+    assert steps[:2] == [("prefill", 2), ("mixed", 5)]
 
 
 def test_mixed_remainders_in_one_prefill_stay_exact(tiny_engine):

@@ -507,6 +507,29 @@ class BatchingEngine(Engine):
         """One forward pass of `input_ids` [rows, new columns] extending `cache` (None: the engine starts one);
         returns (the last position's logits [rows, vocab], the cache)."""
 
+    def forward_mixed(self, running: BatchStep, prompts: BatchStep) -> tuple[torch.Tensor, Any, torch.Tensor, Any]:
+        """The running rows' decode step (one token each) and newcomers' prompts: (the running rows' logits, their
+        cache, the prompts' last-position logits, theirs). An engine that can put both in one pass overrides this;
+        here they are two."""
+        logits, cache = self.forward_step(
+            running.input_ids, running.cache, attention_mask=running.attention_mask, position_ids=running.position_ids
+        )
+        prompt_logits, prompt_cache = self.forward_step(
+            prompts.input_ids, prompts.cache, attention_mask=prompts.attention_mask, position_ids=prompts.position_ids
+        )
+        return logits, cache, prompt_logits, prompt_cache
+
+
+@dataclass
+class BatchStep:
+    """One part of a batched forward pass: `input_ids` [rows, new columns] left-padded, extending `cache`;
+    `attention_mask` [rows, cached + new columns] (1 = a real token), `position_ids` [rows, new columns]."""
+
+    input_ids: torch.Tensor
+    cache: Any
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
 
 def no_flash_attn(engine: Engine, options: dict[str, Any]) -> None:
     """`llmkit serve --flash-attn` is llama.cpp's; any other engine says so rather than ignore it."""

@@ -15,8 +15,10 @@ tok/s (paged|eager) and 23-42 tok/s (sdpa); this loop 105 tok/s (221 in bfloat16
 How it holds the rows (left padding, one thread; admission, sampling, log-probabilities and leaving
 are RowScheduler's, rows.py): newcomers are prefilled together, left-padded, with attention_mask
 and per-row position_ids; their KV cache is merged into the running batch by left-padding the
-shorter side. A decode step feeds every row its last token. When requests leave, their rows are
-dropped from every layer, and columns that are padding for every remaining row are trimmed away.
+shorter side. A decode step feeds every row its last token; while rows are running, newcomers are
+prefilled in the same pass as the running rows' next step (engine.forward_mixed: one pass through the
+weights for both, where the engine can), so they do not stop the batch. When requests leave, their rows
+are dropped from every layer, and columns that are padding for every remaining row are trimmed away.
 
 Every forward pass is the engine's `forward_step` (the one its single-sequence loop runs
 too). The KV cache comes from `engine.new_cache()`: for transformers a `DynamicCache()` built
@@ -36,7 +38,7 @@ from typing import Any
 
 import torch
 
-from llmkit.engine.base import BatchingEngine
+from llmkit.engine.base import BatchingEngine, BatchStep
 from llmkit.engine.prefix_cache import MIN_PREFIX_TOKENS, common_prefix
 from llmkit.engine.rows import RowScheduler, _Active
 from llmkit.engine.scheduling import BatchRequest
@@ -74,7 +76,8 @@ class BatchScheduler(RowScheduler):
                 started = time.perf_counter()
 
     def _prefill_group(self, actives: list[_Active], started: float) -> None:
-        """One forward pass over the rows of `actives`, each starting after its cached prefix.
+        """One forward pass over the rows of `actives`, each starting after its cached prefix, and the running
+        rows' next decode step in the same pass (engine.forward_mixed) when there are any.
 
         Every row stays contiguous and right-aligned: [padding | cached prefix | computed tokens], the computed
         part S columns wide for every row (S: the longest remainder). A row with a shorter remainder computes the
@@ -97,32 +100,51 @@ class BatchScheduler(RowScheduler):
         input_ids, mask = input_ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         cache = self._restored_cache(rows, reused, past)
-        logits, cache = self.engine.forward_step(input_ids, cache, attention_mask=mask, position_ids=positions)
+        if self._active:  # running rows take their decode step in this pass rather than wait for it
+            running = self._decode_inputs()
+            prompts = BatchStep(input_ids, cache, mask, positions)
+            running_logits, self._cache, logits, cache = self.engine.forward_mixed(running, prompts)
+            step_rows = len(rows) + running.input_ids.shape[0]
+            self._decoded(running_logits)
+        else:
+            step_rows = 0
+            logits, cache = self.engine.forward_step(input_ids, cache, attention_mask=mask, position_ids=positions)
 
         tokens = self._sample(actives, logits)
         scores = self._score(actives, logits, tokens)
         self._store_prompts(actives, cache, mask)
         self._merge(actives, cache, mask, tokens)
-        if self.on_step:
-            self.on_step("prefill", len(rows), time.perf_counter() - started)
+        if self.on_step:  # a pass that also decoded is "mixed", counted once
+            self.on_step("mixed" if step_rows else "prefill", step_rows or len(rows), time.perf_counter() - started)
         self._dispatch(tokens, actives, scores)
 
     def _decode(self) -> None:
         started = time.perf_counter()
+        running = self._decode_inputs()
+        logits, self._cache = self.engine.forward_step(
+            running.input_ids, running.cache, attention_mask=running.attention_mask, position_ids=running.position_ids
+        )
+        self._decoded(logits, started)
+
+    def _decode_inputs(self) -> BatchStep:
+        """The running rows' next step: each row's pending token, one more mask column. Constrained rows' masks
+        start computing on a thread while the model runs."""
         assert self._mask is not None and self._pending is not None
         ones = torch.ones((self._mask.shape[0], 1), dtype=self._mask.dtype, device=self._device)
         self._mask = torch.cat([self._mask, ones], dim=1)
         positions = self._mask.sum(-1, keepdim=True) - 1
         guides = self._guides(self._active)
-        if any(guides):  # the constrained rows' masks are computed on a thread while the model runs
+        if any(guides):
             self._mask_computer().start(guides)
-        logits, self._cache = self.engine.forward_step(
-            self._pending[:, None], self._cache, attention_mask=self._mask, position_ids=positions
-        )
+        return BatchStep(self._pending[:, None], self._cache, self._mask, positions)
+
+    def _decoded(self, logits: torch.Tensor, started: float | None = None) -> None:
+        """Sample the running rows' next tokens from their step's logits and hand them out; `started`: the step
+        was a decode step of its own, timed from then (a mixed pass is reported by its prefill)."""
         tokens = self._sample(self._active, logits)
         scores = self._score(self._active, logits, tokens)
         self._pending = tokens
-        if self.on_step:
+        if self.on_step and started is not None:
             self.on_step("decode", len(tokens), time.perf_counter() - started)
         self._dispatch(tokens, list(self._active), scores)
 

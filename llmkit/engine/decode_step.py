@@ -14,9 +14,9 @@ resident memory on SmolLM2, and this machine's float32 kernel gives other bits f
 
 Used by the engine's own decode loop (generate, explore, monitor, compare, chat turns) for the steps after the
 prompt, and by the server's batcher for its decode steps (`step_batch`: rows of their own lengths, left-padded,
-with transformers' padding and sliding-window masks; the cache grows by concatenation as transformers grows it,
-since the batcher pads, merges and trims it between steps). LLMKIT_DECODE_STEP=forward turns both off (every
-step through transformers' forward).
+with transformers' padding and sliding-window masks; the cache is the batcher's, which pads, merges and trims it
+between steps, grown into spare columns) and for its mixed steps (`step_mixed`: newcomers' prompts in the same
+pass). LLMKIT_DECODE_STEP=forward turns all of them off (every step through transformers' forward).
 """
 
 from __future__ import annotations
@@ -89,9 +89,12 @@ class LeanDecoder:
             tables[layer_type] = (cos.unsqueeze(1), sin.unsqueeze(1))
         return tables
 
-    def run_layers(self, tokens: torch.Tensor, position_ids: torch.Tensor, attend: Any) -> torch.Tensor:
+    def run_layers(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor, attend: Any, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (rows, vocab) for one token per row at `position_ids` ((1, 1) or (rows, 1)); `attend(index,
-        attention module, q, k, v)` stores the layer's new key and value and returns sdpa's output for q."""
+        attention module, q, k, v)` stores the layer's new key and value and returns sdpa's output for q. `keep`:
+        the rows whose logits are wanted (all when None), the others only feed the cache."""
         model = self.model
         hidden = model.model.embed_tokens(tokens)
         tables = self.rotary(hidden, position_ids)
@@ -122,6 +125,8 @@ class LeanDecoder:
                 residual = hidden
                 hidden = block.mlp(block.post_attention_layernorm(hidden))
             hidden = residual + hidden
+        if keep is not None:
+            hidden = hidden.index_select(0, keep)
         logits = model.lm_head(model.model.norm(hidden))[:, -1, :]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -143,13 +148,68 @@ class LeanDecoder:
     ) -> torch.Tensor:
         """The server's batched step: logits (rows, vocab) for `tokens` (rows, 1) at `position_ids` (rows, 1), rows
         left-padded to one length in a config-less DynamicCache (every layer full length) that grows by
-        concatenation as transformers grows it, `attention_mask` (rows, cached + 1) marking the real tokens. The
-        masks are transformers' own for one query token: none while no row is padded (and a sliding window still
-        holds every key), else the padding, and for sliding-window layers the window, by cache column."""
+        concatenation as transformers grows it, `attention_mask` (rows, cached + 1) marking the real tokens."""
+        return self.run_layers(tokens, position_ids, self._batch_attention(cache, attention_mask))
+
+    def step_mixed(
+        self,
+        tokens: torch.Tensor,
+        cache: Any,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_cache: Any,
+        prompt_mask: torch.Tensor,
+        prompt_positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """step_batch for the running rows and the prefill of newcomers' prompts in one pass: (the running rows'
+        logits, the last prompt position's logits per newcomer row).
+
+        Why: a small model's pass over a few dozen tokens costs little more than over one token per row (the
+        weights are read once), so newcomers no longer stop the running rows for a pass of their own; llama-server
+        schedules its batches the same way. Every token of both goes through the layers' products as one packed
+        row; only attention is per part: the running rows' as in step_batch, the prompts' over `prompt_cache` (a
+        config-less DynamicCache, empty or holding a restored prefix) with transformers' causal, padding and
+        sliding-window masks. `prompt_ids` / `prompt_positions` (newcomers, S) left-padded; `prompt_mask`
+        (newcomers, cached + S). Both caches grow by the new tokens' keys and values."""
+        rows = tokens.shape[0]
+        newcomers, width = prompt_ids.shape
+        decode_attention = self._batch_attention(cache, attention_mask)
+        prompt_masks = self._prompt_masks(prompt_mask, width)
+
+        def attend(index: int, attention: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            running = decode_attention(index, attention, q[:rows], k[:rows], v[:rows])
+            heads, head_dim = q.shape[1], q.shape[3]
+            q_prompt = q[rows:].reshape(newcomers, width, heads, head_dim).transpose(1, 2)
+            k_prompt = k[rows:].reshape(newcomers, width, -1, head_dim).transpose(1, 2)
+            v_prompt = v[rows:].reshape(newcomers, width, -1, head_dim).transpose(1, 2)
+            keys, values = prompt_cache.update(k_prompt, v_prompt, index)
+            out = F.scaled_dot_product_attention(
+                q_prompt,
+                keys,
+                values,
+                attn_mask=prompt_masks[self.windows[index]],
+                scale=attention.scaling,
+                enable_gqa=heads != keys.shape[1],
+            )
+            prompts = out.transpose(1, 2).reshape(newcomers * width, heads, 1, head_dim)
+            return torch.cat([running, prompts])
+
+        packed_tokens = torch.cat([tokens, prompt_ids.reshape(-1, 1)])
+        packed_positions = torch.cat([position_ids, prompt_positions.reshape(-1, 1)])
+        last = rows + torch.arange(1, newcomers + 1, device=tokens.device) * width - 1  # each prompt's last token
+        keep = torch.cat([torch.arange(rows, device=tokens.device), last])
+        logits = self.run_layers(packed_tokens, packed_positions, attend, keep)
+        return logits[:rows], logits[rows:]
+
+    def _batch_attention(self, cache: Any, attention_mask: torch.Tensor) -> Any:
+        """step_batch's `attend`. The masks are transformers' own for one query token: none while no row is padded
+        (and a sliding window still holds every key), else the padding, and for sliding-window layers the window,
+        by cache column."""
         length = attention_mask.shape[1]
         padding = attention_mask.bool()
         unpadded = bool(padding.all())
-        columns = torch.arange(length, device=tokens.device)
+        columns = torch.arange(length, device=attention_mask.device)
         masks: dict[int | None, torch.Tensor | None] = {}
         for window in set(self.windows):
             if unpadded and (window is None or length < window):
@@ -160,8 +220,7 @@ class LeanDecoder:
 
         def attend(index: int, attention: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             layer = cache.layers[index]
-            layer.keys = torch.cat([layer.keys, k], dim=-2)
-            layer.values = torch.cat([layer.values, v], dim=-2)
+            _append(layer, k, v)
             mask = masks[self.windows[index]]
             if mask is None:
                 return F.scaled_dot_product_attention(
@@ -169,7 +228,22 @@ class LeanDecoder:
                 )
             return _packed_attention(attention, q, layer.keys, layer.values, mask)
 
-        return self.run_layers(tokens, position_ids, attend)
+        return attend
+
+    def _prompt_masks(self, prompt_mask: torch.Tensor, width: int) -> dict[int | None, torch.Tensor]:
+        """Per window size, which keys each prompt position sees (newcomers, 1, width, columns): the real ones at
+        or before it, within the window, as transformers masks a left-padded prefill by cache column. A padding
+        position sees itself only (its output is never used; a row of nothing would be NaN, and NaN values
+        poison the real rows' attention even where masked)."""
+        columns = prompt_mask.shape[1]
+        key = torch.arange(columns, device=prompt_mask.device)
+        query = key[columns - width :, None]
+        real = prompt_mask.bool()[:, None, None, :]
+        masks: dict[int | None, torch.Tensor] = {}
+        for window in set(self.windows):
+            seen = key <= query if window is None else (key <= query) & (key > query - window)
+            masks[window] = (real & seen) | (key == query)
+        return masks
 
 
 class LeanRun:
@@ -241,6 +315,44 @@ class LeanRun:
         logits = decoder.run_layers(tokens, position_ids, attend)
         self.length = position + 1
         return logits
+
+
+BATCH_KV_HEADROOM = 32  # columns a batch's key and value buffers are allocated ahead (docs/performance.md)
+
+
+def _append(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Put one new column of keys and values (rows, heads, 1, head_dim) after a batch cache layer's last.
+
+    Why not torch.cat: that copies every cached key and value on every step (a seventh of a 16-row step of
+    SmolLM2). Here the copy goes into buffers with BATCH_KV_HEADROOM spare columns, kept on the layer, and later
+    steps write into them and set the layer's tensors to longer views of them, until they are full or the batcher
+    replaces the tensors (it merges and drops rows by making new ones; a view it trims leading columns off stays
+    in the buffer and keeps its spare columns)."""
+    buffers = getattr(layer, "llmkit_kv_buffers", (None, None))
+    layer.keys, key_buffer = _grown(layer.keys, keys, buffers[0])
+    layer.values, value_buffer = _grown(layer.values, values, buffers[1])
+    layer.llmkit_kv_buffers = (key_buffer, value_buffer)
+
+
+def _grown(held: torch.Tensor, new: torch.Tensor, buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`held` with `new` after its last column, the buffer that is a view of): in place when `held` is a view of
+    `buffer` with a spare column after it, else copied into a new buffer."""
+    rows, heads, columns, head_dim = held.shape
+    if (
+        buffer is not None
+        and held.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        and held.stride() == buffer.stride()
+        and held.shape[:2] == buffer.shape[:2]
+    ):
+        start, within = divmod(int(held.storage_offset()) - int(buffer.storage_offset()), head_dim)
+        if within == 0 and 0 <= start and start + columns < buffer.shape[2]:
+            grown = buffer[:, :, start : start + columns + 1]
+            grown[:, :, columns:] = new
+            return grown, buffer
+    buffer = held.new_empty((rows, heads, columns + 1 + BATCH_KV_HEADROOM, head_dim))
+    buffer[:, :, :columns] = held
+    buffer[:, :, columns : columns + 1] = new
+    return buffer[:, :, : columns + 1], buffer
 
 
 def _packed_attention(attention: Any, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):

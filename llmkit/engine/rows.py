@@ -3,9 +3,10 @@
 A request arrives with its prompt ids and validated GenerationParams and waits in the bounded FIFO
 queue (scheduling.py). At every step boundary the loop admits waiting requests while their rows
 (num_sequences each) fit in `max_batch_size` and prefills the newcomers; otherwise it runs one
-decode step for every running row. Running requests pause for a prefill; nobody waits for a whole
-batch to drain. A request leaves the moment all its rows are finished (EOS, stop string, length),
-is cancelled, or passes its deadline.
+decode step for every running row. Nobody waits for a whole batch to drain; running requests either
+pause for a prefill (the llama.cpp scheduler) or take their decode step in the same pass (batch.py).
+A request leaves the moment all its rows are finished (EOS, stop string, length), is cancelled, or
+passes its deadline.
 
 Everything after the logits lives here, so it is one code for both engines: each row keeps its own
 seeded `torch.Generator` (seed + i for sequence i, as the engines' own `stream` seeds them) and goes

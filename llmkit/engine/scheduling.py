@@ -47,7 +47,7 @@ DEFAULT_MAX_QUEUE = 64
 DEFAULT_MAX_BATCH_SIZE = 16  # rows (requests x n) one forward pass decodes at most (BatchScheduler)
 IDLE_WAKE_S = 0.5  # an idle loop still wakes this often, so its heartbeat stays fresh
 
-StepHook = Callable[[str, int, float], None]  # (kind "prefill"|"decode", rows, seconds)
+StepHook = Callable[[str, int, float], None]  # (kind "prefill"|"decode"|"mixed", rows, seconds)
 
 
 # --- what flows to a request's sink -----------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmkit.engine import LoadOptions
-from llmkit.engine.base import BatchingEngine, Decode, Generation, Session
+from llmkit.engine.base import BatchingEngine, BatchStep, Decode, Generation, Session
 from llmkit.engine.constrain import guides_for
 from llmkit.engine.prefix_cache import common_prefix
 from llmkit.engine.sampling import needs_history, pick_tokens, raw_logprobs
@@ -221,6 +221,29 @@ class TransformersEngine(BatchingEngine):
                 **{self._cache_arg: cache},
             )
         return out.logits[:, -1, :], out.get("cache", out.get("past_key_values"))
+
+    def forward_mixed(self, running: BatchStep, prompts: BatchStep) -> tuple[torch.Tensor, Any, torch.Tensor, Any]:
+        """One pass through the lean step (decode_step.LeanDecoder.step_mixed) where it applies, else two."""
+        lean = self._lean
+        if (
+            lean is None
+            or running.input_ids.shape[1] != 1
+            or not lean.takes_batch(running.cache, running.attention_mask)
+            or any(getattr(layer, "is_sliding", False) for layer in prompts.cache.layers)
+        ):
+            return super().forward_mixed(running, prompts)
+        with self.step_context(running.input_ids.numel() + prompts.input_ids.numel()):
+            logits, prompt_logits = lean.step_mixed(
+                running.input_ids,
+                running.cache,
+                running.attention_mask,
+                running.position_ids,
+                prompts.input_ids,
+                prompts.cache,
+                prompts.attention_mask,
+                prompts.position_ids,
+            )
+        return logits, running.cache, prompt_logits, prompts.cache
 
     # --- generation ------------------------------------------------------------------------------
 
