@@ -32,20 +32,10 @@ import torch
 import llmkit.engine.decode_step as decode_step
 from llmkit.engine import load_engine
 from llmkit.engine.base import BatchStep
+from llmkit.engine.batch import left_padded
 from llmkit.measure import cpu_model
 
 TEXT = "The history of the printing press begins in the workshops of the fifteenth century, "
-
-
-def left_padded(rows: list[list[int]], past: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids) as the batcher builds them, after `past` cached columns."""
-    width = max(map(len, rows))
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), past + width), dtype=torch.long)
-    for row, row_ids in enumerate(rows):
-        ids[row, width - len(row_ids) :] = torch.tensor(row_ids)
-        mask[row, past + width - len(row_ids) :] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
 
 
 def copied(engine, cache):

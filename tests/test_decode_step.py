@@ -10,6 +10,7 @@ import torch
 
 from llmkit.engine import load_engine
 from llmkit.engine.base import BatchStep
+from llmkit.engine.batch import left_padded
 from llmkit.engine.decode_step import BATCH_KV_HEADROOM, DECODE_STEP_ENV, _append
 from llmkit.engine.fastpath import fp16_weights_supported
 from llmkit.params import GenerationParams
@@ -103,16 +104,18 @@ def test_batched_steps_equal_transformers_forward_bit_for_bit(
         assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
 
 
-def _left_padded(ids: list[list[int]], past: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask over `past` cached columns + these, position_ids) as the batcher builds them."""
-    width = max(map(len, ids))
-    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
-    mask = torch.zeros((len(ids), past + width), dtype=torch.long)
-    for row, row_ids in enumerate(ids):
-        input_ids[row, width - len(row_ids) :] = torch.tensor(row_ids)
-        mask[row, past + width - len(row_ids) :] = 1
-    mask[:, :past] = 1
-    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+def _running_batch(engine, rows: list[list[int]]) -> tuple[BatchStep, torch.Tensor, object]:
+    """Rows prefilled as the batcher holds them, and their next step: (its inputs on a copy of their cache, what
+    transformers' forward gives for it, the cache that leaves)."""
+    input_ids, mask, positions = left_padded(rows)
+    logits, running = engine.forward_step(input_ids, engine.new_cache(), attention_mask=mask, position_ids=positions)
+    tokens = logits.argmax(-1, keepdim=True)
+    mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+    step = BatchStep(tokens, _copied(engine, running), mask, mask.sum(-1, keepdim=True) - 1)
+    expected, expected_cache = engine.forward_step(
+        tokens, _copied(engine, running), attention_mask=mask, position_ids=step.position_ids
+    )
+    return step, expected, expected_cache
 
 
 def _copied(engine, cache):
@@ -141,20 +144,14 @@ def test_a_mixed_pass_computes_the_decode_step_and_the_prompts(
     monkeypatch.setattr(lean, "step_mixed", lambda *args: mixed.append(1) or real_step_mixed(*args))
     prompt = engine.prompt_ids(PROMPT * 4)
     with torch.inference_mode():
-        input_ids, mask, positions = _left_padded([prompt[:9], prompt[2:14], prompt[5:8]])
-        logits, running = engine.forward_step(
-            input_ids, engine.new_cache(), attention_mask=mask, position_ids=positions
-        )
-        tokens = logits.argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones((3, 1), dtype=torch.long)], dim=1)
-        step = BatchStep(tokens, _copied(engine, running), mask, mask.sum(-1, keepdim=True) - 1)
-        expected_running, expected_running_cache = engine.forward_step(
-            tokens, _copied(engine, running), attention_mask=mask, position_ids=step.position_ids
-        )
+        step, expected_running, expected_running_cache = _running_batch(engine, [prompt[:9], prompt[2:14], prompt[5:8]])
         prefix_cache = engine.new_cache()
-        if prefix:  # both newcomers start after the same cached tokens, as the prefix cache restores them
+        newcomers = [prompt[3:19], prompt[30:37]]  # of two lengths: the second left-padded
+        if prefix:  # both start after the same cached tokens, as the prefix cache restores them, and (as the
+            # batcher lays them out, with no hole between a row's prefix and the rest) compute as many tokens each
             _, prefix_cache = engine.forward_step(torch.tensor([prompt[20 : 20 + prefix]] * 2), prefix_cache)
-        newcomer_ids, newcomer_mask, newcomer_positions = _left_padded([prompt[3:19], prompt[30:37]], past=prefix)
+            newcomers = [prompt[3:19], prompt[30:46]]
+        newcomer_ids, newcomer_mask, newcomer_positions = left_padded(newcomers, [prefix] * 2)
         expected_prompts, expected_prompt_cache = engine.forward_step(
             newcomer_ids,
             _copied(engine, prefix_cache),
@@ -188,17 +185,8 @@ def test_without_the_lean_step_a_mixed_pass_is_two_forward_passes(tiny_model_dir
     assert engine._lean is None
     prompt = engine.prompt_ids(PROMPT * 2)
     with torch.inference_mode():
-        input_ids, mask, positions = _left_padded([prompt[:6], prompt[1:4]])
-        logits, running = engine.forward_step(
-            input_ids, engine.new_cache(), attention_mask=mask, position_ids=positions
-        )
-        tokens = logits.argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.long)], dim=1)
-        step = BatchStep(tokens, _copied(engine, running), mask, mask.sum(-1, keepdim=True) - 1)
-        expected_running, _ = engine.forward_step(
-            tokens, _copied(engine, running), attention_mask=mask, position_ids=step.position_ids
-        )
-        newcomer = _left_padded([prompt[2:9]])
+        step, expected_running, _ = _running_batch(engine, [prompt[:6], prompt[1:4]])
+        newcomer = left_padded([prompt[2:9]])
         expected_prompt, _ = engine.forward_step(
             newcomer[0], engine.new_cache(), attention_mask=newcomer[1], position_ids=newcomer[2]
         )

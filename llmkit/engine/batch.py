@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -91,14 +92,9 @@ class BatchScheduler(RowScheduler):
         rows = [a for a in actives for _ in range(a.request.rows)]
         reused = [a.cached for a in rows]
         past = max(reused)
-        input_ids = torch.full((len(rows), computed), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), past + computed), dtype=torch.long)
-        for i, (active, kept) in enumerate(zip(rows, reused)):
-            ids = active.request.prompt_ids[kept:]
-            input_ids[i, computed - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[i, past + computed - kept - len(ids) :] = 1
-        input_ids, mask = input_ids.to(self._device), mask.to(self._device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        input_ids, mask, positions = left_padded(
+            [a.request.prompt_ids[kept:] for a, kept in zip(rows, reused)], reused, self._pad_id, self._device
+        )
         cache = self._restored_cache(rows, reused, past)
         if self._active:  # running rows take their decode step in this pass rather than wait for it
             running = self._decode_inputs()
@@ -266,6 +262,26 @@ class BatchScheduler(RowScheduler):
 
     def _clear_rows(self) -> None:
         self._cache, self._mask, self._pending = None, None, None
+
+
+def left_padded(
+    rows: Sequence[Sequence[int]],
+    cached: Sequence[int] | None = None,
+    pad_id: int = 0,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch layout of new tokens after `cached[i]` tokens a row holds already (none when None): (input_ids
+    [rows, width] right-aligned, left-padded with `pad_id`; attention_mask [rows, past + width] marking each row's
+    cached and new tokens, right-aligned, past being the most any row holds; position_ids [rows, width])."""
+    held = list(cached) if cached is not None else [0] * len(rows)
+    width, past = max(map(len, rows)), max(held)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), past + width), dtype=torch.long)
+    for i, (ids, kept) in enumerate(zip(rows, held)):
+        input_ids[i, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        mask[i, past + width - kept - len(ids) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
 
 
 def _layers(cache) -> list[Any]:
