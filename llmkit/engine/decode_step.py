@@ -147,8 +147,8 @@ class LeanDecoder:
         self, tokens: torch.Tensor, cache: Any, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         """The server's batched step: logits (rows, vocab) for `tokens` (rows, 1) at `position_ids` (rows, 1), rows
-        left-padded to one length in a config-less DynamicCache (every layer full length) that grows by
-        concatenation as transformers grows it, `attention_mask` (rows, cached + 1) marking the real tokens."""
+        left-padded to one length in a config-less DynamicCache (every layer full length) that grows by one column
+        (_append), `attention_mask` (rows, cached + 1) marking the real tokens."""
         return self.run_layers(tokens, position_ids, self._batch_attention(cache, attention_mask))
 
     def step_mixed(
@@ -167,8 +167,8 @@ class LeanDecoder:
 
         Why: a small model's pass over a few dozen tokens costs little more than over one token per row (the
         weights are read once), so newcomers no longer stop the running rows for a pass of their own; llama-server
-        schedules its batches the same way. Every token of both goes through the layers' products as one packed
-        row; only attention is per part: the running rows' as in step_batch, the prompts' over `prompt_cache` (a
+        schedules its batches the same way. The tokens of both go through the layers' products together, one row
+        each; only attention is per part: the running rows' as in step_batch, the prompts' over `prompt_cache` (a
         config-less DynamicCache, empty or holding a restored prefix) with transformers' causal, padding and
         sliding-window masks. `prompt_ids` / `prompt_positions` (newcomers, S) left-padded; `prompt_mask`
         (newcomers, cached + S). Both caches grow by the new tokens' keys and values."""
